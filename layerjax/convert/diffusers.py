@@ -1,0 +1,191 @@
+"""diffusers folders <-> layerjax Flax models, weight by weight and strict.
+
+Flax parameter paths equal diffusers state-dict keys once joined with '.', so the whole
+mapping is the leaf rename below plus the layout change of each tensor:
+
+    Linear  kernel [in, out]         <-> weight [out, in]
+    Conv    kernel [kh, kw, in, out] <-> weight [out, in, kh, kw]
+    norm    scale                    <-> weight
+    bias, buffers (pos_embed)        <-> same name, same layout
+
+Loading uses every source tensor and fills every parameter, or fails listing what is
+missing/unexpected; exporting writes a folder that diffusers' `from_pretrained` loads with
+empty `missing_keys` / `unexpected_keys`, sharded above `max_shard_size` bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layerjax.convert.files import read_config, read_tensors, write_folder
+from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  """What the converter needs to know about one model family."""
+  name: str
+  subfolder: str                 # in a diffusers pipeline folder
+  diffusers_class: str           # `_class_name` in config.json
+  config_from_diffusers: Callable[..., Any]
+  build: Callable[..., nnx.Module]
+
+
+def _vae_kind() -> ModelKind:
+  from layerjax.models import vae
+  return ModelKind('vae', 'vae', 'AutoencoderKL', vae.VAEConfig.from_diffusers,
+                   vae.AutoencoderKL)
+
+
+TRANSFORMER = ModelKind('transformer', 'transformer', 'SD3Transformer2DModel',
+                        MMDiTConfig.from_diffusers, SD3Transformer2DModel)
+
+
+def kind(name: str) -> ModelKind:
+  kinds = {'transformer': lambda: TRANSFORMER, 'vae': _vae_kind}
+  if name not in kinds:
+    raise ValueError(f'unknown model kind {name!r}; expected one of {sorted(kinds)}')
+  return kinds[name]()
+
+
+# --- names and layouts --------------------------------------------------------------------
+
+def _torch_name(path: tuple) -> str:
+  *head, leaf = (str(p) for p in path)
+  return '.'.join([*head, {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)])
+
+
+def _to_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+  if path[-1] == 'kernel':
+    return x.T if x.ndim == 2 else x.transpose(3, 2, 0, 1)
+  return x
+
+
+def _from_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+  if path[-1] == 'kernel':
+    return x.T if x.ndim == 2 else x.transpose(2, 3, 1, 0)
+  return x
+
+
+def _variables(model_or_state) -> Iterator[tuple[tuple, nnx.Variable]]:
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  yield from nnx.to_flat_state(state)
+
+
+def torch_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
+  """The model's weights as a diffusers state dict of numpy arrays (PyTorch layouts)."""
+  out = {}
+  for path, var in _variables(model):
+    x = np.asarray(jax.device_get(var[...]))
+    if dtype is not None:
+      x = x.astype(dtype)
+    out[_torch_name(path)] = np.ascontiguousarray(_to_torch_layout(path, x))
+  return out
+
+
+class CheckpointMismatch(ValueError):
+  """Raised when a checkpoint and a model do not correspond tensor for tensor."""
+
+
+def torch_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+  """diffusers name -> PyTorch-layout shape of every variable in `state` (abstract or not)."""
+  return {_torch_name(p): tuple(_to_torch_layout(p, np.empty(v.shape, np.bool_)).shape)
+          for p, v in _variables(state)}
+
+
+def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: str,
+                         param_dtype: Any) -> nnx.Module:
+  """Builds the model from `tensors` (name -> array-like in PyTorch layout), strictly."""
+  expected = {_torch_name(p): (p, v) for p, v in _variables(abstract_state)}
+  shapes = torch_shapes(abstract_state)
+  missing = sorted(set(expected) - set(tensors))
+  unexpected = sorted(set(tensors) - set(expected))
+  if missing or unexpected:
+    raise CheckpointMismatch(
+        f'{source}: checkpoint does not match the model.\n'
+        f'  missing_keys ({len(missing)}): {missing[:50]}\n'
+        f'  unexpected_keys ({len(unexpected)}): {unexpected[:50]}')
+  for name, (path, var) in expected.items():
+    x = np.asarray(tensors[name])
+    want = shapes[name]
+    if tuple(x.shape) != want:
+      raise CheckpointMismatch(f'{source}: shape mismatch for {name!r}: checkpoint has '
+                               f'{tuple(x.shape)}, model expects {want}')
+    var.set_value(jnp.asarray(_from_torch_layout(path, x), dtype=param_dtype))
+  return nnx.merge(graphdef, abstract_state)
+
+
+def abstract_model(model_kind: ModelKind, cfg):
+  """Shapes only: no memory is spent on an initialisation that loading would overwrite."""
+  model = nnx.eval_shape(lambda: model_kind.build(cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+# --- folders ------------------------------------------------------------------------------
+
+def model_folder(path: str | os.PathLike, model_kind: ModelKind) -> Path:
+  """`path` itself if it is a model folder, else its pipeline subfolder for this kind."""
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'{path}: no such directory')
+  if (path / 'config.json').is_file():
+    return path
+  sub = path / model_kind.subfolder
+  if (sub / 'config.json').is_file():
+    return sub
+  raise FileNotFoundError(
+      f'{path}: neither a diffusers model folder (config.json + safetensors) nor a pipeline '
+      f'folder with a {model_kind.subfolder}/ subfolder')
+
+
+def load(model_kind: ModelKind, path, *, dtype: Any = jnp.float32,
+         param_dtype: Any = jnp.float32, **compute) -> nnx.Module:
+  folder = model_folder(path, model_kind)
+  config = read_config(folder)
+  cls = config.get('_class_name')
+  if cls is not None and cls != model_kind.diffusers_class:
+    raise CheckpointMismatch(f'{folder}/config.json: _class_name is {cls!r}, expected '
+                             f'{model_kind.diffusers_class!r}')
+  try:
+    cfg = model_kind.config_from_diffusers(config, dtype=dtype, param_dtype=param_dtype,
+                                           **compute)
+  except (TypeError, ValueError) as e:
+    raise CheckpointMismatch(f'{folder}/config.json: {e}') from e
+  graphdef, state = abstract_model(model_kind, cfg)
+  with read_tensors(folder) as tensors:
+    return fill_from_state_dict(graphdef, state, tensors, str(folder), param_dtype)
+
+
+def save(model: nnx.Module, path, *, dtype: Any = None,
+         max_shard_size: int = 10 * 2**30) -> Path:
+  """Writes a diffusers model folder (atomically); `dtype` casts the saved tensors."""
+  config = model.config.to_diffusers()
+  return write_folder(Path(path), config, torch_state_dict(model, dtype), max_shard_size)
+
+
+def load_transformer(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                     remat: bool = False) -> SD3Transformer2DModel:
+  """SD3/SD3.5 transformer from a diffusers model folder or pipeline folder."""
+  return load(TRANSFORMER, path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def save_transformer(model: SD3Transformer2DModel, path, **kw) -> Path:
+  return save(model, path, **kw)
+
+
+def load_vae(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+  """SD3 AutoencoderKL from a diffusers model folder or pipeline folder."""
+  return load(kind('vae'), path, dtype=dtype, param_dtype=param_dtype)
+
+
+def save_vae(vae, path, **kw) -> Path:
+  return save(vae, path, **kw)

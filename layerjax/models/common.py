@@ -1,0 +1,80 @@
+"""Building blocks shared by the layerjax Flax NNX models.
+
+Every parameter is created through these helpers so it carries logical axis names
+(`out_sharding` metadata) that `layerjax.parallel` maps onto a device mesh, and so that
+parameter names follow diffusers' state-dict names (`kernel`/`scale` become `weight` in
+`layerjax.convert`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = Sequence[str | None]
+
+
+class Buffer(nnx.Variable):
+  """A stored, non-trainable tensor (a registered buffer in PyTorch terms)."""
+
+
+def _init(axes: Axes, initializer=None):
+  initializer = initializer or nnx.initializers.lecun_normal()
+  # Sharding is applied by `layerjax.parallel`, not eagerly at construction.
+  return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
+           dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+           kernel_init=None) -> nnx.Linear:
+  """`nnx.Linear` whose kernel has logical `axes` (in, out) and bias `(axes[1],)`."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=_init(axes, kernel_init),
+      bias_init=_init((axes[1],), nnx.initializers.zeros_init()),
+      precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
+         stride: int = 1, padding: Any = 'SAME', axes: Axes = (None, None, None, None),
+         dtype: Any = None, param_dtype: Any = jnp.float32) -> nnx.Conv:
+  """NHWC `nnx.Conv` with logical axes (kh, kw, in, out) on its kernel."""
+  return nnx.Conv(
+      in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
+      padding=padding, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=_init(axes), bias_init=_init((axes[3],), nnx.initializers.zeros_init()),
+      precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+
+
+def group_norm(num_features: int, *, rngs: nnx.Rngs, num_groups: int = 32, eps: float = 1e-6,
+               param_dtype: Any = jnp.float32) -> nnx.GroupNorm:
+  # Statistics in fp32 with the exact two-pass variance, as PyTorch computes them.
+  return nnx.GroupNorm(num_features, num_groups=num_groups, epsilon=eps, dtype=jnp.float32,
+                       param_dtype=param_dtype, use_fast_variance=False,
+                       scale_init=_init((None,), nnx.initializers.ones_init()),
+                       bias_init=_init((None,), nnx.initializers.zeros_init()), rngs=rngs)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm over the last axis without affine parameters, computed in fp32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned scale; the mean square is taken in fp32 (diffusers' RMSNorm)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any = jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(None,),
+                           eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    var = jnp.square(x.astype(jnp.float32)).mean(-1, keepdims=True)
+    y = x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)

@@ -1,0 +1,94 @@
+"""Device mesh `(data, fsdp, tensor)` and the logical-axis rules that place parameters on it.
+
+Parameters carry logical axis names (`out_sharding` metadata, set in `layerjax.models.common`);
+the rules below map each name to a mesh axis. A dimension that the mesh axis does not divide
+is replicated rather than padded, so any config runs on any mesh shape.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# logical name -> mesh axis (or axes); names not listed are replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('modulation', 'tensor'),
+    ('joint', None),
+    ('length', None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor); use -1 once to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f'mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh shape {shape}: at most one -1')
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = len(devices) // rest
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f'mesh shape {shape} needs {int(np.prod(shape))} devices, '
+                     f'{len(devices)} available')
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> P:
+  rules = dict(rules)
+  spec, used = [], set()
+  for name, dim in zip(axes, shape):
+    target = rules.get(name) if name is not None else None
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    if not names or dim % size or used & set(names):
+      spec.append(None)
+      continue
+    used |= set(names)
+    spec.append(names[0] if len(names) == 1 else names)
+  return P(*spec)
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+  """A state of `NamedSharding`s, one per variable, from its logical axis names."""
+  def one(var: nnx.Variable):
+    axes = var.get_metadata().get('out_sharding') or (None,) * var.ndim
+    return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+  return jax.tree.map(one, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+  """Places every variable of `model` on `mesh` according to `rules` (in place)."""
+  state = nnx.state(model)
+  shardings = model_shardings(model, mesh, rules)
+  nnx.update(model, jax.device_put(state, shardings))
+  return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+  """Leading (batch) axis split over the data-parallel mesh axes, the rest replicated."""
+  return NamedSharding(mesh, P(dict(rules)['batch'], *([None] * (ndim - 1))))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """Pins an activation's sharding by logical axes under an active mesh; a no-op without one.
+
+  Models call it at block boundaries so activations stay batch-sharded whatever XLA's
+  partitioner would pick; run sharded models under `jax.set_mesh(mesh)`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))

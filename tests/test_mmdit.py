@@ -1,0 +1,144 @@
+"""The Flax MMDiT against diffusers' SD3Transformer2DModel with the same random weights."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel as TorchSD3
+from flax import nnx
+
+from conftest import assert_close_to_scale, nchw_to_nhwc, randomize_
+from layerjax import parallel
+from layerjax.convert.diffusers import TRANSFORMER, abstract_model, load_transformer, torch_shapes
+from layerjax.models import mmdit
+
+SMALL = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
+             pooled_projection_dim=20, out_channels=4, pos_embed_max_size=12)
+SD3_SMALL = dict(SMALL)
+SD35_SMALL = dict(SMALL, in_channels=12, dual_attention_layers=(0, 1), qk_norm='rms_norm')
+
+
+def inputs(cfg, batch=2, h=6, w=10, tokens=7, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((batch, cfg['in_channels'], h, w)).astype(np.float32),
+          rng.standard_normal((batch, tokens, cfg['joint_attention_dim'])).astype(np.float32),
+          rng.standard_normal((batch, cfg['pooled_projection_dim'])).astype(np.float32),
+          np.linspace(999.0, 20.0, batch).astype(np.float32))
+
+
+def torch_forward(model, x, c, p, t):
+  with torch.no_grad():
+    out = model(*(torch.from_numpy(a) for a in (x, c, p, t))).sample
+  return nchw_to_nhwc(out.numpy())
+
+
+@pytest.fixture(scope='module', params=['sd3', 'sd35'])
+def pair(request, tmp_path_factory):
+  cfg = SD3_SMALL if request.param == 'sd3' else SD35_SMALL
+  ref = randomize_(TorchSD3(**cfg).eval(), seed=1)
+  folder = tmp_path_factory.mktemp(request.param)
+  ref.save_pretrained(folder)
+  return cfg, ref, load_transformer(folder), folder
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 10), (3, 8, 8), (1, 24, 4)])
+def test_parity_with_diffusers(pair, shape):
+  cfg, ref, model, _ = pair
+  x, c, p, t = inputs(cfg, *shape)
+  out = model(jnp.asarray(nchw_to_nhwc(x)), c, p, t)
+  assert_close_to_scale(out, torch_forward(ref, x, c, p, t), rtol=1e-5)
+
+
+def test_parity_under_jit_and_remat(pair):
+  cfg, ref, _, folder = pair
+  model = load_transformer(folder, remat=True)
+  x, c, p, t = inputs(cfg)
+  out = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(nchw_to_nhwc(x)), c, p, t)
+  assert_close_to_scale(out, torch_forward(ref, x, c, p, t), rtol=1e-5)
+
+
+def test_remat_gradients_equal(pair):
+  _, _, _, folder = pair
+  cfg = SD35_SMALL
+  x, c, p, t = inputs(cfg)
+  x = jnp.asarray(nchw_to_nhwc(x))
+
+  def grads(model):
+    loss = lambda m: jnp.mean(m(x, c, p, t) ** 2)
+    return nnx.grad(loss)(model)
+
+  if pair[0] is not SD35_SMALL:
+    pytest.skip('one config is enough')
+  g0 = grads(load_transformer(folder))
+  g1 = grads(load_transformer(folder, remat=True))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fresh_pos_embed_matches_diffusers():
+  ref = TorchSD3(**SD35_SMALL)
+  model = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**SD35_SMALL), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(model.pos_embed.pos_embed[...], ref.pos_embed.pos_embed.numpy(),
+                             rtol=0, atol=1e-6)
+
+
+def test_latent_larger_than_pos_embed_is_refused():
+  model = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**SD3_SMALL), rngs=nnx.Rngs(0))
+  x, c, p, t = inputs(SD3_SMALL, 1, 26, 4)
+  with pytest.raises(ValueError, match='pos_embed_max_size'):
+    model(jnp.asarray(nchw_to_nhwc(x)), c, p, t)
+
+
+def test_bf16_forward_stays_close(pair):
+  cfg, _, model32, folder = pair
+  model16 = load_transformer(folder, dtype=jnp.bfloat16)
+  x, c, p, t = inputs(cfg)
+  x = jnp.asarray(nchw_to_nhwc(x))
+  out16 = model16(x, c, p, t)
+  assert out16.dtype == jnp.bfloat16
+  out32 = np.asarray(model32(x, c, p, t))
+  err = np.abs(np.asarray(out16, np.float32) - out32).max() / np.abs(out32).max()
+  assert err < 0.05, err
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_forward_equals_single_device(pair, mesh_shape):
+  cfg, _, model, folder = pair
+  x, c, p, t = inputs(cfg, batch=8)
+  x = jnp.asarray(nchw_to_nhwc(x))
+  expected = np.asarray(model(x, c, p, t))
+
+  mesh = parallel.make_mesh(mesh_shape)
+  sharded = parallel.shard_model(load_transformer(folder), mesh)
+  kernel = sharded.transformer_blocks[0].attn.to_q.kernel[...]
+  assert len(kernel.sharding.device_set) == 8
+  args = [jax.device_put(a, parallel.batch_sharding(mesh, np.ndim(a))) for a in (x, c, p, t)]
+  with jax.set_mesh(mesh):
+    out = nnx.jit(lambda m, *a: m(*a))(sharded, *args)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_every_parameter_has_logical_axes(pair):
+  _, _, model, _ = pair
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    axes = var.get_metadata().get('out_sharding')
+    assert axes is not None and len(axes) == var.ndim, path
+
+
+@pytest.mark.parametrize('name,count', [('SD3_MEDIUM', 683), ('SD35_MEDIUM', 909),
+                                         ('SD35_LARGE', 1227)])
+def test_official_configs_have_diffusers_names(name, count):
+  """Full-size configs, shapes only: the same tensor names and shapes as diffusers builds."""
+  cfg = getattr(mmdit, name)
+  _, state = abstract_model(TRANSFORMER, cfg)
+  ours = torch_shapes(state)
+  with torch.device('meta'):
+    ref = TorchSD3(**{k: v for k, v in cfg.to_diffusers().items() if k != '_class_name'})
+  theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  assert len(ours) == count
+  assert ours == theirs
+
