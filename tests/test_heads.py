@@ -10,7 +10,7 @@ from flax import nnx
 
 from layerjax.models.heads import (ALPHA_CHANNELS, SHADOW_CHANNELS, decoder_head,
                                    init_from_vae_decoder, to_unit)
-from layerjax.models.vae import AutoencoderKL, VAEConfig
+from layerjax.models.vae import Decoder, VAEConfig
 
 CFG = VAEConfig(block_out_channels=(32, 64), norm_num_groups=16, layers_per_block=1)
 
@@ -21,8 +21,9 @@ def params(module):
 
 
 @pytest.fixture(scope='module')
-def vae():
-  return AutoencoderKL(CFG, rngs=nnx.Rngs(0))
+def vae_decoder():
+  # What `AutoencoderKL(CFG).decoder` is; the encoder would only add init time.
+  return Decoder(CFG, CFG.out_channels, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('channels', [ALPHA_CHANNELS, SHADOW_CHANNELS])
@@ -33,11 +34,11 @@ def test_head_output_channels(channels):
 
 
 @pytest.mark.parametrize('channels', [ALPHA_CHANNELS, SHADOW_CHANNELS])
-def test_init_copies_all_but_conv_out(vae, channels):
+def test_init_copies_all_but_conv_out(vae_decoder, channels):
   head = decoder_head(CFG, channels, rngs=nnx.Rngs(2))
   fresh = params(head)
-  assert init_from_vae_decoder(head, vae.decoder) is head
-  source, copied = params(vae.decoder), params(head)
+  assert init_from_vae_decoder(head, vae_decoder) is head
+  source, copied = params(vae_decoder), params(head)
   assert set(source) == set(copied)
   for name, value in copied.items():
     if name.startswith('conv_out.'):
@@ -53,19 +54,19 @@ def abstract_head(cfg, channels):
   return nnx.eval_shape(lambda: decoder_head(cfg, channels, rngs=nnx.Rngs(0)))
 
 
-def test_init_refuses_another_vae_configuration(vae):
+def test_init_refuses_another_vae_configuration(vae_decoder):
   deeper = abstract_head(dataclasses.replace(CFG, layers_per_block=2), ALPHA_CHANNELS)
   with pytest.raises(ValueError, match='different parameters'):
-    init_from_vae_decoder(deeper, vae.decoder)
+    init_from_vae_decoder(deeper, vae_decoder)
   wider = abstract_head(dataclasses.replace(CFG, block_out_channels=(32, 96)), ALPHA_CHANNELS)
   with pytest.raises(ValueError, match='shape mismatch'):
-    init_from_vae_decoder(wider, vae.decoder)
+    init_from_vae_decoder(wider, vae_decoder)
 
 
-def test_init_casts_to_the_head_param_dtype(vae):
+def test_init_casts_to_the_head_param_dtype(vae_decoder):
   head = abstract_head(dataclasses.replace(CFG, param_dtype=jnp.bfloat16), SHADOW_CHANNELS)
-  init_from_vae_decoder(head, vae.decoder)
-  source = params(vae.decoder)
+  init_from_vae_decoder(head, vae_decoder)
+  source = params(vae_decoder)
   for path, var in nnx.to_flat_state(nnx.state(head, nnx.Param)):
     name = '.'.join(map(str, path))
     if not name.startswith('conv_out.'):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import assert_close_to_scale, nchw_to_nhwc, nhwc_to_nchw, randomize_
+from conftest import assert_close_to_scale, nchw_to_nhwc, randomize_
 from layerjax.convert.diffusers import load_vae
 from layerjax.models.vae import AutoencoderKL, VAEConfig, from_latent, to_latent
 
@@ -139,7 +139,7 @@ def test_logvar_is_clipped(tmp_path):
 def test_latent_normalisation_matches_diffusers_formula():
   cfg = VAEConfig()
   z = np.random.default_rng(0).normal(size=(2, 4, 4, 16)).astype(np.float32)
-  # SD3 pipelines: `(z - shift_factor) * scaling_factor` after encoding, the inverse before decoding.
+  # SD3 pipelines: `(z - shift_factor) * scaling_factor` after encoding, inverse before decoding.
   np.testing.assert_allclose(to_latent(z, cfg), (z - 0.0609) * 1.5305, rtol=1e-6)
   np.testing.assert_allclose(from_latent(z, cfg), z / 1.5305 + 0.0609, rtol=1e-6)
   np.testing.assert_allclose(from_latent(to_latent(z, cfg), cfg), z, atol=1e-6)

@@ -8,6 +8,7 @@ parameter names follow diffusers' state-dict names (`kernel`/`scale` become `wei
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -78,3 +79,19 @@ class RMSNorm(nnx.Module):
     var = jnp.square(x.astype(jnp.float32)).mean(-1, keepdims=True)
     y = x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention on [B, T, N, H] with scale 1/sqrt(H).
+
+  `jax.nn.dot_product_attention` picks the fused cuDNN kernel on GPUs; fp32 inputs keep full
+  fp32 matmuls there (no TF32) so fp32 runs match PyTorch.
+  """
+  precision = 'highest' if q.dtype == jnp.float32 else None
+  with jax.default_matmul_precision(precision):
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def parameter_count(model: nnx.Module) -> int:
+  """Trainable parameters (buffers such as the stored position embedding excluded)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -39,8 +39,8 @@ def init_from_vae_decoder(head: Decoder, vae_decoder: Decoder) -> Decoder:
   flat = dict(nnx.to_flat_state(target))
   body = lambda paths: {p for p in paths if p[0] != 'conv_out'}
   if body(source) != body(flat):
-    raise ValueError('head and VAE decoder have different parameters: '
-                     f'{sorted(body(source) ^ body(flat))[:10]}')
+    differ = sorted('.'.join(map(str, p)) for p in body(source) ^ body(flat))
+    raise ValueError(f'head and VAE decoder have different parameters: {differ[:10]}')
   for path in body(flat):  # check everything before changing anything
     if source[path].shape != flat[path].shape:
       raise ValueError(f"shape mismatch at {'.'.join(map(str, path))}: VAE decoder has "

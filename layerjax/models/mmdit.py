@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from layerjax import parallel
-from layerjax.models.common import Buffer, RMSNorm, conv, layer_norm, linear
+from layerjax.models.common import Buffer, RMSNorm, attention, conv, layer_norm, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +203,6 @@ class FeedForward(nnx.Module):
     return self.net['2'](self.net['0'](x))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Softmax attention on [B, T, N, H]; `jax.nn.dot_product_attention` picks cuDNN on GPUs."""
-  return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
-
-
 class Attention(nnx.Module):
   """Self-attention over the image stream, optionally joint with the text stream.
 
@@ -344,7 +339,3 @@ class SD3Transformer2DModel(nnx.Module):
     h, w = height // p, width // p
     x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * p, w * p, cfg.out_channels)
-
-
-def parameter_count(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

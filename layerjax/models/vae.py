@@ -1,7 +1,8 @@
 """SD3's VAE (diffusers' `AutoencoderKL`) in Flax NNX, weight-exact, NHWC.
 
 Attribute names follow diffusers' state-dict names (see `layerjax.convert.diffusers`), so
-`encoder.down_blocks.0.resnets.1.conv1.kernel` holds `encoder.down_blocks.0.resnets.1.conv1.weight`.
+`encoder.down_blocks.0.resnets.1.conv1.kernel` holds `...conv1.weight`; the 244 tensors of
+SD3's VAE map one to one.
 `encode(images in [-1, 1]) -> (mean, logvar)`, `decode(latents) -> images`; the latent
 normalisation used by the diffusion model (`to_latent` / `from_latent`) is kept outside the
 network. `Decoder` is also the body of the alpha and shadow heads (`layerjax.models.heads`).
@@ -11,14 +12,13 @@ Facts used are listed in `shared/design/SD3_REFERENCE.md`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerjax.models.common import conv, group_norm, linear
+from layerjax.models.common import attention, conv, group_norm, linear
 
 _DOWN_BLOCK = 'DownEncoderBlock2D'
 _UP_BLOCK = 'UpDecoderBlock2D'
@@ -143,7 +143,7 @@ class ResnetBlock2D(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
-  """Pad right and bottom by one, then a 3x3 stride-2 conv without padding (diffusers' padding=0)."""
+  """Pad right and bottom by one, then a 3x3 stride-2 conv without padding (diffusers' VAE)."""
 
   def __init__(self, cfg: VAEConfig, channels: int, *, rngs: nnx.Rngs):
     self.conv = _conv(cfg, channels, channels, stride=2, padding='VALID', rngs=rngs)
@@ -163,7 +163,7 @@ class Upsample2D(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Single-head self-attention over the H*W positions with a GroupNorm in front and a residual."""
+  """Single-head self-attention over the H*W positions, GroupNorm in front, residual around."""
 
   def __init__(self, cfg: VAEConfig, channels: int, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -177,7 +177,7 @@ class Attention(nnx.Module):
     b, h, w, c = x.shape
     tokens = self.group_norm(x).astype(x.dtype).reshape(b, h * w, 1, c)
     q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-    o = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
+    o = attention(q, k, v)
     return x + self.to_out[0](o).reshape(b, h, w, c)
 
 
@@ -276,7 +276,7 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-  """SD3's VAE: `encode(images NHWC in [-1, 1]) -> (mean, logvar)`, `decode(latents) -> images`."""
+  """SD3's VAE: `encode(images NHWC in [-1, 1]) -> (mean, logvar)`, `decode(z) -> images`."""
 
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     self.config = cfg
