@@ -73,7 +73,7 @@ def test_remat_gradients_equal(pair):
   g0 = grads(load_transformer(folder))
   g1 = grads(load_transformer(folder, remat=True))
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
 
 def test_fresh_pos_embed_matches_diffusers():
