@@ -1,0 +1,30 @@
+# One-command entry points; each creates .venv on first use (needs only python3).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in first, pinned, so that diffusers does not pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-slow bench clean
+
+$(VENV)/.installed: setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH)'
+	$(PY) -m pip install -q -e '.[torch,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m layerjax.convert.demo out/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PY) bench/mmdit_step.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,33 @@
+"""layerjax: natural-image layer decomposition in JAX/Flax (see README.md)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='layerjax',
+    version='0.1.0',
+    description='Layer decomposition of natural images (LiWi, RefLayer) in JAX / Flax NNX, '
+                'with weight-exact SD3/SD3.5 ports and diffusers import/export.',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['layerjax', 'layerjax.*', 'data_engine', 'data_engine.*']),
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11',
+        'numpy>=1.26',
+        'safetensors>=0.4.3',
+        'ml_collections>=1.0',
+    ],
+    extras_require={
+        # PyTorch reference side: parity tests, export checks, benchmarks against diffusers.
+        'torch': ['torch>=2.4', 'diffusers>=0.42,<0.43'],
+        'engine': ['Pillow>=10', 'opencv-python-headless>=4.8', 'scikit-image>=0.22', 'pymatting>=1.1'],
+        'beam': ['apache-beam>=2.55'],
+        'cuda': ['jax[cuda12]'],
+        'tpu': ['jax[tpu]'],
+        'dev': ['pytest>=8'],
+    },
+    entry_points={'console_scripts': ['layerjax-convert=layerjax.convert.__main__:main']},
+)
