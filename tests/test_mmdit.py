@@ -1,6 +1,6 @@
 """The Flax MMDiT against diffusers' SD3Transformer2DModel with the same random weights."""
 
-import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,13 @@ def test_fresh_pos_embed_matches_diffusers():
                              rtol=0, atol=1e-6)
 
 
+def test_missing_config_keys_take_diffusers_defaults():
+  cfg = mmdit.MMDiTConfig.from_diffusers({'_class_name': 'SD3Transformer2DModel'})
+  defaults = {k: v.default for k, v in inspect.signature(TorchSD3.__init__).parameters.items()
+              if k in mmdit.MMDiTConfig.ARCH_FIELDS}
+  assert {k: getattr(cfg, k) for k in defaults} == {**defaults, 'dual_attention_layers': ()}
+
+
 def test_latent_larger_than_pos_embed_is_refused():
   model = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**SD3_SMALL), rngs=nnx.Rngs(0))
   x, c, p, t = inputs(SD3_SMALL, 1, 26, 4)
@@ -104,6 +111,8 @@ def test_bf16_forward_stays_close(pair):
 
 @pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_sharded_forward_equals_single_device(pair, mesh_shape):
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 on CPU)')
   cfg, _, model, folder = pair
   x, c, p, t = inputs(cfg, batch=8)
   x = jnp.asarray(nchw_to_nhwc(x))

@@ -62,10 +62,13 @@ class MMDiTConfig:
 
   @classmethod
   def from_diffusers(cls, config: dict, **compute) -> 'MMDiTConfig':
-    """From a diffusers `config.json` dict; unknown keys (`_class_name`, ...) are ignored."""
-    arch = {k: config[k] for k in cls.ARCH_FIELDS if k in config}
-    if arch.get('out_channels') is None:
-      arch['out_channels'] = config.get('in_channels', cls.in_channels)
+    """From a diffusers `config.json` dict; unknown keys (`_class_name`, ...) are ignored.
+
+    Missing keys take diffusers' class defaults, as `from_pretrained` would.
+    """
+    arch = {**_DIFFUSERS_DEFAULTS, **{k: config[k] for k in cls.ARCH_FIELDS if k in config}}
+    if arch['out_channels'] is None:
+      arch['out_channels'] = arch['in_channels']
     return cls(**arch, **compute)
 
   def to_diffusers(self) -> dict:
@@ -73,6 +76,13 @@ class MMDiTConfig:
     d['dual_attention_layers'] = list(self.dual_attention_layers)
     return {'_class_name': 'SD3Transformer2DModel', **d}
 
+
+# `SD3Transformer2DModel.__init__` defaults, which differ from every released model.
+_DIFFUSERS_DEFAULTS = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=18,
+                           attention_head_dim=64, num_attention_heads=18,
+                           joint_attention_dim=4096, caption_projection_dim=1152,
+                           pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96,
+                           dual_attention_layers=(), qk_norm=None)
 
 # The three official configurations (SD3_REFERENCE.md); class defaults are never relied on.
 SD3_MEDIUM = MMDiTConfig()
