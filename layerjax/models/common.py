@@ -95,3 +95,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def parameter_count(model: nnx.Module) -> int:
   """Trainable parameters (buffers such as the stored position embedding excluded)."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@jax.custom_vjp
+def _stored_grad(x: jax.Array) -> jax.Array:
+  return x
+
+
+def _stored_grad_bwd(_, g):
+  # A data-dependent `cond` is a fusion boundary XLA cannot remove; the NaN branch only fires
+  # when the gradient is already non-finite, so results are unchanged.
+  ok = jnp.isfinite(g.reshape(-1)[0])
+  return (jax.lax.cond(ok, lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
+
+
+_stored_grad.defvjp(lambda x: (x, None), _stored_grad_bwd)
+
+
+def store_grad_on_cpu(x: jax.Array) -> jax.Array:
+  """Identity whose gradient is materialised, on the CPU backend only.
+
+  XLA:CPU otherwise fuses the residual stream's gradient into each of its consumers and
+  recomputes it there, so backward cost grows with depth squared (2x slower than PyTorch at
+  8 blocks). On GPUs the `cond` would cost a device-to-host sync, and fusion is fine there.
+  """
+  return _stored_grad(x) if jax.default_backend() == 'cpu' else x

@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from layerjax import parallel
-from layerjax.models.common import Buffer, RMSNorm, attention, conv, layer_norm, linear
+from layerjax.models.common import (Buffer, RMSNorm, attention, conv, layer_norm, linear,
+                                     store_grad_on_cpu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +309,8 @@ class JointTransformerBlock(nnx.Module):
 
 
 def _run_block(block: JointTransformerBlock, x, context, temb):
-  return block(x, context, temb)
+  x, context = block(x, context, temb)
+  return store_grad_on_cpu(x), None if context is None else store_grad_on_cpu(context)
 
 
 class SD3Transformer2DModel(nnx.Module):
