@@ -150,3 +150,12 @@ def test_official_configs_have_diffusers_names(name, count):
   assert len(ours) == count
   assert ours == theirs
 
+
+
+def test_stored_grad_is_the_identity():
+  from layerjax.models.common import store_grad_on_cpu
+  x = jnp.linspace(-2.0, 3.0, 12).reshape(3, 4)
+  f = lambda x: jnp.sum(jnp.sin(store_grad_on_cpu(x)) * x)
+  g = lambda x: jnp.sum(jnp.sin(x) * x)
+  np.testing.assert_array_equal(store_grad_on_cpu(x), x)
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(g)(x), rtol=1e-6)
