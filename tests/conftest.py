@@ -16,7 +16,8 @@ def randomize_(module, seed: int, std: float = 0.2):
   with torch.no_grad():
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
       noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * std
-      base = 1.0 if name.endswith('norm_q.weight') or 'norm' in name.split('.')[-2] and name.endswith('weight') else 0.0
+      is_norm_scale = name.endswith('.weight') and 'norm' in name.split('.')[-2]
+      base = 1.0 if is_norm_scale else 0.0
       t.copy_((noise + base).to(t.dtype))
   return module
 
