@@ -1,0 +1,1 @@
+"""layerjax: natural-image layer decomposition in JAX / Flax NNX (see README.md)."""

@@ -1,0 +1,1 @@
+"""Weight conversion between diffusers folders, layerjax models and Orbax checkpoints; `python -m layerjax.convert`."""
