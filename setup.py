@@ -19,11 +19,12 @@ setup(
         'numpy>=1.26',
         'safetensors>=0.4.3',
         'ml_collections>=1.0',
+        'Pillow>=10',
     ],
     extras_require={
         # PyTorch reference side: parity tests, export checks, benchmarks against diffusers.
         'torch': ['torch>=2.4', 'diffusers>=0.42,<0.43'],
-        'engine': ['Pillow>=10', 'opencv-python-headless>=4.8', 'scikit-image>=0.22', 'pymatting>=1.1'],
+        'engine': ['opencv-python-headless>=4.8', 'scikit-image>=0.22', 'pymatting>=1.1'],
         'beam': ['apache-beam>=2.55'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from layerjax.convert.diffusers import abstract_model, kind
-from layerjax.convert.files import atomic_dir
+from layerjax.fileio import atomic_dir
 
 META = 'layerjax_model.json'
 

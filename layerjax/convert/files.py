@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,18 +16,15 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from layerjax.fileio import atomic_dir, read_json
+
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 INDEX = WEIGHTS + '.index.json'
 
 
 def read_config(folder: Path) -> dict:
   path = folder / 'config.json'
-  try:
-    config = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path}: missing') from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: not valid JSON ({e})') from None
+  config = read_json(path)
   if not isinstance(config, dict):
     raise ValueError(f'{path}: expected a JSON object, got {type(config).__name__}')
   return config
@@ -123,26 +117,6 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_size: int) -> list[dict[st
     current[name] = x
     size += x.nbytes
   return shards + [current]
-
-
-@contextlib.contextmanager
-def atomic_dir(dst: Path):
-  """Yields a temporary sibling of `dst`; on success it replaces `dst`, on failure vanishes."""
-  dst = Path(dst)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.tmp-', dir=dst.parent))
-  try:
-    yield tmp
-    if dst.exists():
-      old = dst.with_name(f'.{dst.name}.old-{os.getpid()}')
-      os.replace(dst, old)
-      os.replace(tmp, dst)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def write_folder(dst: Path, config: dict, tensors: dict[str, np.ndarray],

@@ -1,0 +1,320 @@
+"""The layered representation every part of layerjax speaks (ARCHITECTURE.md §1).
+
+A `LayeredSample` is a photo plus an ordered stack of straight (non-premultiplied) RGBA
+layers, back to front: an opaque background, then for each object its shadow and the object
+itself. Inside the code images are float32 in [0, 1]; on disk they are 8-bit PNGs next to a
+JSON manifest (`write_folder` / `read_folder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from layerjax.fileio import atomic_dir, read_json
+
+KINDS = ('background', 'object', 'shadow')
+FORMAT = 'layerjax.layered/1'
+
+
+class SampleError(ValueError):
+  """A sample that breaks the schema; the message names the sample and the field."""
+
+
+@dataclasses.dataclass
+class Layer:
+  """One straight-alpha RGBA layer, `rgba` [H, W, 4] float32 in [0, 1]."""
+  name: str                                  # unique within the sample, e.g. 'object_1'
+  kind: str                                  # one of KINDS
+  rgba: np.ndarray
+  visible_mask: np.ndarray | None = None     # [H, W] bool: where this layer is seen in the image
+  bbox: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1), end-exclusive, of alpha > 0
+  owner: str | None = None                   # shadows: the name of the object casting them
+  label: str = ''
+  caption: str = ''
+  referring: tuple[str, ...] = ()            # referring expressions, e.g. 'the red car on the left'
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A spatial prompt selecting one object layer: points (x, y), a box, a mask, or several."""
+  target: str
+  points: tuple[tuple[float, float], ...] = ()
+  box: tuple[int, int, int, int] | None = None
+  mask: np.ndarray | None = None             # [H, W] bool
+
+
+@dataclasses.dataclass
+class LayeredSample:
+  id: str
+  image: np.ndarray                          # [H, W, 3] float32 in [0, 1]
+  layers: list[Layer]
+  prompts: list[Prompt] = dataclasses.field(default_factory=list)
+  provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON-serialisable
+
+  @property
+  def size(self) -> tuple[int, int]:
+    return self.image.shape[0], self.image.shape[1]
+
+  def layer(self, name: str) -> Layer:
+    for layer in self.layers:
+      if layer.name == name:
+        return layer
+    raise KeyError(f'sample {self.id!r}: no layer named {name!r}')
+
+  def validate(self, atol: float | None = None) -> 'LayeredSample':
+    validate(self, atol)
+    return self
+
+
+# --- compositing --------------------------------------------------------------------------
+
+def over(front, back):
+  """Porter-Duff 'over' of straight RGBA arrays [..., 4] (numpy or jax), straight RGBA out."""
+  af, ab = front[..., 3:], back[..., 3:]
+  alpha = af + ab * (1 - af)
+  premult = front[..., :3] * af + back[..., :3] * ab * (1 - af)
+  # Where nothing is covered the colour is irrelevant; 0 avoids dividing by zero.
+  safe = alpha + (alpha == 0)
+  return _concat(premult / safe, alpha, like=front)
+
+
+def composite(layers: Sequence) -> Any:
+  """`L_n over (... over (L_1 over L_0))` for RGBA arrays or `Layer`s, back to front."""
+  arrays = [layer.rgba if isinstance(layer, Layer) else layer for layer in layers]
+  if not arrays:
+    raise ValueError('composite of an empty layer stack')
+  out = arrays[0]
+  for front in arrays[1:]:
+    out = over(front, out)
+  return out
+
+
+def _concat(rgb, alpha, like):
+  if isinstance(like, np.ndarray):
+    return np.concatenate([rgb, alpha], axis=-1)
+  import jax.numpy as jnp
+  return jnp.concatenate([rgb, alpha], axis=-1)
+
+
+def visible_masks(layers: Sequence[Layer], threshold: float = 0.5) -> list[np.ndarray]:
+  """Where each layer's contribution to the composite exceeds `threshold`."""
+  masks, cover = [], np.zeros(layers[0].rgba.shape[:2], np.float32)
+  for layer in reversed(layers):
+    a = layer.rgba[..., 3]
+    masks.append(a * (1 - cover) > threshold)
+    cover = cover + a * (1 - cover)
+  return masks[::-1]
+
+
+def alpha_bbox(alpha: np.ndarray) -> tuple[int, int, int, int] | None:
+  ys, xs = np.nonzero(alpha > 0)
+  if not len(xs):
+    return None
+  return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def default_atol(num_layers: int) -> float:
+  """Composite-vs-image tolerance: half an 8-bit step per quantised layer plus the image's."""
+  return (num_layers + 1) * 0.5 / 255 + 1e-6
+
+
+def _check_unit_array(sid: str, field: str, x, shape: tuple) -> None:
+  if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+    raise SampleError(f'sample {sid!r}: {field} must be a float32 numpy array, got '
+                      f'{getattr(x, "dtype", type(x).__name__)}')
+  if x.shape != shape:
+    raise SampleError(f'sample {sid!r}: {field} has shape {x.shape}, expected {shape}')
+  if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+    raise SampleError(f'sample {sid!r}: {field} has values outside [0, 1]')
+
+
+def _check_mask(sid: str, field: str, m, hw: tuple) -> None:
+  if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.shape != hw:
+    raise SampleError(f'sample {sid!r}: {field} must be a bool array of shape {hw}, got '
+                      f'{getattr(m, "dtype", type(m).__name__)} {getattr(m, "shape", "")}')
+
+
+def _check_box(sid: str, field: str, box, hw: tuple) -> None:
+  h, w = hw
+  if len(box) != 4 or not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
+    raise SampleError(f'sample {sid!r}: {field} {tuple(box)} is not a box (x0, y0, x1, y1) '
+                      f'inside the {w}x{h} image')
+
+
+def validate(sample: LayeredSample, atol: float | None = None) -> None:
+  """Raises `SampleError` naming the sample and field for anything off the schema.
+
+  Checks types, shapes and ranges, the layer order (one opaque background first), names and
+  shadow owners, masks, boxes and prompts, and preservation: the composite of the layers
+  reproduces the image to `atol` (default `default_atol(len(layers))`, the error 8-bit
+  storage can introduce).
+  """
+  sid = sample.id
+  if not isinstance(sid, str) or not sid:
+    raise SampleError(f'sample id must be a non-empty string, got {sid!r}')
+  image = sample.image
+  if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3:
+    raise SampleError(f'sample {sid!r}: image must be [H, W, 3], got '
+                      f'{getattr(image, "shape", type(image).__name__)}')
+  hw = image.shape[:2]
+  _check_unit_array(sid, 'image', image, (*hw, 3))
+  if not sample.layers:
+    raise SampleError(f'sample {sid!r}: no layers')
+
+  names = [layer.name for layer in sample.layers]
+  if len(set(names)) != len(names):
+    raise SampleError(f'sample {sid!r}: layer names are not unique: {names}')
+  for i, layer in enumerate(sample.layers):
+    if layer.kind not in KINDS:
+      raise SampleError(f'sample {sid!r}: layers[{i}] ({layer.name!r}) kind {layer.kind!r} is '
+                        f'not one of {KINDS}')
+  objects = {layer.name for layer in sample.layers if layer.kind == 'object'}
+  for i, layer in enumerate(sample.layers):
+    field = f'layers[{i}] ({layer.name!r})'
+    if (layer.kind == 'background') != (i == 0):
+      raise SampleError(f'sample {sid!r}: {field} is a {layer.kind}; the background must be '
+                        f'the first layer and only there')
+    _check_unit_array(sid, f'{field}.rgba', layer.rgba, (*hw, 4))
+    if i == 0 and layer.rgba[..., 3].min() < 1:
+      raise SampleError(f'sample {sid!r}: {field} background is not opaque '
+                        f'(min alpha {layer.rgba[..., 3].min():.4f})')
+    if layer.kind == 'shadow' and layer.owner not in objects:
+      raise SampleError(f'sample {sid!r}: {field} shadow owner {layer.owner!r} is not an '
+                        f'object layer')
+    if layer.kind != 'shadow' and layer.owner is not None:
+      raise SampleError(f'sample {sid!r}: {field} only shadows have an owner')
+    if layer.visible_mask is not None:
+      _check_mask(sid, f'{field}.visible_mask', layer.visible_mask, hw)
+      if (layer.visible_mask & (layer.rgba[..., 3] == 0)).any():
+        raise SampleError(f'sample {sid!r}: {field}.visible_mask covers fully transparent '
+                          f'pixels')
+    if layer.bbox is not None:
+      _check_box(sid, f'{field}.bbox', layer.bbox, hw)
+    if not all(isinstance(t, str) for t in (layer.label, layer.caption, *layer.referring)):
+      raise SampleError(f'sample {sid!r}: {field} texts must be strings')
+
+  for i, prompt in enumerate(sample.prompts):
+    field = f'prompts[{i}]'
+    if prompt.target not in objects:
+      raise SampleError(f'sample {sid!r}: {field} target {prompt.target!r} is not an object '
+                        f'layer')
+    if prompt.box is not None:
+      _check_box(sid, f'{field}.box', prompt.box, hw)
+    if prompt.mask is not None:
+      _check_mask(sid, f'{field}.mask', prompt.mask, hw)
+    for x, y in prompt.points:
+      if not (0 <= x < hw[1] and 0 <= y < hw[0]):
+        raise SampleError(f'sample {sid!r}: {field} point ({x}, {y}) is outside the image')
+
+  try:
+    json.dumps(sample.provenance)
+  except (TypeError, ValueError) as e:
+    raise SampleError(f'sample {sid!r}: provenance is not JSON-serialisable ({e})') from None
+
+  atol = default_atol(len(sample.layers)) if atol is None else atol
+  err = np.abs(composite(sample.layers)[..., :3] - image).max(-1)
+  if err.max() > atol:
+    bad = int((err > atol).sum())
+    raise SampleError(f'sample {sid!r}: the composite of the layers differs from the image by '
+                      f'up to {err.max():.4f} (> {atol:.4f}) at {bad} pixels')
+
+
+# --- on-disk form -------------------------------------------------------------------------
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def _save_png(path: Path, array: np.ndarray) -> str:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path, format='PNG')
+  return path.name
+
+
+def write_folder(sample: LayeredSample, path) -> Path:
+  """Writes the sample as PNGs + `manifest.json`, atomically; validates it first."""
+  sample.validate()
+  path = Path(path)
+  with atomic_dir(path) as tmp:
+    _save_png(tmp / 'image.png', _to_uint8(sample.image))
+    layers = []
+    for i, layer in enumerate(sample.layers):
+      stem = f'{i:02d}_{layer.kind}'
+      entry = {'name': layer.name, 'kind': layer.kind,
+               'file': f'layers/{_save_png(tmp / "layers" / f"{stem}.png", _to_uint8(layer.rgba))}',
+               'bbox': None if layer.bbox is None else list(layer.bbox), 'owner': layer.owner,
+               'label': layer.label, 'caption': layer.caption,
+               'referring': list(layer.referring), 'visible_mask': None}
+      if layer.visible_mask is not None:
+        mask = layer.visible_mask.astype(np.uint8) * 255
+        entry['visible_mask'] = f'masks/{_save_png(tmp / "masks" / f"{stem}.png", mask)}'
+      layers.append(entry)
+    prompts = []
+    for i, prompt in enumerate(sample.prompts):
+      entry = {'target': prompt.target, 'points': [list(p) for p in prompt.points],
+               'box': None if prompt.box is None else list(prompt.box), 'mask': None}
+      if prompt.mask is not None:
+        mask = prompt.mask.astype(np.uint8) * 255
+        entry['mask'] = f'prompts/{_save_png(tmp / "prompts" / f"{i:02d}_mask.png", mask)}'
+      prompts.append(entry)
+    manifest = {'format': FORMAT, 'id': sample.id, 'height': sample.size[0],
+                'width': sample.size[1], 'image': 'image.png', 'layers': layers,
+                'prompts': prompts, 'provenance': sample.provenance}
+    (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=2) + '\n')
+  return path
+
+
+def _load_png(folder: Path, rel: str, sid: str, field: str, mode: str) -> np.ndarray:
+  path = folder / rel
+  try:
+    with Image.open(path) as im:
+      im.load()
+      if mode == '1':
+        return np.asarray(im.convert('L')) >= 128
+      return np.asarray(im.convert(mode), np.float32) / 255
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{folder}: sample {sid!r}: {field} names {rel}, which is '
+                            f'missing') from None
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise SampleError(f'{path}: sample {sid!r}: {field} is not a readable PNG ({e})') from None
+
+
+def read_folder(path) -> LayeredSample:
+  """Reads a folder written by `write_folder` and validates it."""
+  folder = Path(path)
+  manifest_path = folder / 'manifest.json'
+  m = read_json(manifest_path, SampleError)
+  sid = m.get('id', folder.name) if isinstance(m, dict) else folder.name
+  try:
+    if m['format'] != FORMAT:
+      raise SampleError(f'{manifest_path}: format {m["format"]!r}, expected {FORMAT!r}')
+    load = lambda rel, field, mode: _load_png(folder, rel, sid, field, mode)
+    layers = [
+        Layer(name=e['name'], kind=e['kind'], rgba=load(e['file'], f'layers[{i}].file', 'RGBA'),
+              visible_mask=(None if e.get('visible_mask') is None else
+                            load(e['visible_mask'], f'layers[{i}].visible_mask', '1')),
+              bbox=None if e.get('bbox') is None else tuple(e['bbox']), owner=e.get('owner'),
+              label=e.get('label', ''), caption=e.get('caption', ''),
+              referring=tuple(e.get('referring', ())))
+        for i, e in enumerate(m['layers'])]
+    prompts = [
+        Prompt(target=e['target'], points=tuple(tuple(p) for p in e.get('points', ())),
+               box=None if e.get('box') is None else tuple(e['box']),
+               mask=None if e.get('mask') is None else load(e['mask'], f'prompts[{i}].mask', '1'))
+        for i, e in enumerate(m.get('prompts', []))]
+    sample = LayeredSample(id=sid, image=load(m['image'], 'image', 'RGB'), layers=layers,
+                           prompts=prompts, provenance=m.get('provenance', {}))
+  except (KeyError, TypeError) as e:
+    raise SampleError(f'{manifest_path}: sample {sid!r}: malformed manifest ({e!r})') from None
+  try:
+    return sample.validate()
+  except SampleError as e:
+    raise SampleError(f'{folder}: {e}') from None

@@ -1,0 +1,41 @@
+"""Atomic writes: outputs appear whole under their final name or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Path):
+  """Yields a temporary sibling of `dst`; on success it replaces `dst`, on failure vanishes."""
+  dst = Path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.tmp-', dir=dst.parent))
+  try:
+    yield tmp
+    if dst.exists():
+      old = dst.with_name(f'.{dst.name}.old-{os.getpid()}')
+      os.replace(dst, old)
+      os.replace(tmp, dst)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def read_json(path: Path, error: type[Exception] = ValueError) -> Any:
+  """Parsed JSON; a missing file or bad JSON raises an error naming `path`."""
+  try:
+    return json.loads(Path(path).read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path}: missing') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f'{path}: not valid JSON ({e})') from None
