@@ -20,6 +20,10 @@ setup(
         'safetensors>=0.4.3',
         'ml_collections>=1.0',
         'Pillow>=10',
+        # Datasets: TFDS array_record, built and read without TensorFlow.
+        'tensorflow-datasets>=4.9.7',
+        'array-record>=0.5',
+        'importlib_resources',
     ],
     extras_require={
         # PyTorch reference side: parity tests, export checks, benchmarks against diffusers.
