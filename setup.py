@@ -24,6 +24,7 @@ setup(
         'tensorflow-datasets>=4.9.7',
         'array-record>=0.5',
         'importlib_resources',
+        'grain>=0.2.12',
     ],
     extras_require={
         # PyTorch reference side: parity tests, export checks, benchmarks against diffusers.
