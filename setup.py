@@ -25,6 +25,7 @@ setup(
         'array-record>=0.5',
         'importlib_resources',
         'grain>=0.2.12',
+        'scipy>=1.11',
     ],
     extras_require={
         # PyTorch reference side: parity tests, export checks, benchmarks against diffusers.

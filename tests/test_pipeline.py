@@ -25,7 +25,8 @@ def config(data_dir, **kw):
   return ml_collections.ConfigDict({**dict(
       name='layered', data_dir=str(data_dir), seed=3, global_batch_size=2, image_size=(16, 24),
       num_workers=0, prompt_probs={'box': 0.4, 'mask+text': 0.3, 'point': 0.3},
-      point_sigma=2.0, hflip_prob=0.5, checkerboard_cell=4, checkerboard_jitter=0.1), **kw})
+      point_sigma=2.0, hflip_prob=0.5, checkerboard_cell=4, checkerboard_jitter=0.1,
+      degradations={}, boundary_band=2), **kw})
 
 
 def take(it, n):
@@ -101,7 +102,25 @@ def test_workers_give_the_same_batches(data_dir):
 @pytest.mark.parametrize('change,message', [
     (dict(prompt_probs={'scribble': 1.0}), "bad entry 'scribble'"),
     (dict(global_batch_size=3), 'not divisible'),
+    (dict(degradations={'smudge': {'prob': 1.0, 'strength': (0, 1)}}), "unknown 'smudge'"),
 ])
 def test_bad_config(data_dir, change, message):
   with pytest.raises(ValueError, match=message):
     make_loader(config(data_dir, **change), 'train', process_count=2, process_index=0)
+
+
+DEGRADE_ALL = {name: {'prob': 1.0, 'strength': strength} for name, strength in [
+    ('erode', (1, 1)), ('dilate', (1, 1)), ('blur', (1.0, 1.5)), ('halo', (0.3, 0.5)),
+    ('spill', (0.3, 0.5)), ('jpeg', (20, 40))]}
+
+
+def test_degraded_input_clean_targets(data_dir):
+  clean = next(iter(make_loader(config(data_dir), 'train')))
+  dirty = next(iter(make_loader(config(data_dir, degradations=DEGRADE_ALL), 'train')))
+  assert set(dirty['degradations']) == {'blur+dilate+erode+halo+jpeg+spill'}
+  for k in ('background', 'foreground', 'shadow', 'prompt', 'boundary'):
+    np.testing.assert_array_equal(dirty[k], clean[k], err_msg=k)
+  diff = np.abs(dirty['image'] - clean['image']).max(-1)
+  band = dirty['boundary'][..., 0] > 0
+  assert diff[band].mean() > 0.02
+  assert band.mean() < 0.5

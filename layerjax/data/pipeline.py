@@ -12,7 +12,8 @@ global `jax.Array` sharded over the batch axis.
 Config keys (an `ml_collections.ConfigDict` or any object with these attributes):
   name, data_dir, seed, global_batch_size, image_size (H, W), num_workers,
   prompt_probs {kinds: probability} with kinds '+'-joined from box, mask, point, text,
-  point_sigma, hflip_prob, checkerboard_cell, checkerboard_jitter.
+  point_sigma, hflip_prob, checkerboard_cell, checkerboard_jitter,
+  degradations (see `layerjax.data.degrade`; empty for none), boundary_band (pixels).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from layerjax.data import examples
-from layerjax.data.schema import LayeredSample, Prompt
+from layerjax.data import degrade, examples
+from layerjax.data.schema import LayeredSample, Prompt, composite
 from layerjax.data.tfds_builder import from_example
 
 PROMPT_KINDS = ('box', 'mask', 'point', 'text')
@@ -53,6 +54,9 @@ def _text_for(layer) -> str:
 
 def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dict:
   """One referring example at full resolution, then the same crop and flip for every map."""
+  # Independent streams, so enabling one option (e.g. degradations) leaves the others' draws.
+  rng, rng_degrade, rng_board, rng_geometry = map(np.random.default_rng,
+                                                  rng.integers(2**63, size=4))
   objects = [l for l in sample.layers if l.kind == 'object']
   if not objects:
     raise ValueError(f'sample {sample.id!r}: no object layer to refer to')
@@ -63,17 +67,35 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
   if prompt is None and kinds & set(SPATIAL):
     raise ValueError(f'sample {sample.id!r}: no spatial prompt for {target.name!r}')
   targets = examples.referring_targets(sample, target.name)
+  band = degrade.boundary_band(target.rgba[..., 3], config.boundary_band)
+  image, applied = _degraded_input(sample, target, band, rng_degrade, config)
   maps = {
-      'image': sample.image,
+      'image': image,
+      'boundary': band[..., None].astype(np.float32),
       'prompt': examples.render_prompt(sample.size, prompt or Prompt(target.name), kinds,
                                        config.point_sigma),
       **targets,
       'foreground_on_checkerboard': examples.blend_over_checkerboard(
-          targets['foreground'], config.checkerboard_cell, rng, config.checkerboard_jitter),
+          targets['foreground'], config.checkerboard_cell, rng_board,
+          config.checkerboard_jitter),
   }
-  maps = _crop_and_flip(maps, sample, rng, config)
+  maps = _crop_and_flip(maps, sample, rng_geometry, config)
   return {**maps, 'text': _text_for(target) if 'text' in kinds else '',
-          'prompt_kinds': '+'.join(sorted(kinds))}
+          'prompt_kinds': '+'.join(sorted(kinds)), 'degradations': '+'.join(applied)}
+
+
+def _degraded_input(sample: LayeredSample, target, band, rng, config):
+  """The input image recomposed with a degraded target (LiWi); the clean one if none apply."""
+  if not config.degradations:
+    return sample.image, []
+  i = sample.layers.index(target)
+  behind = composite(sample.layers[:i])[..., :3]
+  rgba, applied = degrade.degrade(target.rgba, behind, band, config.degradations, rng)
+  if not applied:
+    return sample.image, []
+  layers = [l.rgba for l in sample.layers]
+  layers[i] = rgba
+  return composite(layers)[..., :3].astype(np.float32), applied
 
 
 def _crop_and_flip(maps: dict, sample: LayeredSample, rng, config) -> dict:
@@ -113,6 +135,7 @@ def make_loader(config, split: str, *, process_index: int | None = None,
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by '
                      f'{process_count} processes')
   _parse_prompt_probs(config.prompt_probs)  # fail fast on a malformed config
+  degrade.check_config(config.degradations)
   if source is None:
     source = tfds.data_source(config.name, data_dir=config.data_dir)[split]
   if len(source) == 0:
