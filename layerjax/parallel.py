@@ -92,3 +92,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> 
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
+
+
+def global_batch(local: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """This process's numpy batch -> global `jax.Array`s split over the batch mesh axes.
+
+  Every process passes its own slice (as the data loader yields it); the global batch is
+  the concatenation over processes. Non-numeric entries (texts) are left as they are.
+  """
+  out = {}
+  for key, x in local.items():
+    if isinstance(x, np.ndarray) and x.dtype != object:
+      out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
+    else:
+      out[key] = x
+  return out

@@ -124,3 +124,18 @@ def test_degraded_input_clean_targets(data_dir):
   band = dirty['boundary'][..., 0] > 0
   assert diff[band].mean() > 0.02
   assert band.mean() < 0.5
+
+
+def test_batches_become_sharded_global_arrays(data_dir):
+  import jax
+  from layerjax import parallel
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 devices')
+  local = next(iter(make_loader(config(data_dir, global_batch_size=8), 'train')))
+  mesh = parallel.make_mesh((2, 4, 1))
+  batch = parallel.global_batch(local, mesh)
+  assert batch['image'].shape == (8, 16, 24, 3)
+  assert len(batch['image'].sharding.device_set) == 8
+  assert batch['image'].addressable_shards[0].data.shape == (1, 16, 24, 3)
+  np.testing.assert_array_equal(np.asarray(batch['image']), local['image'])
+  assert batch['text'] is local['text']
