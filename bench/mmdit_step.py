@@ -65,7 +65,6 @@ import argparse
 import contextlib
 import gzip
 import json
-import math
 import os
 import re
 import statistics

@@ -6,7 +6,6 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
 import numpy as np
-import pytest
 
 
 def randomize_(module, seed: int, std: float = 0.2):

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import SD3Transformer2DModel as TorchSD3
 
-from conftest import nchw_to_nhwc, randomize_
+from conftest import randomize_
 from layerjax.convert import __main__ as cli
 from layerjax.convert import diffusers as conv
 from layerjax.convert.files import INDEX, WEIGHTS

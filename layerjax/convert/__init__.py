@@ -1,1 +1,4 @@
-"""Weight conversion between diffusers folders, layerjax models and Orbax checkpoints; `python -m layerjax.convert`."""
+"""Weight conversion: diffusers folders <-> layerjax models <-> Orbax checkpoints.
+
+CLI: `python -m layerjax.convert`.
+"""

@@ -73,6 +73,7 @@ def main(out: Path) -> int:
     back = _nhwc(exported(latents, text, pooled, sigma * 1000).sample)
     ref_mean = _nhwc(vae.encode(images).latent_dist.mean)
     ref_img = _nhwc(vae.decode(latents[:, :, :4, :6]).sample)
+    back_img = _nhwc(exported_vae.decode(latents[:, :, :4, :6]).sample)
   ours = flax_t(jnp.asarray(_nhwc(latents)), text.numpy(), pooled.numpy(),
                 sigma.numpy() * 1000)
   mean, _ = flax_v.encode(jnp.asarray(_nhwc(images)))
@@ -81,6 +82,7 @@ def main(out: Path) -> int:
   print(f'vae encode   Flax vs diffusers, relative error: {_rel_err(mean, ref_mean):.2e}')
   print(f'vae decode   Flax vs diffusers, relative error: {_rel_err(img, ref_img):.2e}')
   print(f'export round trip, transformer output identical: {np.array_equal(back, ref)}')
+  print(f'export round trip, vae decode identical: {np.array_equal(back_img, ref_img)}')
   return 0
 
 

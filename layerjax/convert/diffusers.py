@@ -16,7 +16,6 @@ empty `missing_keys` / `unexpected_keys`, sharded above `max_shard_size` bytes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator

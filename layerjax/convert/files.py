@@ -94,8 +94,9 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return files
   if single.is_file():
     return {name: single for name in _keys(single)}
-  pickles = sorted(p.name for p in folder.glob('*.bin')) + sorted(p.name for p in folder.glob('*.ckpt'))
-  hint = f' (found {pickles}: pickled weights are not loaded; convert them to safetensors)' if pickles else ''
+  pickles = sorted(p.name for pattern in ('*.bin', '*.ckpt') for p in folder.glob(pattern))
+  hint = (f' (found {pickles}: pickled weights are not loaded; convert them to safetensors)'
+          if pickles else '')
   raise FileNotFoundError(f'{folder}: no {WEIGHTS} or {INDEX}{hint}')
 
 

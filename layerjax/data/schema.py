@@ -9,6 +9,7 @@ JSON manifest (`write_folder` / `read_folder`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -229,14 +230,26 @@ def validate(sample: LayeredSample, atol: float | None = None) -> None:
 
 # --- on-disk form -------------------------------------------------------------------------
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+def encode_png(x: np.ndarray) -> bytes:
+  """8-bit PNG of a float image in [0, 1] ([H, W, 3|4]) or of a bool mask ([H, W])."""
+  u8 = x.astype(np.uint8) * 255 if x.dtype == np.bool_ else np.round(np.clip(x, 0, 1) * 255)
+  buf = io.BytesIO()
+  Image.fromarray(u8.astype(np.uint8)).save(buf, format='PNG')
+  return buf.getvalue()
 
 
-def _save_png(path: Path, array: np.ndarray) -> str:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path, format='PNG')
-  return path.name
+def decode_png(data: bytes, mode: str) -> np.ndarray:
+  """Float32 [0, 1] image in PIL `mode` ('RGB', 'RGBA'), or a bool mask for mode '1'."""
+  with Image.open(io.BytesIO(data)) as im:
+    if mode == '1':
+      return np.asarray(im.convert('L')) >= 128
+    return np.asarray(im.convert(mode), np.float32) / 255
+
+
+def _save_png(folder: Path, rel: str, x: np.ndarray) -> str:
+  (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+  (folder / rel).write_bytes(encode_png(x))
+  return rel
 
 
 def write_folder(sample: LayeredSample, path) -> Path:
@@ -244,26 +257,24 @@ def write_folder(sample: LayeredSample, path) -> Path:
   sample.validate()
   path = Path(path)
   with atomic_dir(path) as tmp:
-    _save_png(tmp / 'image.png', _to_uint8(sample.image))
+    _save_png(tmp, 'image.png', sample.image)
     layers = []
     for i, layer in enumerate(sample.layers):
       stem = f'{i:02d}_{layer.kind}'
       entry = {'name': layer.name, 'kind': layer.kind,
-               'file': f'layers/{_save_png(tmp / "layers" / f"{stem}.png", _to_uint8(layer.rgba))}',
+               'file': _save_png(tmp, f'layers/{stem}.png', layer.rgba),
                'bbox': None if layer.bbox is None else list(layer.bbox), 'owner': layer.owner,
                'label': layer.label, 'caption': layer.caption,
                'referring': list(layer.referring), 'visible_mask': None}
       if layer.visible_mask is not None:
-        mask = layer.visible_mask.astype(np.uint8) * 255
-        entry['visible_mask'] = f'masks/{_save_png(tmp / "masks" / f"{stem}.png", mask)}'
+        entry['visible_mask'] = _save_png(tmp, f'masks/{stem}.png', layer.visible_mask)
       layers.append(entry)
     prompts = []
     for i, prompt in enumerate(sample.prompts):
       entry = {'target': prompt.target, 'points': [list(p) for p in prompt.points],
                'box': None if prompt.box is None else list(prompt.box), 'mask': None}
       if prompt.mask is not None:
-        mask = prompt.mask.astype(np.uint8) * 255
-        entry['mask'] = f'prompts/{_save_png(tmp / "prompts" / f"{i:02d}_mask.png", mask)}'
+        entry['mask'] = _save_png(tmp, f'prompts/{i:02d}_mask.png', prompt.mask)
       prompts.append(entry)
     manifest = {'format': FORMAT, 'id': sample.id, 'height': sample.size[0],
                 'width': sample.size[1], 'image': 'image.png', 'layers': layers,
@@ -275,11 +286,7 @@ def write_folder(sample: LayeredSample, path) -> Path:
 def _load_png(folder: Path, rel: str, sid: str, field: str, mode: str) -> np.ndarray:
   path = folder / rel
   try:
-    with Image.open(path) as im:
-      im.load()
-      if mode == '1':
-        return np.asarray(im.convert('L')) >= 128
-      return np.asarray(im.convert(mode), np.float32) / 255
+    return decode_png(path.read_bytes(), mode)
   except FileNotFoundError:
     raise FileNotFoundError(f'{folder}: sample {sid!r}: {field} names {rel}, which is '
                             f'missing') from None

@@ -15,7 +15,6 @@ directory and renames it at the end, so a failed build never leaves a partial da
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from layerjax.data import schema
-from layerjax.data.schema import Layer, LayeredSample, Prompt
+from layerjax.data.schema import Layer, LayeredSample, Prompt, decode_png, encode_png
 
 _NO_BOX = (-1, -1, -1, -1)
 
@@ -74,25 +72,18 @@ DESCRIPTION = """Layered decompositions of images (layerjax `LayeredSample`).
 """
 
 
-def _png(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format='PNG')
-  return buf.getvalue()
-
-
 def _mask_png(mask) -> bytes:
-  return b'' if mask is None else _png(mask.astype(np.uint8) * 255)
+  return b'' if mask is None else encode_png(mask)
 
 
 def to_example(sample: LayeredSample) -> dict:
   """The TFDS feature dict of a (validated) sample."""
   sample.validate()
-  u8 = lambda x: np.round(x * 255).astype(np.uint8)
   return {
       'id': sample.id,
-      'image': _png(u8(sample.image)),
+      'image': encode_png(sample.image),
       'layers': [{
-          'name': l.name, 'kind': l.kind, 'rgba': _png(u8(l.rgba)),
+          'name': l.name, 'kind': l.kind, 'rgba': encode_png(l.rgba),
           'visible_mask': _mask_png(l.visible_mask),
           'bbox': np.asarray(l.bbox or _NO_BOX, np.int32), 'owner': l.owner or '',
           'label': l.label, 'caption': l.caption, 'referring': json.dumps(list(l.referring)),
@@ -109,11 +100,8 @@ def _text(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def _decode(data: bytes, mode: str) -> np.ndarray:
-  with Image.open(io.BytesIO(data)) as im:
-    if mode == '1':
-      return np.asarray(im.convert('L')) >= 128
-    return np.asarray(im.convert(mode), np.float32) / 255
+def _mask(data: bytes):
+  return decode_png(data, '1') if data else None
 
 
 def _opt_box(box):
@@ -126,8 +114,8 @@ def from_example(ex: dict) -> LayeredSample:
   lay, pr = ex['layers'], ex['prompts']
   layers = [
       Layer(name=_text(lay['name'][i]), kind=_text(lay['kind'][i]),
-            rgba=_decode(lay['rgba'][i], 'RGBA'),
-            visible_mask=_decode(lay['visible_mask'][i], '1') if lay['visible_mask'][i] else None,
+            rgba=decode_png(lay['rgba'][i], 'RGBA'),
+            visible_mask=_mask(lay['visible_mask'][i]),
             bbox=_opt_box(lay['bbox'][i]), owner=_text(lay['owner'][i]) or None,
             label=_text(lay['label'][i]), caption=_text(lay['caption'][i]),
             referring=tuple(json.loads(_text(lay['referring'][i]))))
@@ -136,9 +124,9 @@ def from_example(ex: dict) -> LayeredSample:
       Prompt(target=_text(pr['target'][i]),
              points=tuple(tuple(p) for p in json.loads(_text(pr['points'][i]))),
              box=_opt_box(pr['box'][i]),
-             mask=_decode(pr['mask'][i], '1') if pr['mask'][i] else None)
+             mask=_mask(pr['mask'][i]))
       for i in range(len(pr['target']))]
-  return LayeredSample(_text(ex['id']), _decode(ex['image'], 'RGB'), layers, prompts,
+  return LayeredSample(_text(ex['id']), decode_png(ex['image'], 'RGB'), layers, prompts,
                        json.loads(_text(ex['provenance'])))
 
 

@@ -1,1 +1,2 @@
-"""Flax NNX models: the SD3/SD3.5 MMDiT (`mmdit`), the SD3 VAE (`vae`), alpha and shadow decoders (`heads`)."""
+"""Flax NNX models: SD3/SD3.5 MMDiT (`mmdit`), SD3 VAE (`vae`), alpha/shadow decoders
+(`heads`)."""
