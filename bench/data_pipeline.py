@@ -84,7 +84,8 @@ def main() -> None:
           prompt_probs={'box': 0.25, 'mask': 0.25, 'point': 0.2, 'text': 0.1,
                         'box+text': 0.2},
           point_sigma=args.size / 64, hflip_prob=0.5, checkerboard_cell=args.size // 16,
-          checkerboard_jitter=0.1, degradations=degradations, boundary_band=args.size // 64))
+          checkerboard_jitter=0.1, degradations=degradations, boundary_band=args.size // 64,
+          scale_range=(1.0, 1.25)))
       it = iter(make_loader(config, 'train'))
       for _ in range(args.warmup):
         next(it)

@@ -26,7 +26,7 @@ def config(data_dir, **kw):
       name='layered', data_dir=str(data_dir), seed=3, global_batch_size=2, image_size=(16, 24),
       num_workers=0, prompt_probs={'box': 0.4, 'mask+text': 0.3, 'point': 0.3},
       point_sigma=2.0, hflip_prob=0.5, checkerboard_cell=4, checkerboard_jitter=0.1,
-      degradations={}, boundary_band=2), **kw})
+      degradations={}, boundary_band=2, scale_range=(1.0, 1.0)), **kw})
 
 
 def take(it, n):
@@ -48,10 +48,33 @@ def test_batch_layout(data_dir):
   for k in ('foreground', 'shadow'):
     assert batch[k].shape == (2, 16, 24, 4), k
   assert batch['text'].shape == (2,) and batch['prompt_kinds'].shape == (2,)
-  for i in range(2):  # the cropped targets still recompose the cropped input
-    bg = np.concatenate([batch['background'][i], np.ones((16, 24, 1), np.float32)], -1)
-    rec = schema.over(batch['foreground'][i], schema.over(batch['shadow'][i], bg))[..., :3]
-    np.testing.assert_allclose(rec, batch["image"][i], atol=schema.default_atol(3))
+
+
+@pytest.mark.parametrize('image_size,scale_range,max_err,mean_err', [
+    ((24, 24), (1.0, 1.0), schema.default_atol(3), schema.default_atol(3)),  # pure crops
+    ((16, 24), (1.0, 1.0), 0.05, 2e-3),   # resampled: exact up to bilinear edge mixing
+    ((16, 24), (1.5, 2.0), 0.05, 2e-3),
+])
+def test_targets_recompose_the_transformed_input(data_dir, image_size, scale_range, max_err,
+                                                 mean_err):
+  cfg = config(data_dir, image_size=image_size, scale_range=scale_range, global_batch_size=6)
+  batch = next(iter(make_loader(cfg, 'train')))
+  assert batch['image'].shape == (6, *image_size, 3)
+  bg = np.concatenate([batch['background'], np.ones((6, *image_size, 1), np.float32)], -1)
+  rec = schema.over(batch['foreground'], schema.over(batch['shadow'], bg))[..., :3]
+  err = np.abs(rec - batch['image'])
+  assert err.max() <= max_err and err.mean() <= mean_err, (err.max(), err.mean())
+
+
+def test_zoom_shows_less_of_the_sample(data_dir):
+  """A zoomed crop of the same sample has a larger visible object (more foreground pixels)."""
+  covered = []
+  for zoom in (1.0, 2.0):
+    cfg = config(data_dir, image_size=(16, 24), scale_range=(zoom, zoom), hflip_prob=0.0,
+                 global_batch_size=6)
+    fg = next(iter(make_loader(cfg, 'train')))['foreground'][..., 3]
+    covered.append(fg.sum() / fg.size)
+  assert covered[1] > 1.5 * covered[0]
 
 
 def test_same_seed_same_batches_other_seed_differs(data_dir):
@@ -82,7 +105,8 @@ def test_processes_read_disjoint_halves(data_dir):
 
 
 def test_prompt_kinds_follow_the_config(data_dir):
-  it = iter(make_loader(config(data_dir, prompt_probs={'box': 1.0}), 'train'))
+  # at scale 1 (no resampling), so the colour codes stay pure
+  it = iter(make_loader(config(data_dir, prompt_probs={'box': 1.0}, image_size=(24, 24)), 'train'))
   for batch in take(it, 3):
     assert set(batch['prompt_kinds']) == {'box'}
     colours = np.unique(batch['prompt'].reshape(-1, 3), axis=0)
@@ -102,6 +126,7 @@ def test_workers_give_the_same_batches(data_dir):
 @pytest.mark.parametrize('change,message', [
     (dict(prompt_probs={'scribble': 1.0}), "bad entry 'scribble'"),
     (dict(global_batch_size=3), 'not divisible'),
+    (dict(scale_range=(0.5, 1.0)), 'scale_range'),
     (dict(degradations={'smudge': {'prob': 1.0, 'strength': (0, 1)}}), "unknown 'smudge'"),
 ])
 def test_bad_config(data_dir, change, message):

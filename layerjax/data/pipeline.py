@@ -1,7 +1,7 @@
 """Grain loader: `layered` TFDS records -> batches of referring-decomposition examples.
 
 Deterministic: the order is a Grain shuffle seeded from `config.seed`, and every random
-choice of an example (target object, prompt kinds, crop, flip, checkerboard colours) comes
+choice of an example (target object, prompt kinds, scale, crop, flip, checkerboard colours) comes
 from Grain's per-element generator derived from the same seed and the element's index, so
 the same config gives the same batches with any number of workers, and the iterator's state
 (`iterator.get_state()` / `set_state`) resumes exactly at the next batch.
@@ -11,6 +11,8 @@ global `jax.Array` sharded over the batch axis.
 
 Config keys (an `ml_collections.ConfigDict` or any object with these attributes):
   name, data_dir, seed, global_batch_size, image_size (H, W), num_workers,
+  scale_range (lo, hi): zoom over the scale at which the sample just covers image_size,
+  (1, 1) = resize to cover then crop; samples of any size are accepted,
   prompt_probs {kinds: probability} with kinds '+'-joined from box, mask, point, text,
   point_sigma, hflip_prob, checkerboard_cell, checkerboard_jitter,
   degradations (see `layerjax.data.degrade`; empty for none), boundary_band (pixels).
@@ -22,6 +24,7 @@ import grain
 from absl import flags
 import jax
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from layerjax.data import degrade, examples
@@ -98,17 +101,50 @@ def _degraded_input(sample: LayeredSample, target, band, rng, config):
   return composite(layers)[..., :3].astype(np.float32), applied
 
 
+def check_geometry(config) -> None:
+  lo, hi = config.scale_range
+  if not 1 <= lo <= hi:
+    raise ValueError(f'scale_range must satisfy 1 <= lo <= hi (a crop never leaves the image), '
+                     f'got {tuple(config.scale_range)}')
+
+
+def _resized_crop(m: np.ndarray, box: tuple[float, ...], size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resample of the source window `box` (x0, y0, x1, y1) of [H, W, C] to `size`.
+
+  RGBA maps are resampled premultiplied, so transparent pixels' colours do not bleed in."""
+  th, tw = size
+  rgba = m.shape[-1] == 4
+  if rgba:
+    m = np.concatenate([m[..., :3] * m[..., 3:], m[..., 3:]], -1)
+  out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(m[..., c]), 'F').resize(
+      (tw, th), Image.Resampling.BILINEAR, box=box)) for c in range(m.shape[-1])], -1)
+  out = np.clip(out, 0, 1)
+  if rgba:
+    a = out[..., 3:]
+    out[..., :3] = np.where(a > 0, np.clip(out[..., :3] / np.maximum(a, 1e-12), 0, 1), 0)
+  return out
+
+
 def _crop_and_flip(maps: dict, sample: LayeredSample, rng, config) -> dict:
+  """One random scale, crop and flip for every map: scale 1 covers `image_size` with the
+  whole sample's shorter side; `scale_range` zooms in by up to its upper bound."""
   h, w = sample.size
   th, tw = config.image_size
-  if h < th or w < tw:
-    raise ValueError(f'sample {sample.id!r}: {h}x{w} is smaller than image_size {th}x{tw}')
-  y0, x0 = rng.integers(h - th + 1), rng.integers(w - tw + 1)
+  zoom = rng.uniform(*config.scale_range)
+  scale = max(th / h, tw / w) * zoom  # output pixels per source pixel
+  if scale == 1:  # the common case (sample already at image_size): exact integer crops
+    y0, x0 = rng.integers(h - th + 1), rng.integers(w - tw + 1)
+    box = None
+  else:
+    ch, cw = th / scale, tw / scale
+    y0, x0 = rng.uniform(0, h - ch), rng.uniform(0, w - cw)
+    box = (x0, y0, x0 + cw, y0 + ch)
   flip = rng.uniform() < config.hflip_prob
   out = {}
   for key, m in maps.items():
-    m = m[y0:y0 + th, x0:x0 + tw]
-    out[key] = np.ascontiguousarray(m[:, ::-1] if flip else m, dtype=np.float32)
+    m = np.asarray(m, np.float32)
+    m = m[y0:y0 + th, x0:x0 + tw] if box is None else _resized_crop(m, box, (th, tw))
+    out[key] = np.ascontiguousarray(m[:, ::-1] if flip else m)
   return out
 
 
@@ -136,6 +172,7 @@ def make_loader(config, split: str, *, process_index: int | None = None,
                      f'{process_count} processes')
   _parse_prompt_probs(config.prompt_probs)  # fail fast on a malformed config
   degrade.check_config(config.degradations)
+  check_geometry(config)
   if source is None:
     source = tfds.data_source(config.name, data_dir=config.data_dir)[split]
   if len(source) == 0:

@@ -120,6 +120,34 @@ def alpha_bbox(alpha: np.ndarray) -> tuple[int, int, int, int] | None:
   return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def interior_point(mask: np.ndarray) -> tuple[float, float] | None:
+  """The (x, y) pixel centre of `mask` farthest from its boundary; None for an empty mask."""
+  if not mask.any():
+    return None
+  from scipy import ndimage
+  dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+  y, x = np.unravel_index(np.argmax(dist), dist.shape)
+  return float(x), float(y)
+
+
+def assemble(sample_id: str, layers: list[Layer], provenance: dict | None = None,
+             prompts: bool = True) -> LayeredSample:
+  """A validated sample from its layers: image = composite, visible masks and boxes filled in,
+  and (if `prompts`) one spatial prompt per visible object: its box, visible mask and the
+  visible pixel farthest from the mask's edge."""
+  for layer, mask in zip(layers, visible_masks(layers)):
+    layer.visible_mask = mask
+    layer.bbox = alpha_bbox(layer.rgba[..., 3])
+  image = np.clip(composite(layers)[..., :3], 0, 1).astype(np.float32)
+  spatial = []
+  for layer in layers if prompts else ():
+    point = interior_point(layer.visible_mask) if layer.kind == 'object' else None
+    if point is not None:
+      spatial.append(Prompt(layer.name, points=(point,), box=layer.bbox,
+                            mask=layer.visible_mask.copy()))
+  return LayeredSample(sample_id, image, layers, spatial, dict(provenance or {})).validate()
+
+
 # --- validation ---------------------------------------------------------------------------
 
 def default_atol(num_layers: int) -> float:
