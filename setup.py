@@ -26,6 +26,8 @@ setup(
         'importlib_resources',
         'grain>=0.2.12',
         'scipy>=1.11',
+        'pyarrow>=14',  # Crello parquet
+        'tqdm',
     ],
     extras_require={
         # PyTorch reference side: parity tests, export checks, benchmarks against diffusers.
