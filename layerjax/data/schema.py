@@ -86,14 +86,20 @@ def over(front, back):
 
 
 def composite(layers: Sequence) -> Any:
-  """`L_n over (... over (L_1 over L_0))` for RGBA arrays or `Layer`s, back to front."""
+  """`L_n over (... over (L_1 over L_0))` for RGBA arrays or `Layer`s, back to front.
+
+  Accumulated premultiplied (one multiply-add per layer, one division at the end): the same
+  result as chaining `over`, at a fraction of the cost for deep stacks."""
   arrays = [layer.rgba if isinstance(layer, Layer) else layer for layer in layers]
   if not arrays:
     raise ValueError('composite of an empty layer stack')
-  out = arrays[0]
+  alpha = arrays[0][..., 3:]
+  premult = arrays[0][..., :3] * alpha
   for front in arrays[1:]:
-    out = over(front, out)
-  return out
+    af = front[..., 3:]
+    premult = front[..., :3] * af + premult * (1 - af)
+    alpha = af + alpha * (1 - af)
+  return _concat(premult / (alpha + (alpha == 0)), alpha, like=arrays[0])
 
 
 def _concat(rgb, alpha, like):

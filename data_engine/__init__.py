@@ -1,0 +1,1 @@
+"""ADD, the agent-driven data engine: photos -> layered samples, and new exact scenes."""

@@ -1,0 +1,201 @@
+"""Runners: the same per-input work, locally (worker processes) or as an Apache Beam pipeline.
+
+A job is a list of input keys (photo paths, or scene indices for synthesis) and a `work`
+function `key -> Result` that is pure: the same key, config and seed give the same samples,
+whichever runner, worker or order runs it. Outputs are idempotent: a sample is written
+atomically to `OUT/samples/<id>/`, then a line recording the input's outcome is appended
+to `OUT/engine_manifest.jsonl`. A re-run skips the inputs the manifest lists, so a crash
+between the two writes just rewrites the same folder: nothing is lost or duplicated.
+`summary(OUT)` turns the manifest into per-stage pass rates and the reasons for drops.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+from layerjax.data import schema
+
+MANIFEST = 'engine_manifest.jsonl'
+SUMMARY = 'engine_summary.json'
+
+
+@dataclasses.dataclass
+class Result:
+  key: str
+  samples: list                 # LayeredSamples that passed every stage
+  record: list                  # Decision dicts, in stage order
+  dropped: str | None = None    # the reason, if the input produced nothing
+
+  def manifest_line(self) -> dict:
+    return {'key': self.key, 'samples': [s.id for s in self.samples],
+            'dropped': self.dropped, 'record': self.record}
+
+
+def finished(output: Path) -> dict[str, dict]:
+  """Manifest entries by input key (the last line wins); unparsable lines are ignored."""
+  path = Path(output) / MANIFEST
+  if not path.exists():
+    return {}
+  entries = {}
+  for line in path.read_text().splitlines():
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    entries[entry['key']] = entry
+  return entries
+
+
+def write_result(result: Result, output: Path) -> None:
+  for sample in result.samples:
+    schema.write_folder(sample, Path(output) / 'samples' / sample.id)
+  with open(Path(output) / MANIFEST, 'a') as f:
+    f.write(json.dumps(result.manifest_line()) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def guarded(work: Callable[[str], Result], key: str) -> Result:
+  """`work(key)`, with any exception the stages did not turn into a drop recorded as one."""
+  try:
+    return work(key)
+  except Exception as e:  # one input must never stop the run
+    detail = f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'
+    return Result(key, [], [{'stage': 'engine', 'passed': False, 'reason': 'crash',
+                             'details': {'detail': detail}, 'seconds': 0.0}], 'crash')
+
+
+def _pending(keys: Iterable[str], output: Path) -> list[str]:
+  """The keys not yet in the manifest, after cutting off a torn last line (a kill mid-append)
+  so that new lines start on a line of their own."""
+  path = Path(output) / MANIFEST
+  if path.exists():
+    data = path.read_bytes()
+    if data and not data.endswith(b'\n'):
+      with open(path, 'r+b') as f:
+        f.truncate(data.rfind(b'\n') + 1)
+  done = finished(output)
+  return [k for k in dict.fromkeys(keys) if k not in done]
+
+
+# Workers build their tools once (models in part 2) and reuse them for every input.
+_WORKER: dict = {}
+
+
+def _init_worker(make_work):
+  _WORKER['work'] = make_work()
+
+
+def _run_in_worker(key: str) -> Result:
+  return guarded(_WORKER['work'], key)
+
+
+def run_local(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result]],
+              output: Path, workers: int = 0, progress: bool = True) -> dict:
+  """Processes every pending key; `make_work()` builds the work function (in each worker)."""
+  from tqdm import tqdm
+  output = Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  pending = _pending(keys, output)
+  bar = tqdm(total=len(pending), disable=not progress, unit='input', desc='engine')
+  if workers > 0:
+    ctx = multiprocessing.get_context('spawn')  # no forked JAX/OpenCV thread state
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(make_work,),
+                  maxtasksperchild=200) as pool:
+      for result in pool.imap_unordered(_run_in_worker, pending):
+        write_result(result, output)
+        bar.update()
+  else:
+    work = make_work()
+    for key in pending:
+      write_result(guarded(work, key), output)
+      bar.update()
+  bar.close()
+  return summary(output)
+
+
+def _work_dofn(make_work):
+  """A Beam DoFn around `make_work`: tools are built once per DoFn instance (`setup`)."""
+  import apache_beam as beam
+
+  class Work(beam.DoFn):
+    def setup(self):
+      self.work = make_work()
+
+    def process(self, key):
+      yield guarded(self.work, key)
+
+  return Work()
+
+
+def run_beam(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result]],
+             output: Path, beam_options: Iterable[str] = ()) -> dict:
+  """The same job as an Apache Beam pipeline (DirectRunner unless `beam_options` say else).
+
+  Samples are written by the workers (atomic folders); the manifest lines are gathered and
+  appended by this process when the pipeline finishes, so the manifest stays one writer's.
+  """
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+  output = Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  pending = _pending(keys, output)
+  if pending:
+    lines_prefix = output / '.beam' / 'results'
+    options = PipelineOptions(list(beam_options))
+    with beam.Pipeline(options=options) as p:
+      _ = (p
+           | 'Inputs' >> beam.Create(pending)
+           | 'Reshuffle' >> beam.Reshuffle()
+           | 'Work' >> beam.ParDo(_work_dofn(make_work))
+           | 'WriteSamples' >> beam.Map(_write_samples, str(output))
+           | 'Lines' >> beam.Map(lambda r: json.dumps(r.manifest_line()))
+           | 'WriteLines' >> beam.io.WriteToText(str(lines_prefix), file_name_suffix='.jsonl'))
+    with open(output / MANIFEST, 'a') as f:
+      for part in sorted(lines_prefix.parent.glob('results*.jsonl')):
+        for line in sorted(part.read_text().splitlines()):
+          f.write(line + '\n')
+        part.unlink()
+      f.flush()
+      os.fsync(f.fileno())
+  return summary(output)
+
+
+def _write_samples(result: Result, output: str) -> Result:
+  for sample in result.samples:
+    schema.write_folder(sample, Path(output) / 'samples' / sample.id)
+  return result
+
+
+def summary(output: Path) -> dict:
+  """Per-stage pass rates and drop reasons over every input in the manifest; also written
+  to `OUT/engine_summary.json`."""
+  entries = finished(output)
+  stages: dict[str, collections.Counter] = {}
+  reasons: collections.Counter = collections.Counter()
+  for entry in entries.values():
+    for d in entry['record']:
+      stages.setdefault(d['stage'], collections.Counter())['passed' if d['passed'] else
+                                                            'dropped'] += 1
+      if not d['passed']:
+        reasons[f'{d["stage"]}: {d["reason"]}'] += 1
+  result = {
+      'inputs': len(entries),
+      'samples': sum(len(e['samples']) for e in entries.values()),
+      'dropped': sum(e['dropped'] is not None for e in entries.values()),
+      'stages': {name: {'passed': c['passed'], 'dropped': c['dropped'],
+                        'pass_rate': c['passed'] / max(1, c['passed'] + c['dropped'])}
+                 for name, c in stages.items()},
+      'drop_reasons': dict(reasons.most_common()),
+  }
+  tmp = Path(output) / f'.{SUMMARY}.tmp'
+  tmp.write_text(json.dumps(result, indent=2) + '\n')
+  os.replace(tmp, Path(output) / SUMMARY)
+  return result

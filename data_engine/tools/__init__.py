@@ -1,0 +1,1 @@
+"""Tools behind interfaces, registered by kind and name (see `data_engine.core.create`)."""
