@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=2))
     return 0
   if args.command == 'decompose':
-    keys = jobs.list_photos(args.input)
+    keys = jobs.list_photos(args.input, exclude=args.output)
     make_work = jobs.make_decompose(config, args.input)
   else:
     keys = jobs.scene_keys(args.start, args.num)

@@ -16,12 +16,15 @@ from data_engine.runners import Result
 PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
 
 
-def list_photos(root: Path) -> list[str]:
+def list_photos(root: Path, exclude: Path | None = None) -> list[str]:
+  """The photos under `root`, sorted; none from `exclude` (an output folder inside it)."""
   root = Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f'{root}: no such directory of photos')
+  skip = Path(exclude).resolve() if exclude else None
   return sorted(str(p) for p in root.rglob('*')
-                if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+                if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file()
+                and not (skip and p.resolve().is_relative_to(skip)))
 
 
 def _decompose_work(config, root: str):

@@ -30,6 +30,7 @@ from skimage.morphology import convex_hull_image
 from data_engine import core
 from data_engine.core import Decision, Drop
 from data_engine.tools import imaging
+from data_engine.tools.shadow import shadow_layer
 from layerjax.data import schema
 from layerjax.data.schema import Layer, LayeredSample
 
@@ -247,7 +248,6 @@ def extract_shadows(item: Photo, ctx: Context) -> dict:
   all_shadows = np.any(masks, axis=0)
   union = np.any([o.mask | o.hidden for o in item.objects], axis=0) | all_shadows
   item.background = _inpaint(ctx, image, imaging.dilate(union, d.inpaint_margin))
-  shadow_layer = ctx.tools['shadow'].layer
   for o, m in zip(item.objects, masks):
     o.shadow = shadow_layer(image, item.background, m) if m.any() else None
   return {'shadows': sum(o.shadow is not None for o in item.objects),
@@ -255,7 +255,12 @@ def extract_shadows(item: Photo, ctx: Context) -> dict:
 
 
 def layer(item: Photo, ctx: Context) -> dict:
-  """The exact layer stack: background, then per object its shadow and itself."""
+  """The exact layer stack: background, then per object its shadow and itself.
+
+  Where the solve cannot reach the photo (an object colour or shadow that would leave [0, 1],
+  typically at faint alpha over a very different inpainted background), those pixels keep the
+  photo in the background and lose the shadow, and the objects are solved again over that.
+  """
   image = item.image
   covered = np.zeros(image.shape[:2], bool)
   for o in item.objects:
@@ -263,23 +268,34 @@ def layer(item: Photo, ctx: Context) -> dict:
     if o.shadow is not None:
       covered |= o.shadow[..., 3] > 0
   background = np.where(covered[..., None], item.background, image)
+  layers = _solve_stack(item, background)
+  miss = np.abs(schema.composite(layers)[..., :3] - image).max(-1) > 1 / 255
+  if miss.any():
+    for o in item.objects:
+      if o.shadow is not None:
+        o.shadow[miss] = 0
+    layers = _solve_stack(item, np.where(miss[..., None], image, background))
+  item.layers = layers
+  return {'layers': len(layers), 'repaired_pixels': int(miss.sum())}
+
+
+def _solve_stack(item: Photo, background: np.ndarray) -> list[Layer]:
+  """Back to front, each object's visible colour solved against the composite behind it."""
+  image = item.image
   layers = [Layer('background', 'background', _rgba(background, np.ones(image.shape[:2])))]
   below = layers[0].rgba
-  clipped = 0
   for k, (o, nearer) in enumerate(zip(item.objects, _nearer_masks(item.objects)), 1):
     name = f'object_{k}'
     if o.shadow is not None:
       layers.append(Layer(f'shadow_{k}', 'shadow', o.shadow.astype(np.float32), owner=name))
       below = schema.over(layers[-1].rgba, below)
     a = o.alpha[..., None]
-    solve = (o.mask | ~nearer)[..., None] & (a > 0.02)
+    solve = (o.mask | ~nearer)[..., None] & (a > 0)
     exact = (image - (1 - a) * below[..., :3]) / np.maximum(a, 1e-6)
-    clipped += int((solve & ((exact < 0) | (exact > 1))).any(-1).sum())
     colour = np.where(solve, np.clip(exact, 0, 1), o.colour)
     layers.append(Layer(name, 'object', _rgba(colour, o.alpha), label=o.label or 'object'))
     below = schema.over(layers[-1].rgba, below)
-  item.layers = layers
-  return {'layers': len(layers), 'clipped_pixels': clipped}
+  return layers
 
 
 def _rgba(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -357,8 +373,8 @@ def run(item: Photo, ctx: Context, stages=STAGES) -> tuple[LayeredSample | None,
       return None, record
   item.sample.provenance['engine'] = {
       'stages': [d.stage for d in record],
-      'tools': {kind: dict(spec) for kind, spec in ctx.config.tools.items()},
-      'agent': dict(ctx.config.agent)}
+      'tools': _jsonable(ctx.config.tools.to_dict()),
+      'agent': _jsonable(ctx.config.agent.to_dict())}
   return item.sample, record
 
 

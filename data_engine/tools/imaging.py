@@ -38,10 +38,11 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return cv2.resize(x, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def fit_size(shape: tuple[int, ...], longest: int) -> tuple[int, int]:
-  """(width, height) with the longest side at most `longest`, keeping the aspect ratio."""
+def fit_size(shape: tuple[int, ...], longest: int, grow: bool = False) -> tuple[int, int]:
+  """(width, height) with the longest side at most `longest` (exactly, with `grow`), keeping
+  the aspect ratio."""
   h, w = shape[:2]
-  s = min(1.0, longest / max(h, w))
+  s = longest / max(h, w) if grow else min(1.0, longest / max(h, w))
   return max(1, round(w * s)), max(1, round(h * s))
 
 

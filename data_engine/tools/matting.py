@@ -42,7 +42,8 @@ class _PyMatting:
     rgb = foreground[crop].astype(np.float64)
     tri = trimap(mask[crop], self.band).astype(np.float64)
     if (tri == 1).any() and (tri == 0).any():
-      a = np.clip(self.estimate(rgb, tri), 0, 1)
+      # The solvers only approximately hold the known pixels (KNN's are soft constraints).
+      a = np.where(tri == 0.5, np.clip(self.estimate(rgb, tri), 0, 1), tri)
     else:
       # Too thin to keep a sure core, or no background in view: nothing to solve for.
       a = mask[crop].astype(np.float64)

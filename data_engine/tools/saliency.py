@@ -2,8 +2,10 @@
 
 `spectral_residual` (Hou & Zhang 2007) finds what is unusual in the log-amplitude spectrum; it
 favours small, textured details. `center_contrast` scores each pixel by its Lab distance from
-the colours along the image border, which suits single-object photos whose object sits away
-from the frame.
+the mean colour along the image border: cheap, but one mean is a poor model of a varied
+border. `boundary_connectivity` (Zhu et al. 2014) models the background as the colour regions
+that hold much of the frame; it finds whole objects, including ones that reach the frame, and
+is what the detector and segmenters use by default.
 """
 
 from __future__ import annotations
@@ -20,20 +22,25 @@ from data_engine.tools import imaging
 
 @register('saliency', 'spectral_residual')
 class SpectralResidual:
-  """Spectral-residual saliency on a grey copy `width` px wide, blurred by `sigma` (in those px)."""
+  """Spectral-residual saliency on a grey copy `width` px wide: log amplitude minus its
+  `average` x `average` mean, back with the original phase, squared and blurred by `sigma`
+  (in those px). The copy is mirrored by `pad` of its width on each side first, so the FFT's
+  wrap-around doesn't make the frame's edges salient."""
 
-  def __init__(self, width: int = 64, average: int = 3, sigma: float = 2.5):
-    self.width, self.average, self.sigma = width, average, sigma
+  def __init__(self, width: int = 64, average: int = 3, sigma: float = 2.5, pad: float = 0.25):
+    self.width, self.average, self.sigma, self.pad = width, average, sigma, pad
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     small = imaging.resize(imaging.grey(image), (self.width, max(1, round(h * self.width / w))))
-    spectrum = np.fft.fft2(small.astype(np.float64))
+    p = round(self.pad * self.width)
+    padded = cv2.copyMakeBorder(small.astype(np.float64), p, p, p, p, cv2.BORDER_REFLECT)
+    spectrum = np.fft.fft2(padded)
     log_amp = np.log(np.abs(spectrum) + 1e-9)
     residual = log_amp - cv2.blur(log_amp, (self.average, self.average),
                                   borderType=cv2.BORDER_REPLICATE)
     sal = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spectrum)))) ** 2
-    sal = cv2.GaussianBlur(sal, (0, 0), self.sigma)
+    sal = cv2.GaussianBlur(sal, (0, 0), self.sigma)[p:p + small.shape[0], p:p + small.shape[1]]
     return np.clip(imaging.resize(imaging.normalise(sal), (w, h)), 0, 1)
 
 
@@ -71,7 +78,6 @@ class CenterContrast:
     return np.clip(imaging.resize(imaging.normalise(sal), (w, h)), 0, 1)
 
 
-
 @register('saliency', 'boundary_connectivity')
 class BoundaryConnectivity:
   """Robust background detection (Zhu et al. 2014) on SLIC superpixels of a copy at most
@@ -97,41 +103,54 @@ class BoundaryConnectivity:
   def __call__(self, image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     small = imaging.resize(np.asarray(image, np.float32), imaging.fit_size(image.shape, self.size))
-    sh, sw = small.shape[:2]
     _, seg = np.unique(slic(small, n_segments=self.segments, compactness=self.compactness,
                             start_label=0, channel_axis=-1), return_inverse=True)
-    seg = seg.reshape(sh, sw)
+    seg = seg.reshape(small.shape[:2])
     n = int(seg.max()) + 1
-    count = np.bincount(seg.ravel(), minlength=n)
-    lab = imaging.lab(small).reshape(-1, 3)
-    colour = np.stack([np.bincount(seg.ravel(), lab[:, k], n) for k in range(3)], 1) / count[:, None]
+    sh, sw = seg.shape
     ys, xs = np.mgrid[:sh, :sw] / max(sh, sw)
-    place = np.stack([np.bincount(seg.ravel(), c.ravel(), n) for c in (ys, xs)], 1) / count[:, None]
-
+    colour = _means(seg, imaging.lab(small), n)
+    place = _means(seg, np.stack([ys, xs], -1), n)
     a = np.concatenate([seg[:, :-1].ravel(), seg[:-1].ravel()])
     b = np.concatenate([seg[:, 1:].ravel(), seg[1:].ravel()])
     pairs = np.unique(np.sort(np.stack([a, b], 1)[a != b], 1), axis=0)
     frame = np.unique(np.concatenate([seg[0], seg[-1], seg[:, 0], seg[:, -1]]))
-    # The paper links all frame superpixels: the background is one region around the object.
-    i, j = np.triu_indices(len(frame), 1)
-    edges = np.unique(np.concatenate([pairs, np.stack([frame[i], frame[j]], 1)]), axis=0)
-    step = np.linalg.norm(colour[edges[:, 0]] - colour[edges[:, 1]], axis=1)
-    graph = sparse.coo_matrix((np.maximum(step - self.tau, 0) + 1e-6, (edges[:, 0], edges[:, 1])),
-                              shape=(n, n)).tocsr()
-    similar = np.exp(-csgraph.dijkstra(graph, directed=False) ** 2 / (2 * self.sigma_colour ** 2))
-    connectivity = similar[:, frame].sum(1) / np.sqrt(similar.sum(1))
-    background = 1 - np.exp(-connectivity ** 2 / (2 * self.sigma_boundary ** 2))
 
+    background = self._background(colour, pairs, frame)
     contrast = np.linalg.norm(colour[:, None] - colour[None], axis=-1)
-    near = np.exp(-np.linalg.norm(place[:, None] - place[None], axis=-1) ** 2
-                  / (2 * self.sigma_space ** 2))
+    near = _gauss(np.linalg.norm(place[:, None] - place[None], axis=-1), self.sigma_space)
     foreground = imaging.normalise((contrast * near * background[None]).sum(1))
-
     # Least squares: background -> 0, foreground -> 1, similar neighbours alike.
-    adjacent = np.exp(-np.linalg.norm(colour[pairs[:, 0]] - colour[pairs[:, 1]], axis=1) ** 2
-                      / (2 * self.sigma_colour ** 2)) + self.smooth
-    weights = sparse.coo_matrix((adjacent, (pairs[:, 0], pairs[:, 1])), shape=(n, n)).toarray()
+    alike = _gauss(_steps(colour, pairs), self.sigma_colour) + self.smooth
+    weights = sparse.coo_matrix((alike, (pairs[:, 0], pairs[:, 1])), shape=(n, n)).toarray()
     weights += weights.T
     system = np.diag(background + foreground + weights.sum(1)) - weights
     sal = imaging.normalise(np.linalg.solve(system, foreground))[seg]
     return np.clip(imaging.resize(sal, (w, h)), 0, 1)
+
+  def _background(self, colour: np.ndarray, pairs: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Each superpixel's background weight from its boundary connectivity."""
+    n = len(colour)
+    # The paper links all frame superpixels: the background is one region around the object.
+    i, j = np.triu_indices(len(frame), 1)
+    edges = np.unique(np.concatenate([pairs, np.stack([frame[i], frame[j]], 1)]), axis=0)
+    cost = np.maximum(_steps(colour, edges) - self.tau, 0) + 1e-6
+    graph = sparse.coo_matrix((cost, (edges[:, 0], edges[:, 1])), shape=(n, n)).tocsr()
+    similar = _gauss(csgraph.dijkstra(graph, directed=False), self.sigma_colour)
+    connectivity = similar[:, frame].sum(1) / np.sqrt(similar.sum(1))
+    return 1 - _gauss(connectivity, self.sigma_boundary)
+
+
+def _means(seg: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+  """Per-superpixel means of `values` [H, W, C]: [n, C]."""
+  flat, labels = values.reshape(-1, values.shape[-1]), seg.ravel()
+  sums = np.stack([np.bincount(labels, flat[:, k], n) for k in range(flat.shape[1])], 1)
+  return sums / np.bincount(labels, minlength=n)[:, None]
+
+
+def _steps(colour: np.ndarray, edges: np.ndarray) -> np.ndarray:
+  return np.linalg.norm(colour[edges[:, 0]] - colour[edges[:, 1]], axis=1)
+
+
+def _gauss(d: np.ndarray, sigma: float) -> np.ndarray:
+  return np.exp(-d ** 2 / (2 * sigma ** 2))
