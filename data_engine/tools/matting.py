@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from scipy import ndimage
 from pymatting import estimate_alpha_cf, estimate_alpha_knn, estimate_foreground_ml
 
 from data_engine.core import register
@@ -40,7 +41,11 @@ class _PyMatting:
     if crop is None:
       return alpha, foreground
     rgb = foreground[crop].astype(np.float64)
-    tri = trimap(mask[crop], self.band).astype(np.float64)
+    # A thin object (a rocket, a pole) keeps a sure core: the band is at most a third of
+    # its half-thickness.
+    half = ndimage.distance_transform_edt(np.pad(mask[crop], 1)).max()
+    band = max(1, min(self.band, int(half // 3)))
+    tri = trimap(mask[crop], band).astype(np.float64)
     if (tri == 1).any() and (tri == 0).any():
       # The solvers only approximately hold the known pixels (KNN's are soft constraints).
       a = np.where(tri == 0.5, np.clip(self.estimate(rgb, tri), 0, 1), tri)
