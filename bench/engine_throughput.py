@@ -22,7 +22,7 @@ import skimage.data
 from data_engine import config as engine_config
 from data_engine import jobs, runners
 
-PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'motorcycle_left', 'hubble_deep_field')
+PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')  # bundled with scikit-image
 
 
 def write_photos(root: Path, n: int, size: int) -> None:
