@@ -34,8 +34,13 @@ _SWATCH_INDEX = np.array([COLOUR_NAMES.index(name) for name, _ in _SWATCHES])
 
 def dominant_colour(rgb: np.ndarray, weight: np.ndarray | None = None) -> str:
   """The palette name most of `rgb` ([..., 3] in [0, 1]) is closest to, weighted by `weight`."""
-  lab = imaging.lab(np.asarray(rgb, np.float32).reshape(1, -1, 3))[0]
-  w = np.ones(len(lab)) if weight is None else np.asarray(weight, np.float64).reshape(-1)
+  rgb = np.asarray(rgb, np.float32).reshape(-1, 3)
+  w = np.ones(len(rgb)) if weight is None else np.asarray(weight, np.float64).reshape(-1)
+  keep = w > 0  # a layer is mostly transparent: only its visible pixels can vote
+  rgb, w = rgb[keep], w[keep]
+  if not len(rgb):
+    return COLOUR_NAMES[0]  # as a vote with no weight anywhere would
+  lab = imaging.lab(rgb[None])[0]
   nearest = np.argmin(((lab[:, None] - _SWATCH_LAB[None]) ** 2).sum(-1), axis=1)
   votes = np.bincount(_SWATCH_INDEX[nearest], weights=w, minlength=len(COLOUR_NAMES))
   return COLOUR_NAMES[int(np.argmax(votes))]
