@@ -57,18 +57,12 @@ def _synthesize_work(config, bank_path: str):
           sample = synthesis.synthesize(bank, int(key), config.synthesize)
         except (ValueError, OSError) as e:  # e.g. a bank image that no longer decodes
           raise Drop('bad_asset', str(e)) from None
-        objects = [l for l in sample.layers if l.kind == 'object']
-        for lay in objects:
-          cap = core.call_tool('captioner', lambda: captioner(lay.rgba, lay.label),
-                               config.tool_timeout)
-          lay.label, lay.caption, lay.referring = cap.label, cap.caption, tuple(cap.referring)
-        stages.make_referring_unique(objects)
-        for lay in objects:
-          agree, why = agent.check_text(lay)
-          if not agree:
-            raise Drop('text_disagrees', f'{lay.name}: {why}')
+        stages.caption_objects(sample.layers, lambda lay: core.call_tool(
+            'captioner', lambda: captioner(lay.rgba, lay.label), config.tool_timeout))
+        stages.check_texts(sample.layers, agent)
         sample.validate()
-        decision = Decision('synthesize', True, '', {'objects': len(objects)})
+        objects = sum(l.kind == 'object' for l in sample.layers)
+        decision = Decision('synthesize', True, '', {'objects': objects})
       except Drop as drop:
         sample, decision = None, Decision('synthesize', False, drop.reason,
                                           {'detail': drop.detail})

@@ -54,8 +54,7 @@ def finished(output: Path) -> dict[str, dict]:
 
 
 def write_result(result: Result, output: Path) -> None:
-  for sample in result.samples:
-    schema.write_folder(sample, Path(output) / 'samples' / sample.id)
+  _write_samples(result, output)
   with open(Path(output) / MANIFEST, 'a') as f:
     f.write(json.dumps(result.manifest_line()) + '\n')
     f.flush()
@@ -168,7 +167,7 @@ def run_beam(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result
   return summary(output)
 
 
-def _write_samples(result: Result, output: str) -> Result:
+def _write_samples(result: Result, output) -> Result:
   for sample in result.samples:
     schema.write_folder(sample, Path(output) / 'samples' / sample.id)
   return result

@@ -306,12 +306,7 @@ def _rgba(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def prompts(item: Photo, ctx: Context) -> dict:
   """Points, boxes and masks (schema.assemble), then labels, captions and referring texts."""
   layers = item.layers
-  for lay in layers:
-    if lay.kind != 'object':
-      continue
-    cap = ctx.call('captioner', lay.rgba, lay.label)
-    lay.label, lay.caption, lay.referring = cap.label, cap.caption, tuple(cap.referring)
-  make_referring_unique([l for l in layers if l.kind == 'object'])
+  caption_objects(layers, lambda lay: ctx.call('captioner', lay.rgba, lay.label))
   try:
     item.sample = schema.assemble(item.id, layers, {'source': item.source})
   except schema.SampleError as e:
@@ -320,7 +315,25 @@ def prompts(item: Photo, ctx: Context) -> dict:
           'captions': [l.caption for l in layers if l.kind == 'object']}
 
 
-def make_referring_unique(objects: list[Layer]) -> None:
+def caption_objects(layers: list[Layer], caption: Callable[[Layer], Any]) -> None:
+  """Label, caption and referring texts for every object layer; `caption(layer)` returns a
+  tools.types.Caption. Referring texts another object shares are dropped."""
+  objects = [l for l in layers if l.kind == 'object']
+  for lay in objects:
+    cap = caption(lay)
+    lay.label, lay.caption, lay.referring = cap.label, cap.caption, tuple(cap.referring)
+  _make_referring_unique(objects)
+
+
+def check_texts(layers: list[Layer], agent) -> None:
+  """Drops the item when the agent finds a layer's text at odds with what it shows."""
+  for lay in layers:
+    agree, why = agent.check_text(lay)
+    if not agree:
+      raise Drop('text_disagrees', f'{lay.name}: {why}')
+
+
+def _make_referring_unique(objects: list[Layer]) -> None:
   """Keeps only expressions no other object shares, so each one singles out its object."""
   counts: dict[str, int] = {}
   for o in objects:
@@ -343,10 +356,7 @@ def postfilter(item: Photo, ctx: Context) -> dict:
   if judgement.score < d.min_judge_score:
     raise Drop('judge', f'score {judgement.score:.2f}: {judgement.reason}')
   if d.text_agreement:
-    for lay in sample.layers:
-      agree, why = ctx.agent.check_text(lay)
-      if not agree:
-        raise Drop('text_disagrees', f'{lay.name}: {why}')
+    check_texts(sample.layers, ctx.agent)
   sample.provenance.update(engine_scores=details)
   return details
 
