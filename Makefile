@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch goes in first, pinned, so that diffusers does not pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo convert-demo test test-slow bench clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,10 @@ $(VENV)/.installed: setup.py Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m layerjax.convert.demo out/demo
+	$(PY) -m layerjax.demo --workdir out/demo
+
+convert-demo: $(VENV)/.installed
+	$(PY) -m layerjax.convert.demo out/convert_demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

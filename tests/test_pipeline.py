@@ -43,10 +43,17 @@ def assert_batches_equal(a, b):
 def test_batch_layout(data_dir):
   batch = next(iter(make_loader(config(data_dir), 'train')))
   assert batch['image'].shape == (2, 16, 24, 3) and batch['image'].dtype == np.float32
-  for k in ('prompt', 'background', 'foreground_on_checkerboard'):
+  for k in ('prompt', 'background', 'checkerboard', 'foreground_on_checkerboard',
+            'shadow_on_checkerboard'):
     assert batch[k].shape == (2, 16, 24, 3), k
   for k in ('foreground', 'shadow'):
     assert batch[k].shape == (2, 16, 24, 4), k
+  for layer in ('foreground', 'shadow'):  # both over the same board
+    rgba = batch[layer]
+    np.testing.assert_allclose(batch[f'{layer}_on_checkerboard'],
+                               rgba[..., 3:] * rgba[..., :3]
+                               + (1 - rgba[..., 3:]) * batch['checkerboard'], atol=1e-6)
+  assert len(np.unique(batch['checkerboard'][0].reshape(-1, 3), axis=0)) == 2
   assert batch['text'].shape == (2,) and batch['prompt_kinds'].shape == (2,)
 
 

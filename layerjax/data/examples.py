@@ -5,8 +5,8 @@
 * `render_prompt`: RefLayer's colour-coded prompt image — a solid blue canvas, the box as a
   filled green region, the mask as a red region, each point as a Gaussian heat-map (drawn in
   white, so it stays visible over box and mask).
-* `checkerboard` / `blend_over_checkerboard`: RGBA layers over a colour-jittered
-  checkerboard, the latent targets of RefLayer's alpha decoder (plain colours let it cheat).
+* `checkerboard`: the colour-jittered checkerboard that layers are blended over for the
+  latent targets of RefLayer's alpha decoder (plain colours let it cheat).
 All functions are numpy, float32 in [0, 1], HWC, and take an explicit `np.random.Generator`.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from layerjax.data.schema import LayeredSample, Prompt, composite, over
+from layerjax.data.schema import LayeredSample, Prompt, composite
 
 BLUE, GREEN, RED, WHITE = ((0., 0., 1.), (0., 1., 0.), (1., 0., 0.), (1., 1., 1.))
 
@@ -63,10 +63,3 @@ def checkerboard(size: tuple[int, int], cell: int, rng: np.random.Generator,
   yy, xx = np.mgrid[0:h, 0:w]
   board = np.where(((yy // cell + xx // cell) % 2 == 0)[..., None], light, dark)
   return np.concatenate([board, np.ones((h, w, 1))], -1).astype(np.float32)
-
-
-def blend_over_checkerboard(rgba: np.ndarray, cell: int, rng: np.random.Generator,
-                            jitter: float) -> np.ndarray:
-  """`rgba` over a jittered checkerboard, as RGB."""
-  board = checkerboard(rgba.shape[:2], cell, rng, jitter)
-  return over(rgba, board)[..., :3].astype(np.float32)

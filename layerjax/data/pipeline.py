@@ -28,7 +28,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from layerjax.data import degrade, examples
-from layerjax.data.schema import LayeredSample, Prompt, composite
+from layerjax.data.schema import LayeredSample, Prompt, composite, over
 from layerjax.data.tfds_builder import from_example
 
 PROMPT_KINDS = ('box', 'mask', 'point', 'text')
@@ -70,6 +70,8 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
   if prompt is None and kinds & set(SPATIAL):
     raise ValueError(f'sample {sample.id!r}: no spatial prompt for {target.name!r}')
   targets = examples.referring_targets(sample, target.name)
+  board = examples.checkerboard(sample.size, config.checkerboard_cell, rng_board,
+                                config.checkerboard_jitter)
   band = degrade.boundary_band(target.rgba[..., 3], config.boundary_band)
   image, applied = _degraded_input(sample, target, band, rng_degrade, config)
   maps = {
@@ -78,9 +80,9 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
       'prompt': examples.render_prompt(sample.size, prompt or Prompt(target.name), kinds,
                                        config.point_sigma),
       **targets,
-      'foreground_on_checkerboard': examples.blend_over_checkerboard(
-          targets['foreground'], config.checkerboard_cell, rng_board,
-          config.checkerboard_jitter),
+      'checkerboard': board[..., :3],
+      'foreground_on_checkerboard': over(targets['foreground'], board)[..., :3],
+      'shadow_on_checkerboard': over(targets['shadow'], board)[..., :3],
   }
   maps = _crop_and_flip(maps, sample, rng_geometry, config)
   return {**maps, 'text': _text_for(target) if 'text' in kinds else '',

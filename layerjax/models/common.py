@@ -81,15 +81,16 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Softmax attention on [B, T, N, H] with scale 1/sqrt(H).
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+              ) -> jax.Array:
+  """Softmax attention on [B, T, N, H] with scale 1/sqrt(H); `mask` [B, N, T, S] keeps True.
 
   `jax.nn.dot_product_attention` picks the fused cuDNN kernel on GPUs; fp32 inputs keep full
   fp32 matmuls there (no TF32) so fp32 runs match PyTorch.
   """
   precision = 'highest' if q.dtype == jnp.float32 else None
   with jax.default_matmul_precision(precision):
-    return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
 def parameter_count(model: nnx.Module) -> int:

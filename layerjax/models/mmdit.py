@@ -333,12 +333,17 @@ class SD3Transformer2DModel(nnx.Module):
 
   def __call__(self, latents: jax.Array, encoder_hidden_states: jax.Array,
                pooled_projections: jax.Array, timestep: jax.Array) -> jax.Array:
+    _, height, width, _ = latents.shape
+    x = self.pos_embed(latents.astype(self.config.dtype))
+    x = self.forward_tokens(x, encoder_hidden_states, pooled_projections, timestep)
+    return self.unpatchify(x, height, width)
+
+  def forward_tokens(self, x: jax.Array, encoder_hidden_states: jax.Array,
+                     pooled_projections: jax.Array, timestep: jax.Array) -> jax.Array:
+    """Patch tokens [B, N, width] (from `pos_embed`) -> output patches [B, N, p*p*out]."""
     cfg = self.config
-    b, height, width, _ = latents.shape
-    p = cfg.patch_size
     dtype = cfg.dtype
-    x = self.pos_embed(latents.astype(dtype))
-    temb = self.time_text_embed(jnp.broadcast_to(timestep, (b,)),
+    temb = self.time_text_embed(jnp.broadcast_to(timestep, (x.shape[0],)),
                                 pooled_projections.astype(dtype))
     context = self.context_embedder(encoder_hidden_states.astype(dtype))
     run = nnx.remat(_run_block) if cfg.remat else _run_block
@@ -347,7 +352,11 @@ class SD3Transformer2DModel(nnx.Module):
       context = parallel.constrain(context, ('batch', 'length', 'embed'))
       x, context = run(block, x, context, temb)
     scale, shift = self.norm_out(temb)
-    x = self.proj_out(modulate(x, shift, scale))
-    h, w = height // p, width // p
-    x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * p, w * p, cfg.out_channels)
+    return self.proj_out(modulate(x, shift, scale))
+
+  def unpatchify(self, x: jax.Array, height: int, width: int) -> jax.Array:
+    """Output patches [B, N, p*p*out] -> latents [B, height, width, out]."""
+    p, c = self.config.patch_size, self.config.out_channels
+    b, h, w = x.shape[0], height // p, width // p
+    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)

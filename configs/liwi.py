@@ -1,0 +1,107 @@
+"""LiWi: K = 3 layers (background, foreground, shadow) denoised jointly, with LiWi's shadow-guided
+and degradation-restoration objectives.
+
+    python -m layerjax.main --config=configs/liwi.py:VARIANT[,key=value] --workdir=DIR
+
+Variants:
+  demo          a small decomposer from scratch on lossless pixel latents (4x4 blocks),
+                64x64 scenes the data engine synthesises, a byte-level text encoder;
+                trains on a CPU in minutes (`make demo`)
+  sd3_medium    SD3 medium (2B) finetuned at 512 px from `init.pretrained`
+  sd35_medium   SD3.5 medium (2.5B, dual attention, qk RMSNorm)
+  sd35_large    SD3.5 large (8B), FSDP over 8 devices by default
+Keys: pretrained (a local diffusers folder, transformer/ + vae/), embeddings (precomputed
+SD3 text embeddings, see `layerjax.train.build.TextEmbeddings`), data_dir, steps, batch.
+The SD3 variants need a local copy of the weights; they are never downloaded.
+"""
+
+from layerjax.train.config import PRESETS, base, mmdit_arch, parse_arg
+
+
+# Where `huggingface-cli download <repo> --local-dir ...` puts them by default here.
+WEIGHTS = {'sd3_medium': 'weights/stable-diffusion-3-medium-diffusers',
+           'sd35_medium': 'weights/stable-diffusion-3.5-medium',
+           'sd35_large': 'weights/stable-diffusion-3.5-large'}
+
+
+def demo(c):
+  c.total_steps = 900
+  c.log_every = 50
+  c.eval_every = 300
+  c.checkpoint_every = 300
+  c.ema_decay = 0.995
+  c.data.data_dir = 'out/demo/data/tfds'
+  c.data.image_size = (64, 64)
+  c.data.global_batch_size = 16
+  c.data.num_workers = 1  # one process prepares batches while the main one trains
+  c.data.scale_range = (1.0, 1.0)
+  c.data.point_sigma = 2.0
+  c.data.checkerboard_cell = 4
+  c.data.boundary_band = 2
+  c.data.prompt_probs = {'box': 0.5, 'box+text': 0.2, 'mask': 0.1, 'point': 0.1,
+                         'point+text': 0.1}
+  c.data.degradations = {'erode': {'prob': 0.15, 'strength': (1, 1)},
+                         'dilate': {'prob': 0.15, 'strength': (1, 1)},
+                         'blur': {'prob': 0.15, 'strength': (0.3, 1.0)},
+                         'halo': {'prob': 0.1, 'strength': (0.1, 0.3)},
+                         'spill': {'prob': 0.1, 'strength': (0.1, 0.3)},
+                         'jpeg': {'prob': 0.1, 'strength': (40, 90)}}
+  c.model.latents = {'kind': 'space_to_depth', 'factor': 4}
+  c.model.head = {'kind': 'conv', 'width': 32}
+  c.model.text = {'encoder': 'bytes', 'embeddings': '', 'max_len': 32, 'width': 64,
+                  'depth': 1, 'heads': 2}
+  c.model.mmdit = dict(sample_size=16, patch_size=2, num_layers=4, attention_head_dim=32,
+                       num_attention_heads=4, joint_attention_dim=128,
+                       caption_projection_dim=128, pooled_projection_dim=128,
+                       pos_embed_max_size=16, dual_attention_layers=(), qk_norm='rms_norm')
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.decay_steps = c.total_steps
+  c.eval.batch_size = 16
+  c.eval.num_batches = 4
+  c.eval.sample_steps = 10
+  c.eval.grid_rows = 6
+  c.loss.shift = 1.0  # 64 px: SD3's shift is for 1024 px latents
+  # How `make demo` makes its data (`layerjax.demo`).
+  c.demo = {'scenes': 1300, 'size': 64, 'workers': 2}
+
+
+def sd3(c, name: str):
+  c.model.mmdit = mmdit_arch(PRESETS[name])
+  c.model.dtype = 'bfloat16'
+  c.model.remat = True
+  c.data.image_size = (512, 512)
+  c.data.global_batch_size = 64
+  c.data.num_workers = 16
+  c.optimizer.lr = 1e-5 if name == 'sd35_large' else 2e-5
+  c.optimizer.warmup_steps = 1000
+  c.total_steps = c.optimizer.decay_steps = 100_000
+  c.log_every = 50
+  c.eval_every = 2500
+  c.checkpoint_every = 1000
+  c.mesh = (-1, 8, 1) if name == 'sd35_large' else (-1, 1, 1)
+
+
+def get_config(arg: str | None = None):
+  a = parse_arg(arg, variant='demo', pretrained='', embeddings='', data_dir='', steps=0,
+                batch=0)
+  c = base()
+  if a.variant == 'demo':
+    demo(c)
+  elif a.variant in PRESETS:
+    sd3(c, a.variant)
+    c.init.pretrained = WEIGHTS[a.variant]
+  else:
+    raise ValueError(f'configs/liwi.py: unknown variant {a.variant!r} '
+                     f'(demo, {", ".join(PRESETS)})')
+  if a.pretrained:
+    c.init.pretrained = a.pretrained
+  if a.embeddings:
+    c.model.text.embeddings = a.embeddings
+  if a.data_dir:
+    c.data.data_dir = a.data_dir
+  if a.steps:
+    c.total_steps = c.optimizer.decay_steps = a.steps
+  if a.batch:
+    c.data.global_batch_size = a.batch
+  return c

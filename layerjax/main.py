@@ -1,0 +1,66 @@
+"""The main job: train or evaluate a layer decomposer.
+
+    python -m layerjax.main --config=configs/liwi.py:demo --workdir=out/run [--mode=train|eval]
+        [--config.total_steps=100 ...] [--distributed | --coordinator_address=HOST:PORT
+        --num_processes=N --process_id=I]
+
+The workdir holds `checkpoints/` (Orbax; a rerun resumes), `tensorboard/`, `eval/*.json`
+and `samples/*.png`. `--distributed` initialises multi-host JAX from the environment (Cloud
+TPU pods, Slurm); the explicit coordinator flags serve several processes on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, logs and results go')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train, or evaluate the latest '
+                          'checkpoint')
+_SPLIT = flags.DEFINE_string('split', None, 'eval split (default: config.eval.split)')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                 'jax.distributed.initialize() from the environment')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes in the job')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1')
+
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+  if _COORDINATOR.value is not None:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id')
+    # CPU processes (tests, laptops) need a collectives backend; GPUs and TPUs ignore it.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  initialize_distributed()
+  from layerjax.train import evaluate, trainer  # after distributed initialisation
+  config = _CONFIG.value
+  logging.info('process %d/%d, %d devices (%s)', jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.default_backend())
+  if _MODE.value == 'train':
+    result = trainer.train(config, _WORKDIR.value)
+  else:
+    setup, state, step = trainer.restore_for_eval(config, _WORKDIR.value)
+    result = evaluate.run(setup, state, config, _SPLIT.value or config.eval.split,
+                          _WORKDIR.value, step)
+    print(evaluate.table(result))
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=2, default=float))
+
+
+if __name__ == '__main__':
+  app.run(main)

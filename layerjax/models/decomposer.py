@@ -1,0 +1,256 @@
+"""`LayerDecomposer`: an SD3 / SD3.5 MMDiT that denoises K layer latents jointly (ARCHITECTURE §4).
+
+Per layer k the noisy latent is concatenated on channels with the condition latents (the
+input image's, the prompt map's), patch-embedded by the MMDiT's own `pos_embed` (its input
+channels widened; the extra ones start at zero, so a pretrained SD3 starts unchanged), a
+learned layer embedding (zero-initialised) is added, and the K token sets are concatenated
+along the sequence, so one attention sees every layer and the layers stay consistent.
+With K = 1 and no conditions the network is exactly SD3.
+
+Text: a small byte-level encoder trained from scratch (`TextEncoder`) or precomputed SD3
+embeddings (CLIP-L/G + T5 states and pooled outputs) carried in the batch.
+Decoders: RGB through `latents.decode`; alpha and shadow heads, either VAE-decoder-shaped
+(initialised from SD3's decoder, `layerjax.models.heads`) or a small conv net for lossless
+pixel latents. Heads output the VAE's image range [-1, 1] (`heads.to_unit` reads them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layerjax import parallel
+from layerjax.models import heads
+from layerjax.models.autoencoder import SpaceToDepth, VAELatents, depth_to_space
+from layerjax.models.common import RMSNorm, attention, conv, layer_norm, linear
+from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from layerjax.models.vae import AutoencoderKL, VAEConfig
+
+LAYERS = ('background', 'foreground', 'shadow')
+CONDITIONS = ('image', 'prompt')
+
+
+# --- text ---------------------------------------------------------------------------------
+
+PAD, BOS = 0, 1  # byte b is token b + 2
+
+
+def tokenize(texts, max_len: int) -> np.ndarray:
+  """UTF-8 bytes -> int32 [B, max_len]: BOS, the first max_len - 1 bytes, then PAD."""
+  out = np.full((len(texts), max_len), PAD, np.int32)
+  for i, text in enumerate(texts):
+    ids = np.frombuffer(str(text).encode('utf-8'), np.uint8)[:max_len - 1].astype(np.int32) + 2
+    out[i, 0] = BOS
+    out[i, 1:1 + len(ids)] = ids
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+  max_len: int = 32
+  width: int = 128
+  depth: int = 2
+  heads: int = 4
+  out_dim: int = 4096  # the MMDiT's joint_attention_dim
+  pooled_dim: int = 2048  # the MMDiT's pooled_projection_dim
+
+
+class _TextBlock(nnx.Module):
+
+  def __init__(self, cfg: TextEncoderConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.heads = cfg.heads
+    self.qkv = linear(cfg.width, 3 * cfg.width, ('embed', 'heads'), **kw)
+    self.out = linear(cfg.width, cfg.width, ('heads', 'embed'), **kw)
+    self.fc1 = linear(cfg.width, 4 * cfg.width, ('embed', 'mlp'), **kw)
+    self.fc2 = linear(4 * cfg.width, cfg.width, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x, mask):
+    b, n, d = x.shape
+    q, k, v = jnp.split(self.qkv(layer_norm(x)).reshape(b, n, 3 * self.heads, -1), 3, axis=2)
+    o = attention(q, k, v, mask=mask[:, None, None, :]).reshape(b, n, d)
+    x = x + self.out(o)
+    return x + self.fc2(jax.nn.gelu(self.fc1(layer_norm(x))))
+
+
+class TextEncoder(nnx.Module):
+  """Byte tokens -> (states [B, L, out_dim], pooled [B, pooled_dim]); pooled from the BOS state."""
+
+  def __init__(self, cfg: TextEncoderConfig, dtype=jnp.float32, param_dtype=jnp.float32, *,
+               rngs: nnx.Rngs):
+    self.config = cfg
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'),
+                                 eager_sharding=False)
+    self.token_embed = nnx.Param(init(rngs.params(), (258, cfg.width), param_dtype))
+    self.pos_embed = nnx.Param(init(rngs.params(), (cfg.max_len, cfg.width), param_dtype))
+    self.blocks = nnx.List([_TextBlock(cfg, dtype, param_dtype, rngs=rngs)
+                            for _ in range(cfg.depth)])
+    self.norm = RMSNorm(cfg.width, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = linear(cfg.width, cfg.out_dim, ('embed', None), **kw)
+    self.pooled_proj = linear(cfg.width, cfg.pooled_dim, ('embed', None), **kw)
+
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = self.token_embed[...][tokens] + self.pos_embed[...][None, :tokens.shape[1]]
+    mask = tokens != PAD
+    for block in self.blocks:
+      x = block(x, mask)
+    x = self.norm(x)
+    return self.proj(x), self.pooled_proj(x[:, 0])
+
+
+# --- heads ----------------------------------------------------------------------------------
+
+class ConvHead(nnx.Module):
+  """Latent -> `out_channels` maps at `factor` x the latent resolution (for pixel latents)."""
+
+  def __init__(self, latent_channels: int, out_channels: int, factor: int, width: int,
+               dtype=jnp.float32, param_dtype=jnp.float32, *, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.factor = factor
+    self.conv_in = conv(latent_channels, width, 3, **kw)
+    self.conv_mid = conv(width, width, 3, **kw)
+    self.conv_out = conv(width, out_channels * factor * factor, 3, **kw)
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = jax.nn.silu(self.conv_in(z))
+    x = jax.nn.silu(self.conv_mid(x))
+    return depth_to_space(self.conv_out(x), self.factor)
+
+
+# --- the decomposer -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecomposerConfig:
+  mmdit: MMDiTConfig
+  layers: tuple[str, ...] = LAYERS
+  conditions: tuple[str, ...] = CONDITIONS
+  latents: str = 'vae'  # 'vae' or 'space_to_depth'
+  vae: VAEConfig | None = None  # for latents='vae'
+  factor: int = 8  # for latents='space_to_depth'
+  text: TextEncoderConfig | None = None  # None: precomputed SD3 embeddings
+  head: str = 'vae_decoder'  # or 'conv'
+  head_width: int = 64
+
+  def __post_init__(self):
+    object.__setattr__(self, 'layers', tuple(self.layers))
+    object.__setattr__(self, 'conditions', tuple(self.conditions))
+    for name, allowed, got in (('layers', LAYERS, self.layers),
+                               ('conditions', CONDITIONS, self.conditions)):
+      if not got and name == 'layers' or set(got) - set(allowed) or len(set(got)) != len(got):
+        raise ValueError(f'model.{name} must be distinct names from {allowed}, got {got}')
+    if self.latents not in ('vae', 'space_to_depth'):
+      raise ValueError(f"model.latents must be 'vae' or 'space_to_depth', got {self.latents!r}")
+    if self.head not in ('vae_decoder', 'conv'):
+      raise ValueError(f"model.head must be 'vae_decoder' or 'conv', got {self.head!r}")
+    if self.head == 'vae_decoder' and self.latents != 'vae':
+      raise ValueError("model.head='vae_decoder' needs model.latents='vae'")
+    c = self.latent_channels
+    want_in = c * (1 + len(self.conditions))
+    if self.mmdit.in_channels != want_in or self.mmdit.out_channels != c:
+      raise ValueError(f'mmdit in/out channels must be {want_in}/{c} for {c} latent channels '
+                       f'and conditions {self.conditions}, got {self.mmdit.in_channels}/'
+                       f'{self.mmdit.out_channels}')
+    if self.text is not None and (self.text.out_dim != self.mmdit.joint_attention_dim or
+                                  self.text.pooled_dim != self.mmdit.pooled_projection_dim):
+      raise ValueError('text encoder out_dim / pooled_dim must equal the mmdit '
+                       'joint_attention_dim / pooled_projection_dim')
+
+  @property
+  def latent_channels(self) -> int:
+    return self.vae.latent_channels if self.latents == 'vae' else 3 * self.factor ** 2
+
+  @property
+  def latent_factor(self) -> int:
+    return 2 ** (len(self.vae.block_out_channels) - 1) if self.latents == 'vae' else self.factor
+
+
+class LayerDecomposer(nnx.Module):
+  """`(noisy [B, K, h, w, C], conditions [B, h, w, C * n], text, sigma [B]) -> velocity`."""
+
+  def __init__(self, cfg: DecomposerConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    m = cfg.mmdit
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype)
+    if cfg.latents == 'vae':
+      self.latents = VAELatents(AutoencoderKL(cfg.vae, rngs=rngs))
+    else:
+      self.latents = SpaceToDepth(cfg.factor)
+    self.transformer = SD3Transformer2DModel(m, rngs=rngs)
+    self.layer_embed = nnx.Param(jnp.zeros((len(cfg.layers), m.width), m.param_dtype),
+                                 out_sharding=(None, 'embed'), eager_sharding=False)
+    if cfg.text is not None:
+      self.text_encoder = TextEncoder(cfg.text, rngs=rngs, **kw)
+
+    def head(channels):
+      if cfg.head == 'conv':
+        return ConvHead(cfg.latent_channels, channels, cfg.factor, cfg.head_width, rngs=rngs, **kw)
+      return heads.init_from_vae_decoder(heads.decoder_head(cfg.vae, channels, rngs=rngs),
+                                         self.latents.vae.decoder)
+    if 'foreground' in cfg.layers:
+      self.alpha_head = head(heads.ALPHA_CHANNELS)
+    if 'shadow' in cfg.layers:
+      self.shadow_head = head(heads.SHADOW_CHANNELS)
+
+  def encode_text(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+    if self.config.text is not None:
+      return self.text_encoder(batch['text_tokens'])
+    return batch['text_embeds'], batch['pooled_text_embeds']
+
+  def conditions(self, batch: dict) -> jax.Array:
+    """The condition latents, concatenated on channels: [B, h, w, C * n]."""
+    if not self.config.conditions:
+      return None
+    return jnp.concatenate([self.latents.encode(batch[n]) for n in self.config.conditions], -1)
+
+  def __call__(self, noisy: jax.Array, conditions: jax.Array | None, context: jax.Array,
+               pooled: jax.Array, sigma: jax.Array) -> jax.Array:
+    b, k, h, w, c = noisy.shape
+    x = noisy
+    if conditions is not None:
+      x = jnp.concatenate([x, jnp.broadcast_to(conditions[:, None],
+                                               (b, k, h, w, conditions.shape[-1]))], -1)
+    tokens = self.transformer.pos_embed(x.reshape(b * k, h, w, -1).astype(
+        self.config.mmdit.dtype))
+    n = tokens.shape[1]
+    tokens = tokens.reshape(b, k, n, -1) + self.layer_embed[...][None, :, None].astype(
+        tokens.dtype)
+    tokens = parallel.constrain(tokens.reshape(b, k * n, -1), ('batch', 'length', 'embed'))
+    out = self.transformer.forward_tokens(tokens, context, pooled, sigma * 1000)
+    out = self.transformer.unpatchify(out.reshape(b * k, n, -1), h, w)
+    return out.reshape(b, k, h, w, c)
+
+
+def trainable(path, _) -> bool:
+  """Everything but the latent map (SD3's VAE stays frozen)."""
+  return path[0] != 'latents'
+
+
+TRAINABLE = nnx.All(nnx.Param, trainable)
+
+
+def widen_input(source: SD3Transformer2DModel, target: SD3Transformer2DModel) -> None:
+  """Copies a pretrained MMDiT into `target`, whose patch embedding takes extra channels:
+  those start at zero so the pretrained network's output is unchanged."""
+  src = dict(nnx.to_flat_state(nnx.state(source)))
+  dst_state = nnx.state(target)
+  dst = dict(nnx.to_flat_state(dst_state))
+  if set(src) != set(dst):
+    raise ValueError(f'pretrained transformer and decomposer differ in parameters: '
+                     f'{sorted(set(src) ^ set(dst))[:10]}')
+  for path, var in dst.items():
+    x = src[path][...]
+    if path[-2:] == ('proj', 'kernel') and path[0] == 'pos_embed':
+      if x.shape[:2] != var.shape[:2] or x.shape[3] != var.shape[3] or x.shape[2] > var.shape[2]:
+        raise ValueError(f'patch embedding {x.shape} cannot widen to {var.shape}')
+      x = jnp.zeros(var.shape, var.dtype).at[:, :, :x.shape[2]].set(x)
+    elif x.shape != var.shape:
+      raise ValueError(f"shape mismatch at {'.'.join(map(str, path))}: pretrained {x.shape}, "
+                       f'decomposer {var.shape}')
+    var.set_value(jnp.asarray(x, var.dtype))
+  nnx.update(target, dst_state)

@@ -1,0 +1,1 @@
+"""Training the layer decomposer: objectives, the flow sampler, evaluation and the loop."""

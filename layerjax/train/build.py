@@ -1,0 +1,149 @@
+"""From an experiment config to a model and device-ready batches.
+
+`config.model` describes the `LayerDecomposer`; `config.init.pretrained` names a local
+diffusers SD3 / SD3.5 folder (transformer/ and vae/) to start from, or '' for a random
+initialisation (from-scratch configs and tests). Text conditioning is either the small byte
+encoder (`model.text.encoder = 'bytes'`) or precomputed SD3 embeddings looked up by text in
+a safetensors file (`model.text.encoder = 'precomputed'`, `model.text.embeddings`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layerjax.convert import diffusers as convert
+from layerjax.models import heads
+from layerjax.models.decomposer import (DecomposerConfig, LayerDecomposer, TextEncoderConfig,
+                                        tokenize, widen_input)
+from layerjax.models.mmdit import MMDiTConfig
+from layerjax.models.vae import VAEConfig
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'unknown dtype {name!r} (one of {sorted(DTYPES)})')
+  return DTYPES[name]
+
+
+def _compute(m) -> dict:
+  return dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), remat=bool(m.remat))
+
+
+def _pretrained_folder(config) -> Path | None:
+  path = config.init.pretrained
+  if not path:
+    return None
+  folder = Path(path).expanduser()
+  if not folder.is_dir():
+    raise FileNotFoundError(
+        f'init.pretrained: {folder}: no such directory. Give a local diffusers SD3/SD3.5 '
+        f'folder (with transformer/ and vae/), e.g. one saved by `huggingface-cli download '
+        f"stabilityai/stable-diffusion-3-medium-diffusers --local-dir {folder}`, or '' to "
+        f'start from random weights')
+  return folder
+
+
+def decomposer_config(config, mmdit_arch: dict | None = None,
+                      vae_arch: dict | None = None) -> DecomposerConfig:
+  """`config.model` -> `DecomposerConfig`; `*_arch` (diffusers config dicts) override the
+  architecture when weights come from a pretrained folder."""
+  m = config.model
+  latents = m.latents.kind
+  vae = None
+  if latents == 'vae':
+    vae = (VAEConfig.from_diffusers(vae_arch) if vae_arch is not None
+           else VAEConfig(**m.latents.get('vae', {})))
+    channels = vae.latent_channels
+  else:
+    channels = 3 * m.latents.factor ** 2
+  arch = dict(m.mmdit) if mmdit_arch is None else {
+      k: mmdit_arch[k] for k in MMDiTConfig.ARCH_FIELDS if k in mmdit_arch}
+  arch.update(in_channels=channels * (1 + len(m.conditions)), out_channels=channels)
+  mmdit = MMDiTConfig(**arch, **_compute(m))
+  text = None
+  if m.text.encoder == 'bytes':
+    text = TextEncoderConfig(max_len=m.text.max_len, width=m.text.width, depth=m.text.depth,
+                             heads=m.text.heads, out_dim=mmdit.joint_attention_dim,
+                             pooled_dim=mmdit.pooled_projection_dim)
+  elif m.text.encoder != 'precomputed':
+    raise ValueError(f"model.text.encoder must be 'bytes' or 'precomputed', got "
+                     f'{m.text.encoder!r}')
+  return DecomposerConfig(mmdit=mmdit, layers=tuple(m.layers), conditions=tuple(m.conditions),
+                          latents=latents, vae=vae, factor=m.latents.get('factor', 8),
+                          text=text, head=m.head.kind, head_width=m.head.get('width', 64))
+
+
+def build_model(config, seed: int) -> LayerDecomposer:
+  """The decomposer, from `init.pretrained` when set (extra channels and layer embedding
+  zero, heads from the VAE decoder), else randomly initialised from `seed`."""
+  folder = _pretrained_folder(config)
+  if folder is None:
+    return LayerDecomposer(decomposer_config(config), rngs=nnx.Rngs(seed))
+  m = config.model
+  if m.latents.kind != 'vae':
+    raise ValueError("init.pretrained needs model.latents.kind='vae' (SD3's latent space)")
+  compute = _compute(m)
+  transformer = convert.load_transformer(folder, **compute)
+  vae = convert.load_vae(folder, dtype=compute['dtype'], param_dtype=compute['param_dtype'])
+  cfg = decomposer_config(config, transformer.config.to_diffusers(), vae.config.to_diffusers())
+  model = LayerDecomposer(cfg, rngs=nnx.Rngs(seed))
+  widen_input(transformer, model.transformer)
+  nnx.update(model.latents.vae, nnx.state(vae))
+  for name in ('alpha_head', 'shadow_head'):
+    if hasattr(model, name):
+      heads.init_from_vae_decoder(getattr(model, name), vae.decoder)
+  return model
+
+
+class TextEmbeddings:
+  """Precomputed SD3 text embeddings: a safetensors file with, per text, tensors
+  `<sha256(text)>.states` [T, D] and `<sha256(text)>.pooled` [P] (the empty text included)."""
+
+  def __init__(self, path):
+    from safetensors.numpy import load_file
+    self.path = Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f'model.text.embeddings: {self.path}: no such file')
+    self.tensors = load_file(str(self.path))
+
+  @staticmethod
+  def key(text: str) -> str:
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+  def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
+    states, pooled = [], []
+    for text in texts:
+      k = self.key(str(text))
+      if f'{k}.states' not in self.tensors:
+        raise KeyError(f'{self.path}: no embedding for text {text!r} (key {k})')
+      states.append(self.tensors[f'{k}.states'])
+      pooled.append(self.tensors[f'{k}.pooled'])
+    return np.stack(states).astype(np.float32), np.stack(pooled).astype(np.float32)
+
+
+def text_inputs(config):
+  """A function texts -> the batch entries the model's text conditioning reads."""
+  t = config.model.text
+  if t.encoder == 'bytes':
+    return lambda texts: {'text_tokens': tokenize(texts, t.max_len)}
+  table = TextEmbeddings(t.embeddings)
+  def lookup(texts):
+    states, pooled = table(texts)
+    return {'text_embeds': states, 'pooled_text_embeds': pooled}
+  return lookup
+
+
+# The loader's maps the model and objectives read; strings and bookkeeping stay on the host.
+ARRAY_KEYS = ('image', 'prompt', 'boundary', 'background', 'foreground', 'shadow',
+              'checkerboard', 'foreground_on_checkerboard', 'shadow_on_checkerboard')
+
+
+def model_batch(batch: dict, text_fn) -> dict[str, np.ndarray]:
+  return {**{k: batch[k] for k in ARRAY_KEYS}, **text_fn(batch['text'])}

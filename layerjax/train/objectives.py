@@ -1,0 +1,114 @@
+"""LiWi's training objectives for the layer decomposer (ARCHITECTURE §5), one weighted sum.
+
+Terms (each logged; weights in `config.loss.weights`):
+  flow         rectified flow on the background and foreground latents: x_t = (1 - t) x_0 +
+               t eps, the model predicts eps - x_0; t from SD3's logit-normal, shifted
+  shadow       shadow-guided learning: the same flow loss on the shadow layer's latent, plus
+               the shadow head's L1 (opacity, and colour where the shadow is)
+  alpha        the alpha head's L1 on latents of the foreground over a jittered checkerboard
+  recompose    the layers estimated in one step (x_0 = x_t - t v), decoded and composited
+               (foreground over shadow over background), against the clean image; weighted
+               by (1 - t) per example, since at t -> 1 the estimate is mostly noise
+  restoration  degradation-restoration: the foreground flow error on the boundary band of
+               the object, where the loader damaged the input; an extra weight on top of `flow`
+Latent targets are the latents of: background RGB, foreground over the checkerboard, shadow
+over the same checkerboard (batch keys below).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from layerjax.models import heads
+
+TERMS = ('flow', 'shadow', 'alpha', 'recompose', 'restoration')
+# Which batch map is each layer's latent target.
+LAYER_TARGETS = {'background': 'background', 'foreground': 'foreground_on_checkerboard',
+                 'shadow': 'shadow_on_checkerboard'}
+
+
+def shift_sigma(t: jax.Array, shift: float) -> jax.Array:
+  """SD3's resolution shift of the noise level: shift t / (1 + (shift - 1) t)."""
+  return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_sigma(rng: jax.Array, n: int, loss_cfg) -> jax.Array:
+  """Logit-normal timesteps (SD3: mean 0, std 1), then shifted."""
+  u = jax.nn.sigmoid(loss_cfg.logit_mean + loss_cfg.logit_std * jax.random.normal(rng, (n,)))
+  return shift_sigma(u, loss_cfg.shift)
+
+
+def _pool_max(x: jax.Array, f: int) -> jax.Array:
+  """[B, H, W] -> [B, H/f, W/f], max over blocks (the band reaches a latent if any pixel does)."""
+  b, h, w = x.shape
+  return x.reshape(b, h // f, f, w // f, f).max(axis=(2, 4))
+
+
+def check_weights(weights, layers) -> None:
+  unknown = set(weights) - set(TERMS)
+  if unknown:
+    raise ValueError(f'loss.weights: unknown terms {sorted(unknown)} (terms are {TERMS})')
+  needs = {'shadow': {'shadow'}, 'alpha': {'foreground'}, 'restoration': {'foreground'},
+           'recompose': {'background', 'foreground', 'shadow'}}
+  for term, w in weights.items():
+    missing = needs.get(term, set()) - set(layers)
+    if w and missing:
+      raise ValueError(f'loss.weights.{term}={w} needs model layers {sorted(missing)}; '
+                       f'the model has {list(layers)} (set the weight to 0)')
+
+
+def recompose(background, shadow_rgba, fg_on_board, fg_alpha, board):
+  """Foreground over shadow over background, from the foreground seen over `board`:
+  a F + (1 - a) B_below = blend + (1 - a) (B_below - board), no division by alpha."""
+  below = shadow_rgba[..., 3:] * shadow_rgba[..., :3] + (1 - shadow_rgba[..., 3:]) * background
+  return fg_on_board + (1 - fg_alpha) * (below - board)
+
+
+def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, dict]:
+  cfg = model.config
+  layers = cfg.layers
+  weights = dict(loss_cfg.weights)
+  rng_noise, rng_t = jax.random.split(rng)
+  encode = model.latents.encode
+  x0 = jax.lax.stop_gradient(jnp.stack([encode(batch[LAYER_TARGETS[l]]) for l in layers], 1))
+  b = x0.shape[0]
+  sigma = sample_sigma(rng_t, b, loss_cfg)
+  s = sigma[:, None, None, None, None]
+  noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
+  xt = (1 - s) * x0 + s * noise
+  context, pooled = model.encode_text(batch)
+  v = model(xt, model.conditions(batch), context, pooled, sigma).astype(jnp.float32)
+  se = jnp.square(v - (noise - x0)).mean(-1)  # [B, K, h, w]
+  idx = {l: i for i, l in enumerate(layers)}
+  terms = {}
+  main = [idx[l] for l in layers if l != 'shadow']
+  terms['flow'] = se[:, jnp.asarray(main)].mean() if main else jnp.float32(0)
+
+  if 'foreground' in idx:
+    fg = idx['foreground']
+    band = _pool_max(batch['boundary'][..., 0], cfg.latent_factor)
+    terms['restoration'] = (se[:, fg] * band).sum() / jnp.maximum(band.sum(), 1.0)
+    alpha_raw = model.alpha_head(x0[:, fg])
+    terms['alpha'] = jnp.abs(alpha_raw - (2 * batch['foreground'][..., 3:] - 1)).mean()
+  if 'shadow' in idx:
+    sh = idx['shadow']
+    raw = model.shadow_head(x0[:, sh])
+    target = 2 * batch['shadow'] - 1
+    opacity = jnp.abs(raw[..., 3:] - target[..., 3:]).mean()
+    colour = (jnp.abs(raw[..., :3] - target[..., :3]).mean(-1, keepdims=True)
+              * batch['shadow'][..., 3:]).mean()
+    terms['shadow'] = se[:, sh].mean() + opacity + colour
+  if weights.get('recompose'):
+    x0_hat = xt - s * v
+    bg = model.latents.decode(x0_hat[:, idx['background']])
+    fg_on_board = model.latents.decode(x0_hat[:, idx['foreground']])
+    alpha = heads.to_unit(model.alpha_head(x0_hat[:, idx['foreground']]))
+    shadow = heads.to_unit(model.shadow_head(x0_hat[:, idx['shadow']]))
+    recon = recompose(bg, shadow, fg_on_board, alpha, batch['checkerboard'])
+    clean = recompose(batch['background'], batch['shadow'], batch['foreground_on_checkerboard'],
+                      batch['foreground'][..., 3:], batch['checkerboard'])
+    per_example = jnp.abs(recon - clean).mean(axis=(1, 2, 3))
+    terms['recompose'] = ((1 - sigma) * per_example).mean()
+  loss = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+  return loss, {'loss': loss, **{f'loss/{k}': v for k, v in terms.items()}}

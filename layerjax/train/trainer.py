@@ -1,0 +1,315 @@
+"""The training loop: sharded state, the jitted step, Orbax checkpoints with the loader's state,
+metrics, periodic evaluation, preemption and NaN handling.
+
+State (one pytree, checkpointed whole): step, params (the decomposer minus the frozen VAE),
+EMA params, optimizer state and the base PRNG key; the step's key is `fold_in(key, step)`,
+so a resumed run draws exactly what an uninterrupted one would. The Grain iterator's state
+is saved next to it (`data`), so the loader resumes at the next batch. Checkpoints are
+async (Orbax `CheckpointManager`), keep the last `keep_checkpoints`, and are written on
+SIGTERM before exiting (preemption).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from layerjax import parallel
+from layerjax.data.pipeline import make_loader
+from layerjax.models.decomposer import TRAINABLE
+from layerjax.train import build, evaluate, objectives
+from layerjax.train.writers import create_writer
+
+
+def make_optimizer(opt) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay to `lr * final_lr_fraction`, clipped by norm."""
+  if opt.name != 'adamw':
+    raise ValueError(f"optimizer.name must be 'adamw', got {opt.name!r}")
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, opt.lr, max(opt.warmup_steps, 1), max(opt.decay_steps, opt.warmup_steps + 1),
+      end_value=opt.lr * opt.final_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(opt.clip_norm),
+                     optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                 weight_decay=opt.weight_decay))
+
+
+def check_config(config, mesh) -> None:
+  """Errors that would otherwise surface after minutes of compiling, or never."""
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  for name, size in (('data.global_batch_size', config.data.global_batch_size),
+                     ('eval.batch_size', config.eval.batch_size)):
+    if size % n:
+      raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size '
+                       f'{n} (mesh {dict(mesh.shape)})')
+  objectives.check_weights(dict(config.loss.weights), config.model.layers)
+  size = tuple(config.data.image_size)
+  factor = (2 ** (len(config.model.latents.vae.block_out_channels) - 1)
+            if config.model.latents.kind == 'vae' and 'vae' in config.model.latents
+            else config.model.latents.get('factor', 8))
+  patch = config.model.mmdit.get('patch_size', 2)
+  if any(s % (factor * patch) for s in size):
+    raise ValueError(f'data.image_size {size} must be divisible by latent factor x patch size '
+                     f'= {factor * patch}')
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a step needs, placed on the mesh."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  frozen: Any  # nnx.State: the VAE and buffers (not trained, not checkpointed)
+  state: dict
+  state_shardings: Any
+  tx: optax.GradientTransformation
+
+
+def create(config, mesh=None) -> Setup:
+  mesh = mesh or parallel.make_mesh(tuple(config.mesh))
+  check_config(config, mesh)
+  model = build.build_model(config, config.seed)
+  shardings = parallel.model_shardings(model, mesh)
+  graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+  params = jax.device_put(params, _shardings_for(params, shardings))
+  frozen = jax.device_put(frozen, _shardings_for(frozen, shardings))
+  tx = make_optimizer(config.optimizer)
+  state = {'step': jnp.int32(0), 'params': params,
+           'ema': jax.tree.map(jnp.copy, params), 'opt_state': tx.init(params),
+           'rng': jax.random.PRNGKey(config.seed)}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Optimizer moments follow their parameters; scalars (counts, step, key) are replicated.
+  state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+                          and x.ndim else replicated, state)
+  state = jax.device_put(state, state_sh)  # committed, so every step sees the same layout
+  return Setup(config, mesh, graphdef, frozen, state, state_sh, tx)
+
+
+def _shardings_for(part: nnx.State, shardings: nnx.State):
+  """The entries of `shardings` (for the whole model) for one part of an `nnx.split`."""
+  flat = dict(nnx.to_flat_state(shardings))
+  return jax.tree.unflatten(jax.tree.structure(part),
+                            [flat[path] for path, _ in nnx.to_flat_state(part)])
+
+
+def make_step(setup: Setup) -> Callable:
+  cfg = setup.config
+  graphdef, tx = setup.graphdef, setup.tx
+
+  def step(state, frozen, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+
+    def loss(params):
+      return objectives.loss_fn(nnx.merge(graphdef, params, frozen), batch, rng, cfg.loss)
+
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    n = state['step'].astype(jnp.float32)
+    decay = jnp.minimum(cfg.ema_decay, (1 + n) / (10 + n))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state['ema'], params)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+    new = {'step': state['step'] + 1, 'params': params, 'ema': ema, 'opt_state': opt_state,
+           'rng': state['rng']}
+    # A non-finite step leaves the state as it was; the loop stops and reports it.
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    return new, {**metrics, 'finite': finite}
+
+  return jax.jit(step, out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+class Checkpoints:
+  """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
+
+  def __init__(self, directory: Path, keep: int, async_save: bool = True):
+    self.manager = ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save),
+        item_names=('state', 'data'))
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, iterator, *, wait: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
+        force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore(self, step: int, state: dict, iterator) -> dict:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+    return out['state']
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: preemption is the caller's business
+      self._previous = None
+    return self
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def __exit__(self, *_):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def train(config, workdir, *, mesh=None) -> dict:
+  """Trains to `config.total_steps` (resuming from `workdir` if it holds checkpoints).
+
+  Returns the last logged metrics and evaluation. Raises `NonFiniteLoss` naming the step and
+  the terms that were not finite; the last good checkpoint is kept.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  setup = create(config, mesh)
+  text_fn = build.text_inputs(config)
+  loader = make_loader(config.data, 'train')
+  iterator = iter(loader)
+  ckpt = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints, config.async_checkpoints)
+  state = setup.state
+  start = ckpt.latest()
+  if start is not None:
+    state = ckpt.restore(start, state, iterator)
+    logging.info('resumed from step %d', start)
+  start = int(state['step'])
+  writer = create_writer(workdir / 'tensorboard', enabled=jax.process_index() == 0)
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  step_fn = make_step(setup)
+  total = config.total_steps
+  result: dict = {}
+  pending = None  # (step, metrics) of the last dispatched step, checked one step late
+
+  def next_batch():
+    return parallel.global_batch(build.model_batch(next(iterator), text_fn), setup.mesh)
+
+  def check(pending):
+    step, metrics = pending
+    metrics = jax.device_get(metrics)
+    if not metrics['finite']:
+      bad = sorted(k for k, v in metrics.items() if k != 'finite' and not np.isfinite(v))
+      raise NonFiniteLoss(f'step {step}: non-finite {bad}; training stopped, last good '
+                          f'checkpoint: step {ckpt.latest()} in {workdir / "checkpoints"}')
+    return metrics
+
+  flops = None
+  t_log, steps_since = time.perf_counter(), 0
+  with jax.set_mesh(setup.mesh), _Preemption() as preempt:
+    for step in range(start, total):
+      batch = next_batch()
+      if flops is None:
+        flops = _flops(step_fn, state, setup.frozen, batch)
+      state, metrics = step_fn(state, setup.frozen, batch)
+      if pending is not None:
+        check(pending)
+      pending = (step, metrics)
+      steps_since += 1
+      done = step + 1
+      if done % config.log_every == 0 or done == total:
+        logged = check(pending)
+        pending = None
+        dt = time.perf_counter() - t_log
+        rate = steps_since / dt
+        scalars = {k: float(v) for k, v in logged.items() if k != 'finite'}
+        scalars.update({'steps_per_s': rate,
+                        'examples_per_s': rate * config.data.global_batch_size,
+                        'tflops_per_s': (flops or 0) * rate / 1e12})
+        writer.write_scalars(done, scalars)
+        logging.info('step %d/%d  loss %.4f  %.2f steps/s  %.1f examples/s  %.3f TFLOP/s  '
+                     'ETA %s', done, total, scalars['loss'], rate, scalars['examples_per_s'],
+                     scalars['tflops_per_s'], _format_eta((total - done) / rate))
+        result['train'] = scalars
+        t_log, steps_since = time.perf_counter(), 0
+      if config.eval_every and (done % config.eval_every == 0 or done == total):
+        if pending is not None:
+          check(pending)
+          pending = None
+        result['eval'] = evaluate.run(setup, state, config, 'validation', workdir, done,
+                                      writer)
+        t_log, steps_since = time.perf_counter(), 0
+      if done % config.checkpoint_every == 0 or done == total or preempt.requested:
+        if pending is not None:
+          check(pending)
+          pending = None
+        ckpt.save(done, state, iterator, wait=preempt.requested)
+      if preempt.requested:
+        logging.warning('SIGTERM: saved step %d, exiting', done)
+        result['preempted_at'] = done
+        break
+  ckpt.close()
+  writer.close()
+  result['step'] = int(state['step'])
+  if jax.process_index() == 0:
+    _write_json(workdir / 'train_result.json', result)
+  return result
+
+
+def _flops(step_fn, state, frozen, batch) -> float | None:
+  """FLOPs of one step of the whole (global) program, from XLA's cost analysis."""
+  try:
+    cost = step_fn.lower(state, frozen, batch).cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports costs
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) if cost else None
+
+
+def _write_json(path: Path, obj) -> None:
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(obj, indent=2, default=float) + '\n')
+  tmp.replace(path)
+
+
+def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
+  """The latest checkpoint's state in `workdir` (for `--mode=eval`)."""
+  setup = create(config, mesh)
+  ckpt = Checkpoints(Path(workdir) / 'checkpoints', config.keep_checkpoints, False)
+  step = ckpt.latest()
+  if step is None:
+    raise FileNotFoundError(f'{workdir}/checkpoints: no checkpoint to evaluate')
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, setup.state)
+  state = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))['state']
+  ckpt.close()
+  return setup, state, step

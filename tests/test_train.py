@@ -1,0 +1,227 @@
+"""The training job: configs, the decomposer's zero-initialised start, learning, exact resume,
+preemption, NaN handling and bad-input errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layerjax.convert import diffusers as convert
+from layerjax.models import mmdit
+from layerjax.models.decomposer import LayerDecomposer
+from layerjax.models.vae import AutoencoderKL, VAEConfig
+from layerjax.train import build, evaluate, trainer
+from train_utils import ROOT, load_config_file, make_dataset, tiny, write_embeddings
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return make_dataset(tmp_path_factory.mktemp('train_data'))
+
+
+@pytest.mark.parametrize('name,arg,layers', [
+    ('liwi', 'demo', 3), ('liwi', 'sd3_medium', 3), ('liwi', 'sd35_medium', 3),
+    ('liwi', 'sd35_large', 3), ('reflayer', None, 1), ('reflayer', 'demo,steps=7', 1)])
+def test_configs_describe_valid_models(name, arg, layers):
+  c = load_config_file(name, arg)
+  assert len(c.model.layers) == layers
+  cfg = build.decomposer_config(c)  # validates architecture, channels, text dims
+  assert cfg.mmdit.in_channels == cfg.latent_channels * 3
+  if arg and 'sd35_large' in arg:
+    assert cfg.mmdit.num_layers == 38 and tuple(c.mesh) == (-1, 8, 1)
+  if arg and 'steps=7' in arg:
+    assert c.total_steps == 7
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match='unknown variant'):
+    load_config_file('liwi', 'nope')
+  with pytest.raises(ValueError, match="unknown key 'stepz'"):
+    load_config_file('liwi', 'demo,stepz=3')
+
+
+def test_missing_pretrained_folder_fails_before_training(tmp_path):
+  c = load_config_file('liwi', f'sd3_medium,pretrained={tmp_path}/nowhere')
+  with pytest.raises(FileNotFoundError, match='init.pretrained: .*nowhere: no such directory'):
+    trainer.create(c)
+
+
+def _tiny_pipeline(path, in_channels=4):
+  """A random tiny SD3 'pipeline folder' (transformer/ + vae/) saved by our converter."""
+  t = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(
+      sample_size=8, in_channels=in_channels, out_channels=in_channels, num_layers=2,
+      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+      caption_projection_dim=16, pooled_projection_dim=10, pos_embed_max_size=8,
+      qk_norm='rms_norm', dual_attention_layers=(0,)), rngs=nnx.Rngs(1))
+  vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8), latent_channels=in_channels,
+                                norm_num_groups=4, layers_per_block=1, sample_size=16),
+                      rngs=nnx.Rngs(2))
+  convert.save_transformer(t, path / 'transformer')
+  convert.save_vae(vae, path / 'vae')
+  return t, vae
+
+
+def test_pretrained_sd3_starts_unchanged(tmp_path, data_dir):
+  """Extra input channels and the layer embedding start at zero: with K = 1 the decomposer's
+  output is SD3's on the noisy latent, whatever the condition latents are."""
+  sd3, vae = _tiny_pipeline(tmp_path / 'sd3')
+  c = tiny(data_dir, 'vae', embeddings='unused')
+  c.init.pretrained = str(tmp_path / 'sd3')
+  c.model.layers = ('background',)
+  model = build.build_model(c, seed=0)
+  assert model.transformer.config.in_channels == 12 and model.transformer.config.num_layers == 2
+  rng = np.random.default_rng(0)
+  noisy = jnp.asarray(rng.normal(size=(2, 1, 8, 8, 4)), jnp.float32)
+  cond = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.float32)
+  text = jnp.asarray(rng.normal(size=(2, 5, 12)), jnp.float32)
+  pooled = jnp.asarray(rng.normal(size=(2, 10)), jnp.float32)
+  sigma = jnp.asarray([0.3, 0.9])
+  ours = model(noisy, cond, text, pooled, sigma)[:, 0]
+  ref = sd3(noisy[:, 0], text, pooled, sigma * 1000)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  # the VAE and the heads' bodies come from the pretrained VAE
+  np.testing.assert_array_equal(model.latents.vae.encoder.conv_in.kernel[...],
+                                vae.encoder.conv_in.kernel[...])
+
+
+def test_loss_falls(tmp_path, data_dir):
+  c = tiny(data_dir, total_steps=40, log_every=1, checkpoint_every=40)
+  c.optimizer.decay_steps, c.optimizer.warmup_steps, c.optimizer.lr = 40, 5, 3e-3
+  losses = []
+  orig = trainer.create_writer
+
+  class Recorder:
+    def write_scalars(self, step, scalars):
+      losses.append(scalars['loss'])
+    def __getattr__(self, name):
+      return lambda *a, **k: None
+
+  trainer.create_writer = lambda *a, **k: Recorder()
+  try:
+    trainer.train(c, tmp_path / 'run')
+  finally:
+    trainer.create_writer = orig
+  assert len(losses) == 40
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert last < 0.7 * first, (first, last)
+
+
+def _params(workdir, config):
+  setup, state, step = trainer.restore_for_eval(config, workdir)
+  return step, jax.tree.map(np.asarray, {k: state[k] for k in ('params', 'ema', 'opt_state')})
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact(tmp_path, data_dir):
+  c = tiny(data_dir, total_steps=6, checkpoint_every=3)
+  c.optimizer.decay_steps = 6
+  trainer.train(c, tmp_path / 'straight')
+  c3 = tiny(data_dir, total_steps=3, checkpoint_every=3)
+  c3.optimizer.decay_steps = 6
+  trainer.train(c3, tmp_path / 'resumed')  # stops at 3, as a preempted job would
+  trainer.train(c, tmp_path / 'resumed')   # a new run: restores step 3 and the loader
+  (s1, a), (s2, b) = _params(tmp_path / 'straight', c), _params(tmp_path / 'resumed', c)
+  assert s1 == s2 == 6
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  c7 = tiny(data_dir, total_steps=7)
+  c7.optimizer.decay_steps = 6
+  assert trainer.train(c7, tmp_path / 'straight')['step'] == 7  # and goes on from there
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_step_and_term(tmp_path, data_dir):
+  c = tiny(data_dir, total_steps=8, checkpoint_every=1, keep_checkpoints=2)
+  c.optimizer.lr = 1e30
+  c.optimizer.warmup_steps = 1
+  c.optimizer.clip_norm = 1e30
+  with pytest.raises(trainer.NonFiniteLoss, match=r'step \d+: non-finite \[.*loss.*\]') as e:
+    trainer.train(c, tmp_path / 'run')
+  assert 'last good checkpoint: step' in str(e.value)
+  step, params = _params(tmp_path / 'run', c)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params['params']))
+
+
+def test_mesh_must_divide_batch(data_dir):
+  c = tiny(data_dir, mesh=(8, 1, 1))
+  c.data.global_batch_size = 4
+  with pytest.raises(ValueError, match='global_batch_size=4 is not divisible'):
+    trainer.create(c)
+  c = tiny(data_dir, mesh=(3, 1, 1))
+  with pytest.raises(ValueError, match='needs 3 devices'):
+    trainer.create(c)
+
+
+@pytest.mark.slow
+def test_empty_split_fails_before_training(tmp_path, data_dir):
+  c = tiny(data_dir)
+  c.data.data_dir = str(tmp_path / 'none')
+  with pytest.raises(Exception, match='none|layered'):
+    trainer.train(c, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not any(
+      (tmp_path / 'run' / 'checkpoints').iterdir())
+
+
+@pytest.mark.slow
+def test_precomputed_embeddings_and_vae_latents_train_and_evaluate(tmp_path, data_dir):
+  emb = write_embeddings(tmp_path / 'emb.safetensors', 6, 16, 16)
+  c = tiny(data_dir, 'vae', embeddings=emb, eval_every=4)
+  result = trainer.train(c, tmp_path / 'run')
+  assert result['step'] == 4
+  ev = result['eval']
+  for layer in ('background', 'foreground', 'shadow'):
+    for m in ('rgb_l1', 'alpha_iou'):
+      assert np.isfinite(ev[f'model/{layer}/{m}']) or layer == 'shadow'
+  assert (tmp_path / 'run' / 'eval' / 'validation_4.json').is_file()
+  assert (tmp_path / 'run' / 'samples' / 'validation_4.png').is_file()
+  assert list((tmp_path / 'run' / 'tensorboard').glob('events.out.tfevents.*'))
+  table = evaluate.table(ev)
+  assert 'foreground/alpha_iou' in table and 'baseline' in table
+  with pytest.raises(KeyError, match='no embedding for text'):
+    build.TextEmbeddings(emb)(['never seen'])
+
+
+def test_baselines_and_ground_truth():
+  b, h, w = 1, 4, 6
+  image = np.full((b, h, w, 3), 0.5, np.float32)
+  prompt = np.zeros((b, h, w, 3), np.float32)
+  prompt[..., 2] = 1
+  prompt[:, 1:3, 2:5] = (0, 1, 0)  # a green box
+  out = evaluate.baselines({'image': image, 'prompt': prompt})
+  assert out['foreground'][0, ..., 3].sum() == 6 and (out['background'][..., 3] == 1).all()
+  assert (out['shadow'] == 0).all()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits(tmp_path, data_dir):
+  """Preemption: SIGTERM mid-run writes a checkpoint at the current step and exits 0."""
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'layerjax.main', f'--config={ROOT}/configs/liwi.py:demo',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         '--config.data.image_size=(32, 32)', '--config.data.global_batch_size=4',
+         '--config.data.num_workers=0', '--config.total_steps=100000',
+         '--config.checkpoint_every=100000', '--config.eval_every=0', '--config.log_every=1',
+         '--config.model.mmdit.num_layers=1']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  seen = []
+  deadline = time.time() + 240
+  for line in proc.stdout:
+    seen.append(line)
+    if 'step 3/' in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  log = ''.join(seen) + out
+  assert proc.returncode == 0, log[-3000:]
+  assert 'SIGTERM: saved step' in log
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps and steps[-1] >= 3, steps

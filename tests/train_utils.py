@@ -1,0 +1,85 @@
+"""Tiny experiment configs and datasets for the training tests (built from configs/liwi.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from layerjax.data import schema
+from layerjax.data.tfds_builder import Layered
+from layerjax.train.build import TextEmbeddings
+from test_schema import make_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config_file(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def make_dataset(root: Path, n: int = 8, size: int = 32) -> Path:
+  """`n` samples (a disc and its shadow over a gradient) in train and validation splits."""
+  for s in range(n):
+    schema.write_folder(make_sample(h=size, w=size, seed=s), root / 'src' / f'{s}')
+  folders = sorted((root / 'src').iterdir())
+  Layered(data_dir=root / 'tfds', sources={'train': folders[:n - 2],
+                                           'validation': folders[n - 2:]}).download_and_prepare()
+  return root / 'tfds'
+
+
+TEXTS = ('', 'ball', 'a ball', 'the ball on the right')
+
+
+def write_embeddings(path: Path, tokens: int, dim: int, pooled: int) -> Path:
+  """Random 'precomputed SD3 embeddings' for every text the test samples can produce."""
+  rng = np.random.default_rng(0)
+  tensors = {}
+  for text in TEXTS:
+    k = TextEmbeddings.key(text)
+    tensors[f'{k}.states'] = rng.normal(size=(tokens, dim)).astype(np.float32)
+    tensors[f'{k}.pooled'] = rng.normal(size=(pooled,)).astype(np.float32)
+  save_file(tensors, str(path))
+  return path
+
+
+def tiny(data_dir, kind: str = 'pixels', embeddings=None, **top):
+  """configs/liwi.py:demo shrunk to a 32 px, 2-block model; kind 'vae' uses SD3's structure
+  (a tiny random VAE, VAE-decoder heads, precomputed text embeddings)."""
+  c = load_config_file('liwi', 'demo')
+  c.data.data_dir = str(data_dir)
+  c.data.image_size = (32, 32)
+  c.data.global_batch_size = 8
+  c.data.num_workers = 0
+  c.data.point_sigma = 2.0
+  c.data.prompt_probs = {'box': 0.5, 'mask+text': 0.5}
+  c.model.mmdit = dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=8,
+                       num_attention_heads=4, joint_attention_dim=16, caption_projection_dim=32,
+                       pooled_projection_dim=16, pos_embed_max_size=16,
+                       dual_attention_layers=(0,), qk_norm='rms_norm')
+  c.model.text = {'encoder': 'bytes', 'embeddings': '', 'max_len': 16, 'width': 16, 'depth': 1,
+                  'heads': 2}
+  c.model.head = {'kind': 'conv', 'width': 8}
+  if kind == 'vae':
+    c.model.latents = {'kind': 'vae', 'vae': {'block_out_channels': (8, 8), 'latent_channels': 4,
+                                              'norm_num_groups': 4, 'layers_per_block': 1,
+                                              'sample_size': 32}}
+    c.model.head = {'kind': 'vae_decoder'}
+    c.model.text = {'encoder': 'precomputed', 'embeddings': str(embeddings), 'max_len': 16,
+                    'width': 16, 'depth': 1, 'heads': 2}
+  c.total_steps = c.optimizer.decay_steps = 4
+  c.optimizer.warmup_steps = 2
+  c.log_every = 2
+  c.eval_every = 0
+  c.checkpoint_every = 2
+  c.async_checkpoints = True
+  c.eval.batch_size = 8
+  c.eval.num_batches = 1
+  c.eval.sample_steps = 2
+  c.eval.grid_rows = 2
+  for k, v in top.items():
+    c[k] = v
+  return c
