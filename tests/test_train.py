@@ -15,7 +15,6 @@ from flax import nnx
 
 from layerjax.convert import diffusers as convert
 from layerjax.models import mmdit
-from layerjax.models.decomposer import LayerDecomposer
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 from layerjax.train import build, evaluate, trainer
 from train_utils import ROOT, load_config_file, make_dataset, tiny, write_embeddings

@@ -13,7 +13,6 @@ scaled), so the decomposer and its objectives never ask which one is in use.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from layerjax.models.vae import AutoencoderKL, from_latent, to_latent

@@ -17,7 +17,6 @@ pixel latents. Heads output the VAE's image range [-1, 1] (`heads.to_unit` reads
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +141,8 @@ class DecomposerConfig:
     object.__setattr__(self, 'conditions', tuple(self.conditions))
     for name, allowed, got in (('layers', LAYERS, self.layers),
                                ('conditions', CONDITIONS, self.conditions)):
-      if not got and name == 'layers' or set(got) - set(allowed) or len(set(got)) != len(got):
+      empty = name == 'layers' and not got  # conditions may be empty (plain SD3)
+      if empty or set(got) - set(allowed) or len(set(got)) != len(got):
         raise ValueError(f'model.{name} must be distinct names from {allowed}, got {got}')
     if self.latents not in ('vae', 'space_to_depth'):
       raise ValueError(f"model.latents must be 'vae' or 'space_to_depth', got {self.latents!r}")

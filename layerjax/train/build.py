@@ -9,6 +9,7 @@ a safetensors file (`model.text.encoder = 'precomputed'`, `model.text.embeddings
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -50,23 +51,23 @@ def _pretrained_folder(config) -> Path | None:
   return folder
 
 
-def decomposer_config(config, mmdit_arch: dict | None = None,
-                      vae_arch: dict | None = None) -> DecomposerConfig:
-  """`config.model` -> `DecomposerConfig`; `*_arch` (diffusers config dicts) override the
-  architecture when weights come from a pretrained folder."""
+def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None = None
+                      ) -> DecomposerConfig:
+  """`config.model` -> `DecomposerConfig`; `pretrained` (the loaded transformer's and VAE's
+  configs) replaces the architecture in `config.model` when weights come from a folder."""
   m = config.model
   latents = m.latents.kind
   vae = None
   if latents == 'vae':
-    vae = (VAEConfig.from_diffusers(vae_arch) if vae_arch is not None
-           else VAEConfig(**m.latents.get('vae', {})))
+    vae = pretrained[1] if pretrained else VAEConfig(**m.latents.get('vae', {}))
     channels = vae.latent_channels
   else:
     channels = 3 * m.latents.factor ** 2
-  arch = dict(m.mmdit) if mmdit_arch is None else {
-      k: mmdit_arch[k] for k in MMDiTConfig.ARCH_FIELDS if k in mmdit_arch}
-  arch.update(in_channels=channels * (1 + len(m.conditions)), out_channels=channels)
-  mmdit = MMDiTConfig(**arch, **_compute(m))
+  widths = dict(in_channels=channels * (1 + len(m.conditions)), out_channels=channels)
+  if pretrained:
+    mmdit = dataclasses.replace(pretrained[0], **widths)
+  else:
+    mmdit = MMDiTConfig(**{**dict(m.mmdit), **widths}, **_compute(m))
   text = None
   if m.text.encoder == 'bytes':
     text = TextEncoderConfig(max_len=m.text.max_len, width=m.text.width, depth=m.text.depth,
@@ -92,7 +93,7 @@ def build_model(config, seed: int) -> LayerDecomposer:
   compute = _compute(m)
   transformer = convert.load_transformer(folder, **compute)
   vae = convert.load_vae(folder, dtype=compute['dtype'], param_dtype=compute['param_dtype'])
-  cfg = decomposer_config(config, transformer.config.to_diffusers(), vae.config.to_diffusers())
+  cfg = decomposer_config(config, (transformer.config, vae.config))
   model = LayerDecomposer(cfg, rngs=nnx.Rngs(seed))
   widen_input(transformer, model.transformer)
   nnx.update(model.latents.vae, nnx.state(vae))

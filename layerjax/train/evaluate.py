@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from layerjax import metrics, parallel
+from layerjax.fileio import atomic_file
 from layerjax.data import examples
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import over
@@ -127,22 +128,14 @@ def run(setup, state: dict, config, split: str, workdir, step: int, writer=None)
   result['examples'] = len(next(iter(scores['model'].values())))
   if jax.process_index() == 0:
     workdir = Path(workdir)
-    _write(workdir / 'eval' / f'{split}_{step}.json',
-           lambda p: p.write_text(json.dumps(result, indent=2) + '\n'))
-    _write(workdir / 'samples' / f'{split}_{step}.png',
-           lambda p: Image.fromarray(picture).save(p, format='PNG'))
+    with atomic_file(workdir / 'eval' / f'{split}_{step}.json') as tmp:
+      tmp.write_text(json.dumps(result, indent=2) + '\n')
+    with atomic_file(workdir / 'samples' / f'{split}_{step}.png') as tmp:
+      Image.fromarray(picture).save(tmp, format='PNG')
     if writer is not None:
       writer.write_scalars(step, {f'{split}/{k}': v for k, v in result.items()})
       writer.write_images(step, {f'{split}/samples': picture})
   return result
-
-
-def _write(path: Path, write) -> None:
-  """Writes through a temporary name, so a reader never sees half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  write(tmp)
-  tmp.replace(path)
 
 
 def table(result: dict, layers=LAYERS) -> str:

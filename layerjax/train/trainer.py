@@ -28,6 +28,7 @@ from absl import logging
 from flax import nnx
 
 from layerjax import parallel
+from layerjax.fileio import atomic_file
 from layerjax.data.pipeline import make_loader
 from layerjax.models.decomposer import TRAINABLE
 from layerjax.train import build, evaluate, objectives
@@ -55,14 +56,13 @@ def check_config(config, mesh) -> None:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size '
                        f'{n} (mesh {dict(mesh.shape)})')
   objectives.check_weights(dict(config.loss.weights), config.model.layers)
-  size = tuple(config.data.image_size)
-  factor = (2 ** (len(config.model.latents.vae.block_out_channels) - 1)
-            if config.model.latents.kind == 'vae' and 'vae' in config.model.latents
-            else config.model.latents.get('factor', 8))
-  patch = config.model.mmdit.get('patch_size', 2)
-  if any(s % (factor * patch) for s in size):
-    raise ValueError(f'data.image_size {size} must be divisible by latent factor x patch size '
-                     f'= {factor * patch}')
+
+
+def _check_image_size(size, cfg) -> None:
+  step = cfg.latent_factor * cfg.mmdit.patch_size
+  if any(s % step for s in size):
+    raise ValueError(f'data.image_size {tuple(size)} must be divisible by latent factor x '
+                     f'patch size = {step}')
 
 
 @dataclasses.dataclass
@@ -81,6 +81,7 @@ def create(config, mesh=None) -> Setup:
   mesh = mesh or parallel.make_mesh(tuple(config.mesh))
   check_config(config, mesh)
   model = build.build_model(config, config.seed)
+  _check_image_size(config.data.image_size, model.config)
   shardings = parallel.model_shardings(model, mesh)
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
   params = jax.device_put(params, _shardings_for(params, shardings))
@@ -151,12 +152,13 @@ class Checkpoints:
     if wait:
       self.manager.wait_until_finished()
 
-  def restore(self, step: int, state: dict, iterator) -> dict:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
-    return out['state']
+  def restore(self, step: int, state: dict, iterator=None) -> dict:
+    """The state saved at `step` (shaped like `state`); also restores `iterator` if given."""
+    items = {'state': ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, state))}
+    if iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -246,9 +248,13 @@ def train(config, workdir, *, mesh=None) -> dict:
       pending = (step, metrics)
       steps_since += 1
       done = step + 1
-      if done % config.log_every == 0 or done == total:
-        logged = check(pending)
-        pending = None
+      log = done % config.log_every == 0 or done == total
+      run_eval = config.eval_every and (done % config.eval_every == 0 or done == total)
+      save = done % config.checkpoint_every == 0 or done == total or preempt.requested
+      if not (log or run_eval or save):
+        continue
+      logged, pending = check(pending), None  # nothing is logged or saved unchecked
+      if log:
         dt = time.perf_counter() - t_log
         rate = steps_since / dt
         scalars = {k: float(v) for k, v in logged.items() if k != 'finite'}
@@ -261,17 +267,11 @@ def train(config, workdir, *, mesh=None) -> dict:
                      scalars['tflops_per_s'], _format_eta((total - done) / rate))
         result['train'] = scalars
         t_log, steps_since = time.perf_counter(), 0
-      if config.eval_every and (done % config.eval_every == 0 or done == total):
-        if pending is not None:
-          check(pending)
-          pending = None
+      if run_eval:
         result['eval'] = evaluate.run(setup, state, config, 'validation', workdir, done,
                                       writer)
         t_log, steps_since = time.perf_counter(), 0
-      if done % config.checkpoint_every == 0 or done == total or preempt.requested:
-        if pending is not None:
-          check(pending)
-          pending = None
+      if save:
         ckpt.save(done, state, iterator, wait=preempt.requested)
       if preempt.requested:
         logging.warning('SIGTERM: saved step %d, exiting', done)
@@ -281,7 +281,8 @@ def train(config, workdir, *, mesh=None) -> dict:
   writer.close()
   result['step'] = int(state['step'])
   if jax.process_index() == 0:
-    _write_json(workdir / 'train_result.json', result)
+    with atomic_file(workdir / 'train_result.json') as tmp:
+      tmp.write_text(json.dumps(result, indent=2, default=float) + '\n')
   return result
 
 
@@ -295,12 +296,6 @@ def _flops(step_fn, state, frozen, batch) -> float | None:
   return float(cost.get('flops', 0.0)) if cost else None
 
 
-def _write_json(path: Path, obj) -> None:
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, default=float) + '\n')
-  tmp.replace(path)
-
-
 def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
   """The latest checkpoint's state in `workdir` (for `--mode=eval`)."""
   setup = create(config, mesh)
@@ -308,8 +303,6 @@ def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
   step = ckpt.latest()
   if step is None:
     raise FileNotFoundError(f'{workdir}/checkpoints: no checkpoint to evaluate')
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, setup.state)
-  state = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))['state']
+  state = ckpt.restore(step, setup.state)
   ckpt.close()
   return setup, state, step
