@@ -7,12 +7,15 @@ crop and flip, all six boundary degradations) for each worker count in `--worker
 
     python bench/data_pipeline.py [--samples 24] [--size 512] [--batch 4] [--workers 0 2]
 
-The comparison with a training step of the demo model arrives with the training issue.
+In the same run it times one training step of the demo model (`bench/train_step.py`,
+configs/liwi.py:demo) and prints how many times faster the loader delivers samples than
+that step consumes them (> 1: the loader keeps up). `--no-train-step` skips it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +67,9 @@ def main() -> None:
                  help='untimed batches first: Grain prefetches on threads, so early batches '
                       'arrive ready-made and would overstate the rate')
   p.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+  p.add_argument('--no-train-step', action='store_true')
   args = p.parse_args()
+  rates = {}
 
   with tempfile.TemporaryDirectory() as tmp:
     root = Path(tmp)
@@ -93,8 +98,21 @@ def main() -> None:
       for _ in range(args.batches):
         next(it)
       dt = time.perf_counter() - t0
-      print(f'workers={workers}: {args.batches * args.batch / dt:7.1f} samples/s '
+      rates[workers] = args.batches * args.batch / dt
+      print(f'workers={workers}: {rates[workers]:7.1f} samples/s '
             f'({dt / args.batches * 1000:.0f} ms per batch of {args.batch})')
+  if args.no_train_step:
+    return
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+  import train_step
+  config = train_step.load_config('demo')
+  config.mesh = (1, 1, 1)
+  step = train_step.time_ours(config, steps=10, warmup=2)['step_s']
+  consumed = config.data.global_batch_size / step
+  print(f'demo training step (batch {config.data.global_batch_size}): {step * 1000:.0f} ms, '
+        f'consumes {consumed:.1f} samples/s')
+  for workers, rate in rates.items():
+    print(f'loader ({args.size} px, workers={workers}) / demo step: {rate / consumed:.2f}x')
 
 
 if __name__ == '__main__':

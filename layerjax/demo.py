@@ -111,7 +111,9 @@ def main(argv) -> None:
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value)
   make_data(workdir, config.demo, Path(config.data.data_dir))
-  trainer.train(config, workdir / 'train')
+  if 'preempted_at' in trainer.train(config, workdir / 'train'):
+    print('stopped by SIGTERM after saving; run the same command again to continue')
+    return
   setup, state, step = trainer.restore_for_eval(config, workdir / 'train')
   result = evaluate.run(setup, state, config, 'test', workdir / 'train', step)
   print(f'\nHeld-out synthetic scenes (test split, {result["examples"]} examples, '

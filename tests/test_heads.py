@@ -47,6 +47,9 @@ def test_init_copies_all_but_conv_out(vae_decoder, channels):
     else:
       np.testing.assert_array_equal(value, source[name])
   assert copied['conv_out.kernel'].shape == (3, 3, CFG.block_out_channels[0], channels)
+  # Its own buffers: training donates the heads' parameters, the frozen VAE keeps its own.
+  kernel = head.conv_in.kernel[...]
+  assert kernel.unsafe_buffer_pointer() != vae_decoder.conv_in.kernel[...].unsafe_buffer_pointer()
 
 
 def abstract_head(cfg, channels):

@@ -83,6 +83,22 @@ def test_fresh_pos_embed_matches_diffusers():
                              rtol=0, atol=1e-6)
 
 
+def test_adaln_zero_blocks_start_as_identity():
+  cfg = mmdit.MMDiTConfig(**SD35_SMALL)
+  model = mmdit.adaln_zero_(mmdit.SD3Transformer2DModel(cfg, rngs=nnx.Rngs(0)))
+  x, c, p, t = inputs(SD35_SMALL)
+  x = nchw_to_nhwc(x)
+  tokens = model.pos_embed(jnp.asarray(x))
+  context = model.context_embedder(jnp.asarray(c))
+  temb = model.time_text_embed(jnp.asarray(t), jnp.asarray(p))
+  for i, block in enumerate(model.transformer_blocks):
+    out, ctx = block(tokens, context, temb)
+    np.testing.assert_array_equal(out, tokens, err_msg=f'block {i}')
+    if ctx is not None:
+      np.testing.assert_array_equal(ctx, context, err_msg=f'block {i}')
+  assert not np.any(model(jnp.asarray(x), jnp.asarray(c), jnp.asarray(p), jnp.asarray(t)))
+
+
 def test_missing_config_keys_take_diffusers_defaults():
   cfg = mmdit.MMDiTConfig.from_diffusers({'_class_name': 'SD3Transformer2DModel'})
   defaults = {k: v.default for k, v in inspect.signature(TorchSD3.__init__).parameters.items()

@@ -20,6 +20,8 @@ Config keys (an `ml_collections.ConfigDict` or any object with these attributes)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grain
 from absl import flags
 import jax
@@ -161,6 +163,19 @@ def _collate(items: list[dict]) -> dict[str, np.ndarray]:
           else np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
 
 
+def _tfds_split(name: str, data_dir, split: str):
+  """The built dataset's split; a clear error (and nothing written) when it is not there:
+  `tfds.data_source` would otherwise try to build the dataset in `data_dir`."""
+  root = Path(data_dir) / name
+  if not any(root.glob('*/dataset_info.json')):
+    raise FileNotFoundError(f'data.data_dir: {root}: no built {name!r} dataset (make one with '
+                            f'`python -m data_engine build-tfds SCENES --data-dir {data_dir}`)')
+  splits = tfds.data_source(name, data_dir=data_dir)
+  if split not in splits:
+    raise ValueError(f'{root}: no split {split!r} (splits: {sorted(splits)})')
+  return splits[split]
+
+
 def make_loader(config, split: str, *, process_index: int | None = None,
                 process_count: int | None = None, source=None) -> grain.IterDataset:
   """An iterable of numpy batches for `split`; `iter(...)` gives a checkpointable iterator.
@@ -176,7 +191,7 @@ def make_loader(config, split: str, *, process_index: int | None = None,
   degrade.check_config(config.degradations)
   check_geometry(config)
   if source is None:
-    source = tfds.data_source(config.name, data_dir=config.data_dir)[split]
+    source = _tfds_split(config.name, config.data_dir, split)
   if len(source) == 0:
     raise ValueError(f'{config.name}: split {split!r} is empty')
   ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()

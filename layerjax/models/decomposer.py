@@ -27,10 +27,11 @@ from layerjax import parallel
 from layerjax.models import heads
 from layerjax.models.autoencoder import SpaceToDepth, VAELatents, depth_to_space
 from layerjax.models.common import RMSNorm, attention, conv, layer_norm, linear
-from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, adaln_zero_
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 
 LAYERS = ('background', 'foreground', 'shadow')
+SAMPLE_SIGMA_MIN = 0.05  # sample prediction: the velocity's 1 / sigma is capped there (JiT)
 CONDITIONS = ('image', 'prompt')
 
 
@@ -122,6 +123,34 @@ class ConvHead(nnx.Module):
     return depth_to_space(self.conv_out(x), self.factor)
 
 
+class LongSkip(nnx.Module):
+  """A long skip for small decomposers trained from scratch with sample prediction (U-ViT's
+  idea, at the ends): per layer, a linear map of the condition latents added to the
+  predicted sample, scaled per channel by a gate from the timestep embedding. It starts as
+  the identity on the input image's latent, so every layer's first prediction is the input
+  image (the trivial decomposition) and the transformer learns what differs from it. A
+  transformer must otherwise learn to carry each input value through its LayerNorms, and
+  Adam needs about 1 / lr steps to grow a weight from 0 to 1. The noisy latents stay out of
+  it: a time-independent copy of them would leak noise into predictions at high noise."""
+
+  def __init__(self, layers: int, in_channels: int, out_channels: int, image_offset: int,
+               width: int, dtype=jnp.float32, param_dtype=jnp.float32, *, rngs: nnx.Rngs):
+    eye = jnp.zeros((in_channels, out_channels), param_dtype).at[
+        image_offset:image_offset + out_channels].set(jnp.eye(out_channels, dtype=param_dtype))
+    self.kernel = nnx.Param(jnp.broadcast_to(eye, (layers, in_channels, out_channels)),
+                            out_sharding=(None, None, None), eager_sharding=False)
+    self.gate = linear(width, layers * out_channels, ('embed', None), dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs,
+                       kernel_init=nnx.initializers.zeros_init())
+
+  def __call__(self, conditions: jax.Array, temb: jax.Array) -> jax.Array:
+    """[B, h, w, C_cond], [B, width] -> [B, K, h, w, C_out]."""
+    k = self.kernel.shape[0]
+    gate = 1 + self.gate(jax.nn.silu(temb)).reshape(temb.shape[0], k, 1, 1, -1)
+    return jnp.einsum('bhwc,kco->bkhwo', conditions,
+                      self.kernel[...].astype(conditions.dtype)) * gate
+
+
 # --- the decomposer -------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +164,11 @@ class DecomposerConfig:
   text: TextEncoderConfig | None = None  # None: precomputed SD3 embeddings
   head: str = 'vae_decoder'  # or 'conv'
   head_width: int = 64
+  long_skip: bool = False  # `LongSkip`, for small models trained from scratch
+  # What the network outputs: 'velocity' (SD3) or 'sample', the clean latent, turned into
+  # the velocity (x_t - x_0) / sigma; JiT (Li & He, 2025) shows small models on
+  # high-dimensional tokens learn far better predicting the clean sample.
+  prediction: str = 'velocity'
 
   def __post_init__(self):
     object.__setattr__(self, 'layers', tuple(self.layers))
@@ -146,6 +180,12 @@ class DecomposerConfig:
         raise ValueError(f'model.{name} must be distinct names from {allowed}, got {got}')
     if self.latents not in ('vae', 'space_to_depth'):
       raise ValueError(f"model.latents must be 'vae' or 'space_to_depth', got {self.latents!r}")
+    if self.prediction not in ('velocity', 'sample'):
+      raise ValueError(f"model.prediction must be 'velocity' or 'sample', got "
+                       f'{self.prediction!r}')
+    if self.long_skip and (self.prediction != 'sample' or 'image' not in self.conditions):
+      raise ValueError("model.long_skip needs model.prediction='sample' and the 'image' "
+                       'condition (it starts every layer as the input image)')
     if self.head not in ('vae_decoder', 'conv'):
       raise ValueError(f"model.head must be 'vae_decoder' or 'conv', got {self.head!r}")
     if self.head == 'vae_decoder' and self.latents != 'vae':
@@ -173,19 +213,34 @@ class DecomposerConfig:
 class LayerDecomposer(nnx.Module):
   """`(noisy [B, K, h, w, C], conditions [B, h, w, C * n], text, sigma [B]) -> velocity`."""
 
-  def __init__(self, cfg: DecomposerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecomposerConfig, *, rngs: nnx.Rngs,
+               transformer: SD3Transformer2DModel | None = None,
+               vae: AutoencoderKL | None = None):
+    """`transformer` and `vae`: pretrained modules to use (the transformer already widened,
+    `widen_input`), so a large model is never randomly initialised first."""
     self.config = cfg
     m = cfg.mmdit
     kw = dict(dtype=m.dtype, param_dtype=m.param_dtype)
     if cfg.latents == 'vae':
-      self.latents = VAELatents(AutoencoderKL(cfg.vae, rngs=rngs))
+      if vae is not None and vae.config != cfg.vae:
+        raise ValueError(f'vae config {vae.config} differs from the decomposer\'s {cfg.vae}')
+      self.latents = VAELatents(vae or AutoencoderKL(cfg.vae, rngs=rngs))
     else:
       self.latents = SpaceToDepth(cfg.factor)
-    self.transformer = SD3Transformer2DModel(m, rngs=rngs)
+    if transformer is None:  # from scratch: DiT's adaLN-Zero start
+      transformer = adaln_zero_(SD3Transformer2DModel(m, rngs=rngs))
+    elif transformer.config != m:
+      raise ValueError(f'transformer config {transformer.config} differs from the '
+                       f'decomposer\'s {m}')
+    self.transformer = transformer
     self.layer_embed = nnx.Param(jnp.zeros((len(cfg.layers), m.width), m.param_dtype),
                                  out_sharding=(None, 'embed'), eager_sharding=False)
     if cfg.text is not None:
       self.text_encoder = TextEncoder(cfg.text, rngs=rngs, **kw)
+    if cfg.long_skip:
+      c = cfg.latent_channels
+      self.long_skip = LongSkip(len(cfg.layers), c * len(cfg.conditions), c,
+                                c * cfg.conditions.index('image'), m.width, rngs=rngs, **kw)
 
     def head(channels):
       if cfg.head == 'conv':
@@ -222,8 +277,15 @@ class LayerDecomposer(nnx.Module):
         tokens.dtype)
     tokens = parallel.constrain(tokens.reshape(b, k * n, -1), ('batch', 'length', 'embed'))
     out = self.transformer.forward_tokens(tokens, context, pooled, sigma * 1000)
-    out = self.transformer.unpatchify(out.reshape(b * k, n, -1), h, w)
-    return out.reshape(b, k, h, w, c)
+    out = self.transformer.unpatchify(out.reshape(b * k, n, -1), h, w).reshape(b, k, h, w, c)
+    if self.config.long_skip:
+      temb = self.transformer.time_text_embed(jnp.broadcast_to(sigma * 1000, (b,)),
+                                              pooled.astype(x.dtype))
+      out = out + self.long_skip(conditions.astype(out.dtype), temb.astype(out.dtype))
+    if self.config.prediction == 'sample':  # x_t = (1 - s) x_0 + s eps: v = (x_t - x_0) / s
+      s = jnp.maximum(sigma, SAMPLE_SIGMA_MIN).astype(out.dtype)[:, None, None, None, None]
+      out = (noisy.astype(out.dtype) - out) / s
+    return out
 
 
 def trainable(path, _) -> bool:
@@ -234,23 +296,16 @@ def trainable(path, _) -> bool:
 TRAINABLE = nnx.All(nnx.Param, trainable)
 
 
-def widen_input(source: SD3Transformer2DModel, target: SD3Transformer2DModel) -> None:
-  """Copies a pretrained MMDiT into `target`, whose patch embedding takes extra channels:
-  those start at zero so the pretrained network's output is unchanged."""
-  src = dict(nnx.to_flat_state(nnx.state(source)))
-  dst_state = nnx.state(target)
-  dst = dict(nnx.to_flat_state(dst_state))
-  if set(src) != set(dst):
-    raise ValueError(f'pretrained transformer and decomposer differ in parameters: '
-                     f'{sorted(set(src) ^ set(dst))[:10]}')
-  for path, var in dst.items():
-    x = src[path][...]
-    if path[-2:] == ('proj', 'kernel') and path[0] == 'pos_embed':
-      if x.shape[:2] != var.shape[:2] or x.shape[3] != var.shape[3] or x.shape[2] > var.shape[2]:
-        raise ValueError(f'patch embedding {x.shape} cannot widen to {var.shape}')
-      x = jnp.zeros(var.shape, var.dtype).at[:, :, :x.shape[2]].set(x)
-    elif x.shape != var.shape:
-      raise ValueError(f"shape mismatch at {'.'.join(map(str, path))}: pretrained {x.shape}, "
-                       f'decomposer {var.shape}')
-    var.set_value(jnp.asarray(x, var.dtype))
-  nnx.update(target, dst_state)
+def widen_input(transformer: SD3Transformer2DModel, in_channels: int) -> SD3Transformer2DModel:
+  """Widens a pretrained MMDiT's patch embedding to `in_channels` inputs, in place: the extra
+  channels' weights start at zero, so the network's output is unchanged."""
+  kernel = transformer.pos_embed.proj.kernel
+  have = kernel.shape[2]
+  if in_channels < have:
+    raise ValueError(f'patch embedding with {have} input channels cannot widen to '
+                     f'{in_channels}')
+  wide = jnp.zeros(kernel.shape[:2] + (in_channels,) + kernel.shape[3:], kernel.dtype)
+  kernel.set_value(wide.at[:, :, :have].set(kernel[...]))
+  transformer.pos_embed.proj.in_features = in_channels
+  transformer.config = dataclasses.replace(transformer.config, in_channels=in_channels)
+  return transformer

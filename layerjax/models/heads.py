@@ -45,8 +45,8 @@ def init_from_vae_decoder(head: Decoder, vae_decoder: Decoder) -> Decoder:
     if source[path].shape != flat[path].shape:
       raise ValueError(f"shape mismatch at {'.'.join(map(str, path))}: VAE decoder has "
                        f'{source[path].shape}, head {flat[path].shape}')
-  for path in body(flat):
-    flat[path].set_value(source[path][...].astype(flat[path].dtype))
+  for path in body(flat):  # copies: a buffer shared by two trained heads cannot be donated
+    flat[path].set_value(jnp.array(source[path][...], flat[path].dtype, copy=True))
   nnx.update(head, target)
   return head
 

@@ -360,3 +360,14 @@ class SD3Transformer2DModel(nnx.Module):
     b, h, w = x.shape[0], height // p, width // p
     x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * p, w * p, c)
+
+
+def adaln_zero_(model: SD3Transformer2DModel) -> SD3Transformer2DModel:
+  """DiT's adaLN-Zero initialisation for training from scratch (in place): every modulation
+  and the output projection start at zero, so each block starts as the identity and the
+  network's output at zero; random modulations make a small model learn far slower."""
+  zero = [m.linear for _, m in nnx.iter_graph(model) if isinstance(m, AdaNorm)]
+  for layer in zero + [model.proj_out]:
+    for p in (layer.kernel, layer.bias):
+      p.set_value(jnp.zeros_like(p[...]))
+  return model

@@ -78,7 +78,8 @@ def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None =
                      f'{m.text.encoder!r}')
   return DecomposerConfig(mmdit=mmdit, layers=tuple(m.layers), conditions=tuple(m.conditions),
                           latents=latents, vae=vae, factor=m.latents.get('factor', 8),
-                          text=text, head=m.head.kind, head_width=m.head.get('width', 64))
+                          text=text, head=m.head.kind, head_width=m.head.get('width', 64),
+                          long_skip=bool(m.long_skip), prediction=m.prediction)
 
 
 def build_model(config, seed: int) -> LayerDecomposer:
@@ -94,9 +95,8 @@ def build_model(config, seed: int) -> LayerDecomposer:
   transformer = convert.load_transformer(folder, **compute)
   vae = convert.load_vae(folder, dtype=compute['dtype'], param_dtype=compute['param_dtype'])
   cfg = decomposer_config(config, (transformer.config, vae.config))
-  model = LayerDecomposer(cfg, rngs=nnx.Rngs(seed))
-  widen_input(transformer, model.transformer)
-  nnx.update(model.latents.vae, nnx.state(vae))
+  model = LayerDecomposer(cfg, rngs=nnx.Rngs(seed), vae=vae,
+                          transformer=widen_input(transformer, cfg.mmdit.in_channels))
   for name in ('alpha_head', 'shadow_head'):
     if hasattr(model, name):
       heads.init_from_vae_decoder(getattr(model, name), vae.decoder)

@@ -82,7 +82,7 @@ def base() -> ConfigDict:
       text={'encoder': 'precomputed', 'embeddings': '', 'max_len': 32, 'width': 128,
             'depth': 2, 'heads': 4},
       mmdit=mmdit_arch(mmdit.SD3_MEDIUM),
-      dtype='float32', param_dtype='float32', remat=False))
+      long_skip=False, prediction='velocity', dtype='float32', param_dtype='float32', remat=False))
   c.init = ConfigDict({'pretrained': ''})
 
   c.loss = ConfigDict(dict(

@@ -203,10 +203,13 @@ def train(config, workdir, *, mesh=None) -> dict:
   the terms that were not finite; the last good checkpoint is kept.
   """
   workdir = Path(workdir)
+  # Data first: a missing dataset or split is an error before minutes of model building.
+  loader = make_loader(config.data, 'train')
+  if config.eval_every:
+    make_loader(evaluate.eval_data_config(config), config.eval.split)
   workdir.mkdir(parents=True, exist_ok=True)
   setup = create(config, mesh)
   text_fn = build.text_inputs(config)
-  loader = make_loader(config.data, 'train')
   iterator = iter(loader)
   ckpt = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints, config.async_checkpoints)
   state = setup.state
@@ -268,7 +271,7 @@ def train(config, workdir, *, mesh=None) -> dict:
         result['train'] = scalars
         t_log, steps_since = time.perf_counter(), 0
       if run_eval:
-        result['eval'] = evaluate.run(setup, state, config, 'validation', workdir, done,
+        result['eval'] = evaluate.run(setup, state, config, config.eval.split, workdir, done,
                                       writer)
         t_log, steps_since = time.perf_counter(), 0
       if save:

@@ -1,0 +1,212 @@
+"""The layer decomposer's whole training step, in steps/s and model FLOP utilisation (MFU),
+next to diffusers' SD3 transformer training step at the same token count.
+
+Ours is `layerjax.train.trainer.make_step` exactly as training runs it: the LiWi objectives
+(flow on K = 3 layer latents, alpha and shadow heads, recomposition, restoration), the text
+encoder or precomputed embeddings, the latent map (VAE encode / space-to-depth), AdamW with
+clipping and the EMA update, jitted and donating. The peer is a PyTorch eager training step
+(flow MSE, AdamW) of diffusers' `SD3Transformer2DModel` with the same width, depth, heads
+and input channels, fed a latent K times as tall so it sees the same number of image
+tokens, and the same text tokens. The peer does less work (no heads, VAE, EMA), so a ratio
+above 1 understates our speed.
+
+Configs
+  demo        configs/liwi.py:demo, as `make demo` trains it
+  sd3_medium  configs/liwi.py:sd3_medium's MMDiT (width 1536, 24 heads, patch 2, 16 latent
+              channels) with `--depth` blocks, SD3's VAE shape and VAE-decoder heads, random
+              weights, `--size` px, SD3's 333 text tokens of width 4096
+
+MFU = XLA's FLOP count of the step (`cost_analysis`) / step time / peak, where the peak is
+a jitted square fp32 (or bf16) matmul measured in the same run (CPU), or the accelerator's
+dense bf16 datasheet peak given with `--peak-tflops`.
+
+    python bench/train_step.py                          # both configs, CPU-sized
+    python bench/train_step.py --configs sd3_medium --depth 24 --size 512 --batch 4 \\
+        --dtype bfloat16 --peak-tflops 989              # the full model on an H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'bench'))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from layerjax.train import build, trainer  # noqa: E402
+from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
+                        timed)
+
+SD3_TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens, as SD3's pipeline concatenates them
+
+
+def load_config(variant: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('liwi', ROOT / 'configs' / 'liwi.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def make_config(name: str, args):
+  if name == 'demo':
+    c = load_config('demo')
+  elif name == 'sd3_medium':
+    c = load_config('sd3_medium')
+    c.init.pretrained = ''  # random weights of the same shapes
+    c.model.mmdit.num_layers = args.depth
+    c.model.dtype = args.dtype
+    c.model.remat = args.remat
+    c.data.image_size = (args.size, args.size)
+  else:
+    raise ValueError(f'unknown config {name!r}')
+  if args.batch:
+    c.data.global_batch_size = args.batch
+  c.mesh = (1, 1, 1)
+  return c
+
+
+def random_batch(config, model_cfg, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch shaped like the loader's output (values are random; timing does not care)."""
+  rng = np.random.default_rng(seed)
+  b = config.data.global_batch_size
+  h, w = config.data.image_size
+  u = lambda c: rng.uniform(0, 1, (b, h, w, c)).astype(np.float32)
+  batch = {k: u(3) for k in ('image', 'prompt', 'background', 'checkerboard',
+                             'foreground_on_checkerboard', 'shadow_on_checkerboard')}
+  batch.update(foreground=u(4), shadow=u(4), boundary=(u(1) > 0.9).astype(np.float32))
+  m = model_cfg.mmdit
+  if model_cfg.text is not None:
+    batch['text_tokens'] = rng.integers(2, 258, (b, model_cfg.text.max_len)).astype(np.int32)
+  else:
+    batch['text_embeds'] = rng.normal(size=(b, SD3_TEXT_TOKENS, m.joint_attention_dim)
+                                      ).astype(np.float32)
+    batch['pooled_text_embeds'] = rng.normal(size=(b, m.pooled_projection_dim)
+                                             ).astype(np.float32)
+  return batch
+
+
+def time_ours(config, steps: int, warmup: int) -> dict:
+  """Median seconds per step of the real training step, its FLOPs and compile time."""
+  setup = trainer.create(config)
+  batch = random_batch(config, build.decomposer_config(config))
+  step_fn = trainer.make_step(setup)
+  with jax.set_mesh(setup.mesh):
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(setup.state, setup.frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = trainer._flops(step_fn, setup.state, setup.frozen, batch)
+    state = setup.state
+
+    def one():
+      nonlocal state
+      state, metrics = compiled(state, setup.frozen, batch)
+      return metrics['loss']
+
+    times = timed(one, warmup, jax.block_until_ready) and timed(one, steps,
+                                                                jax.block_until_ready)
+  params = sum(x.size for x in jax.tree.leaves(setup.state['params']))
+  return dict(step_s=statistics.median(times), times_s=times, flops=flops,
+              compile_s=compile_s, parameters=int(params))
+
+
+def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
+  """diffusers' SD3 transformer step with our transformer's shape and token count."""
+  import torch
+  from diffusers import SD3Transformer2DModel as TorchSD3
+  cfg = build.decomposer_config(config)
+  m, k = cfg.mmdit, len(cfg.layers)
+  b = config.data.global_batch_size
+  h, w = (s // cfg.latent_factor for s in config.data.image_size)
+  torch.manual_seed(seed)
+  model = TorchSD3(
+      sample_size=m.sample_size, patch_size=m.patch_size, in_channels=m.in_channels,
+      out_channels=m.out_channels, num_layers=m.num_layers,
+      attention_head_dim=m.attention_head_dim, num_attention_heads=m.num_attention_heads,
+      joint_attention_dim=m.joint_attention_dim, caption_projection_dim=m.caption_projection_dim,
+      pooled_projection_dim=m.pooled_projection_dim,
+      pos_embed_max_size=max(m.pos_embed_max_size, k * h // m.patch_size),
+      dual_attention_layers=tuple(m.dual_attention_layers), qk_norm=m.qk_norm)
+  rng = np.random.default_rng(seed)
+  text_tokens = cfg.text.max_len if cfg.text is not None else SD3_TEXT_TOKENS
+  f32 = lambda *s: rng.normal(size=s).astype(np.float32)
+  batch = dict(x=f32(b, m.in_channels, k * h, w), text=f32(b, text_tokens, m.joint_attention_dim),
+               pooled=f32(b, m.pooled_projection_dim),
+               t=rng.uniform(0, 1000, b).astype(np.float32), target=f32(b, m.out_channels, k * h, w))
+  side = TorchSide(model, batch, SimpleNamespace(remat=bool(config.model.remat),
+                                                 dtype=config.model.dtype),
+                   'cuda' if torch.cuda.is_available() else 'cpu')
+  return dict(step_s=median_time(side.step, steps, warmup, side.sync),
+              parameters=sum(p.numel() for p in model.parameters()))
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument('--configs', nargs='+', default=['demo', 'sd3_medium'])
+  p.add_argument('--depth', type=int, default=2, help='sd3_medium: MMDiT blocks (SD3: 24)')
+  p.add_argument('--size', type=int, default=128, help='sd3_medium: image size in pixels')
+  p.add_argument('--batch', type=int, default=0, help='global batch (0: demo 16, sd3 2)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--remat', action='store_true')
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--peak-tflops', type=float, default=0.0,
+                 help='accelerator peak (dense, for --dtype); 0: measure a matmul')
+  p.add_argument('--no-peer', action='store_true', help='skip the diffusers step')
+  p.add_argument('--json', default=None)
+  args = p.parse_args(argv)
+  dev = jax.devices()[0]
+  print(f'jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {jax.device_count()} '
+        f'device(s)')
+  busy = other_cpu_load()
+  if busy is not None and busy > 0.2:
+    print(f'WARNING: other processes keep {busy:.0%} of the CPUs busy; timings are inflated')
+  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  peak = (args.peak_tflops * 1e12 if args.peak_tflops else
+          matmul_peak(2048 if dev.platform == 'cpu' else 8192, dtype))
+  print(f'peak: {peak / 1e12:.3f} TFLOP/s ({"given" if args.peak_tflops else "measured matmul"})')
+  results = {'peak_flops_per_s': peak, 'device': dev.device_kind, 'configs': {}}
+  for name in args.configs:
+    config = make_config(name, args)
+    if name == 'sd3_medium' and not args.batch:
+      config.data.global_batch_size = 2
+    ours = time_ours(config, args.steps, args.warmup)
+    r = {'batch': config.data.global_batch_size, 'image_size': tuple(config.data.image_size),
+         'ours': ours}
+    rate = 1 / ours['step_s']
+    line = (f'{name}: {ours["parameters"] / 1e6:.1f}M params, batch {r["batch"]} at '
+            f'{r["image_size"][0]} px: {rate:.2f} steps/s, '
+            f'{rate * r["batch"]:.1f} examples/s (compile {ours["compile_s"]:.0f} s)')
+    if ours['flops']:
+      achieved = ours['flops'] * rate
+      r['mfu'] = achieved / peak
+      line += (f', {ours["flops"] / 1e9:.1f} GFLOP/step, {achieved / 1e12:.3f} TFLOP/s, '
+               f'MFU {r["mfu"]:.1%}')
+    print(line)
+    if not args.no_peer:
+      peer = time_peer(config, args.steps, args.warmup)
+      r['peer'] = peer
+      r['peer_over_ours'] = peer['step_s'] / ours['step_s']
+      print(f'  diffusers SD3Transformer2DModel step, same tokens ({peer["parameters"] / 1e6:.1f}M '
+            f'params): {1 / peer["step_s"]:.2f} steps/s; ours / diffusers speed: '
+            f'{r["peer_over_ours"]:.2f}x (ours also runs heads, latents, EMA)')
+    results['configs'][name] = r
+  if args.json:
+    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + '\n')
+  return results
+
+
+if __name__ == '__main__':
+  main()
