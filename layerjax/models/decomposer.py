@@ -107,20 +107,23 @@ class TextEncoder(nnx.Module):
 # --- heads ----------------------------------------------------------------------------------
 
 class ConvHead(nnx.Module):
-  """Latent -> `out_channels` maps at `factor` x the latent resolution (for pixel latents)."""
+  """Pixel latents -> `out_channels` maps: back to pixels (exact for space-to-depth), then a
+  small conv net at full resolution, so each pixel's alpha is decided from its own colour
+  and its neighbours'. (At latent resolution each cell's features must carry the decisions
+  for all its factor x factor pixels, and a small head learns that slowly.)"""
 
-  def __init__(self, latent_channels: int, out_channels: int, factor: int, width: int,
-               dtype=jnp.float32, param_dtype=jnp.float32, *, rngs: nnx.Rngs):
+  def __init__(self, out_channels: int, factor: int, width: int, dtype=jnp.float32,
+               param_dtype=jnp.float32, *, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.factor = factor
-    self.conv_in = conv(latent_channels, width, 3, **kw)
+    self.conv_in = conv(3, width, 3, **kw)
     self.conv_mid = conv(width, width, 3, **kw)
-    self.conv_out = conv(width, out_channels * factor * factor, 3, **kw)
+    self.conv_out = conv(width, out_channels, 3, **kw)
 
   def __call__(self, z: jax.Array) -> jax.Array:
-    x = jax.nn.silu(self.conv_in(z))
+    x = jax.nn.silu(self.conv_in(depth_to_space(z, self.factor)))
     x = jax.nn.silu(self.conv_mid(x))
-    return depth_to_space(self.conv_out(x), self.factor)
+    return self.conv_out(x)
 
 
 class LongSkip(nnx.Module):
@@ -244,7 +247,7 @@ class LayerDecomposer(nnx.Module):
 
     def head(channels):
       if cfg.head == 'conv':
-        return ConvHead(cfg.latent_channels, channels, cfg.factor, cfg.head_width, rngs=rngs, **kw)
+        return ConvHead(channels, cfg.factor, cfg.head_width, rngs=rngs, **kw)
       return heads.init_from_vae_decoder(heads.decoder_head(cfg.vae, channels, rngs=rngs),
                                          self.latents.vae.decoder)
     if 'foreground' in cfg.layers:

@@ -91,6 +91,9 @@ def build_model(config, seed: int) -> LayerDecomposer:
   m = config.model
   if m.latents.kind != 'vae':
     raise ValueError("init.pretrained needs model.latents.kind='vae' (SD3's latent space)")
+  if m.prediction != 'velocity' or m.long_skip:
+    raise ValueError("init.pretrained needs model.prediction='velocity' and no long_skip: "
+                     'SD3 predicts velocity, and starts unchanged only so')
   compute = _compute(m)
   transformer = convert.load_transformer(folder, **compute)
   vae = convert.load_vae(folder, dtype=compute['dtype'], param_dtype=compute['param_dtype'])

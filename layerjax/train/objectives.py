@@ -6,6 +6,9 @@ Terms (each logged; weights in `config.loss.weights`):
   shadow       shadow-guided learning: the same flow loss on the shadow layer's latent, plus
                the shadow head's L1 (opacity, and colour where the shadow is)
   alpha        the alpha head's L1 on latents of the foreground over a jittered checkerboard
+The heads' L1 terms are taken on the clean latents and again on the model's own one-step
+estimate of them (held fixed, weighted by 1 - t): at sampling time the heads read generated
+latents, and a head that has only seen clean ones leaves a faint alpha everywhere.
   recompose    the layers estimated in one step (x_0 = x_t - t v), decoded and composited
                (foreground over shadow over background), against the clean image; weighted
                by (1 - t) per example, since at t -> 1 the estimate is mostly noise
@@ -80,6 +83,14 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
   context, pooled = model.encode_text(batch)
   v = model(xt, model.conditions(batch), context, pooled, sigma).astype(jnp.float32)
   se = jnp.square(v - (noise - x0)).mean(-1)  # [B, K, h, w]
+  x0_hat = xt - s * v  # the one-step estimate of the clean latents
+  fixed = jax.lax.stop_gradient(x0_hat)
+  trust = (1 - sigma)[:, None, None, None]
+
+  def on_both(head, k, l1):
+    """`l1(raw head output)` -> [B, H, W, 1], on the clean and the estimated latent."""
+    return l1(head(x0[:, k])).mean() + (trust * l1(head(fixed[:, k]))).mean()
+
   idx = {l: i for i, l in enumerate(layers)}
   terms = {}
   main = [idx[l] for l in layers if l != 'shadow']
@@ -89,18 +100,17 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
     fg = idx['foreground']
     band = _pool_max(batch['boundary'][..., 0], cfg.latent_factor)
     terms['restoration'] = (se[:, fg] * band).sum() / jnp.maximum(band.sum(), 1.0)
-    alpha_raw = model.alpha_head(x0[:, fg])
-    terms['alpha'] = jnp.abs(alpha_raw - (2 * batch['foreground'][..., 3:] - 1)).mean()
+    target = 2 * batch['foreground'][..., 3:] - 1
+    terms['alpha'] = on_both(model.alpha_head, fg, lambda raw: jnp.abs(raw - target))
   if 'shadow' in idx:
     sh = idx['shadow']
-    raw = model.shadow_head(x0[:, sh])
     target = 2 * batch['shadow'] - 1
-    opacity = jnp.abs(raw[..., 3:] - target[..., 3:]).mean()
-    colour = (jnp.abs(raw[..., :3] - target[..., :3]).mean(-1, keepdims=True)
-              * batch['shadow'][..., 3:]).mean()
-    terms['shadow'] = se[:, sh].mean() + opacity + colour
+
+    def shadow_l1(raw):  # opacity, and colour where the shadow is
+      return (jnp.abs(raw[..., 3:] - target[..., 3:]) + batch['shadow'][..., 3:] *
+              jnp.abs(raw[..., :3] - target[..., :3]).mean(-1, keepdims=True))
+    terms['shadow'] = se[:, sh].mean() + on_both(model.shadow_head, sh, shadow_l1)
   if weights.get('recompose'):
-    x0_hat = xt - s * v
     bg = model.latents.decode(x0_hat[:, idx['background']])
     fg_on_board = model.latents.decode(x0_hat[:, idx['foreground']])
     alpha = heads.to_unit(model.alpha_head(x0_hat[:, idx['foreground']]))
