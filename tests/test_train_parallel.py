@@ -128,27 +128,3 @@ def test_full_size_configs_shard_over_the_mesh(variant, min_split):
   assert total / per_device >= 0.99 * min_split, (total, per_device)
   if variant == 'sd35_large':
     assert total > 8e9
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('variant', ['sd3_medium', 'sd35_large'])
-def test_sd3_shaped_step_on_fake_devices(tmp_path, data_dir, variant):
-  """Full-width SD3 / SD3.5-large decomposers (one block, SD3's VAE and heads, precomputed
-  text embeddings) take training steps on the 8-device mesh of their config."""
-  from train_utils import write_embeddings
-  config = load_config_file('liwi', variant)
-  config.init.pretrained = ''
-  arch = build.decomposer_config(config).mmdit
-  config.model.mmdit.num_layers = 1
-  config.model.mmdit.dual_attention_layers = ()
-  config.model.text.embeddings = str(write_embeddings(
-      tmp_path / 'emb.safetensors', 8, arch.joint_attention_dim, arch.pooled_projection_dim))
-  config.data.data_dir = str(data_dir)
-  config.data.image_size = (32, 32)
-  config.data.global_batch_size = 8
-  config.data.num_workers = 0
-  config.total_steps = 2
-  config.eval_every = 0
-  config.checkpoint_every = 2
-  result = trainer.train(config, tmp_path / 'run')
-  assert result['step'] == 2 and np.isfinite(result['train']['loss'])
