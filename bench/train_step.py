@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from layerjax.train import build, trainer  # noqa: E402
 from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
-                        timed)
+                        xla_flops)
 
 SD3_TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens, as SD3's pipeline concatenates them
 
@@ -106,7 +105,6 @@ def time_ours(config, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(setup.state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = trainer._flops(step_fn, setup.state, setup.frozen, batch)
     state = setup.state
 
     def one():
@@ -114,11 +112,10 @@ def time_ours(config, steps: int, warmup: int) -> dict:
       state, metrics = compiled(state, setup.frozen, batch)
       return metrics['loss']
 
-    times = timed(one, warmup, jax.block_until_ready) and timed(one, steps,
-                                                                jax.block_until_ready)
+    step_s = median_time(one, steps, warmup, jax.block_until_ready)
   params = sum(x.size for x in jax.tree.leaves(setup.state['params']))
-  return dict(step_s=statistics.median(times), times_s=times, flops=flops,
-              compile_s=compile_s, parameters=int(params))
+  return dict(step_s=step_s, flops=xla_flops(compiled), compile_s=compile_s,
+              parameters=int(params))
 
 
 def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:

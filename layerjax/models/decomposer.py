@@ -31,8 +31,8 @@ from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, adaln_zero
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 
 LAYERS = ('background', 'foreground', 'shadow')
-SAMPLE_SIGMA_MIN = 0.05  # sample prediction: the velocity's 1 / sigma is capped there (JiT)
 CONDITIONS = ('image', 'prompt')
+SAMPLE_SIGMA_MIN = 0.05  # sample prediction: the velocity's 1 / sigma is capped there (JiT)
 
 
 # --- text ---------------------------------------------------------------------------------
