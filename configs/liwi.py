@@ -51,9 +51,13 @@ def demo(c):
                          'spill': {'prob': 0.1, 'strength': (0.1, 0.3)},
                          'jpeg': {'prob': 0.1, 'strength': (40, 90)}}
   c.model.latents = {'kind': 'space_to_depth', 'factor': 4}
+  # The board is given: the foreground and shadow layers start as it (`LongSkip`) and the
+  # model only paints what lies over it; left to draw it, a small model's foreground
+  # samples get the board wrong and the alpha head reads its errors as opacity.
+  c.model.conditions = ('image', 'prompt', 'checkerboard')
   c.model.head = {'kind': 'conv', 'width': 32}
-  # From scratch and small: predict the clean sample, each layer starting as the input image
-  # (`LongSkip`); predicting velocity, the same model's samples stay noise for far longer.
+  # From scratch and small: predict the clean sample, each layer starting as its trivial
+  # estimate (`LongSkip`); predicting velocity, the same model's samples stay noise for far longer.
   c.model.long_skip = True
   c.model.prediction = 'sample'
   c.model.text = {'encoder': 'bytes', 'embeddings': '', 'max_len': 32, 'width': 64,
@@ -66,6 +70,9 @@ def demo(c):
                        caption_projection_dim=128, pooled_projection_dim=128,
                        pos_embed_max_size=8, dual_attention_layers=(), qk_norm='rms_norm')
   c.optimizer.lr = 1e-3
+  # The conv heads start from nothing and learn alpha from a few pixels each: at the
+  # transformer's rate they reach Alpha IoU 0.68 on clean latents in 900 steps, at 10x 0.87.
+  c.optimizer.lr_mults = (('alpha_head|shadow_head', 10.0),)
   c.optimizer.warmup_steps = 100
   c.optimizer.decay_steps = c.total_steps
   c.eval.batch_size = 16

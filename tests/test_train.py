@@ -32,11 +32,31 @@ def test_configs_describe_valid_models(name, arg, layers):
   c = load_config_file(name, arg)
   assert len(c.model.layers) == layers
   cfg = build.decomposer_config(c)  # validates architecture, channels, text dims
-  assert cfg.mmdit.in_channels == cfg.latent_channels * 3
+  assert cfg.mmdit.in_channels == cfg.latent_channels * (1 + len(c.model.conditions))
   if arg and 'sd35_large' in arg:
     assert cfg.mmdit.num_layers == 38 and tuple(c.mesh) == (-1, 8, 1)
   if arg and 'steps=7' in arg:
     assert c.total_steps == 7
+
+
+def test_lr_mults_scale_the_named_parameters_steps():
+  params = {'alpha_head': {'kernel': jnp.ones((3, 2))}, 'transformer': {'w': jnp.ones((4,))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  opt = load_config_file('liwi', 'demo').optimizer
+  opt.warmup_steps = 0
+
+  def second_step(rules):  # the first is at warmup's lr 0
+    opt.lr_mults = rules
+    tx = trainer.make_optimizer(opt, params)
+    state = tx.update(grads, tx.init(params), params)[1]
+    return tx.update(grads, state, params)[0]
+  plain, scaled = second_step(()), second_step((('alpha_head', 10.0),))
+  np.testing.assert_allclose(scaled['alpha_head']['kernel'], 10 * plain['alpha_head']['kernel'],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(scaled['transformer']['w'], plain['transformer']['w'])
+  assert np.abs(plain['transformer']['w']).min() > 0
+  with pytest.raises(ValueError, match=r"lr_mults: \['vae'\] match no trainable parameter"):
+    second_step((('vae', 2.0),))
 
 
 def test_config_argument_errors():

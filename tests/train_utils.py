@@ -68,6 +68,7 @@ def tiny(data_dir, kind: str = 'pixels', embeddings=None, **top):
                                               'norm_num_groups': 4, 'layers_per_block': 1,
                                               'sample_size': 32}}
     c.model.head = {'kind': 'vae_decoder'}
+    c.model.conditions = ('image', 'prompt')  # as the SD3 configs
     c.model.prediction, c.model.long_skip = 'velocity', False  # as SD3 itself
     c.model.text = {'encoder': 'precomputed', 'embeddings': str(embeddings), 'max_len': 16,
                     'width': 16, 'depth': 1, 'heads': 2}

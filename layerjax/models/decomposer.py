@@ -1,7 +1,8 @@
 """`LayerDecomposer`: an SD3 / SD3.5 MMDiT that denoises K layer latents jointly (ARCHITECTURE §4).
 
 Per layer k the noisy latent is concatenated on channels with the condition latents (the
-input image's, the prompt map's), patch-embedded by the MMDiT's own `pos_embed` (its input
+input image's, the prompt map's, optionally the checkerboard's the foreground and shadow
+targets are blended over), patch-embedded by the MMDiT's own `pos_embed` (its input
 channels widened; the extra ones start at zero, so a pretrained SD3 starts unchanged), a
 learned layer embedding (zero-initialised) is added, and the K token sets are concatenated
 along the sequence, so one attention sees every layer and the layers stay consistent.
@@ -31,7 +32,9 @@ from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, adaln_zero
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 
 LAYERS = ('background', 'foreground', 'shadow')
-CONDITIONS = ('image', 'prompt')
+# Condition latents a layer may be denoised under. 'checkerboard' is the board the foreground
+# and shadow targets are blended over: given, a small model need not learn to draw it.
+CONDITIONS = ('image', 'prompt', 'checkerboard')
 SAMPLE_SIGMA_MIN = 0.05  # sample prediction: the velocity's 1 / sigma is capped there (JiT)
 
 
@@ -130,19 +133,23 @@ class LongSkip(nnx.Module):
   """A long skip for small decomposers trained from scratch with sample prediction (U-ViT's
   idea, at the ends): per layer, a linear map of the condition latents added to the
   predicted sample, scaled per channel by a gate from the timestep embedding. It starts as
-  the identity on the input image's latent, so every layer's first prediction is the input
-  image (the trivial decomposition) and the transformer learns what differs from it. A
-  transformer must otherwise learn to carry each input value through its LayerNorms, and
-  Adam needs about 1 / lr steps to grow a weight from 0 to 1. The noisy latents stay out of
-  it: a time-independent copy of them would leak noise into predictions at high noise."""
+  the identity on each layer's trivial source (`skip_sources`): the input image for the
+  background, the checkerboard (when it is a condition) for layers blended over it, so
+  every layer's first prediction is the trivial decomposition and the transformer learns
+  what differs from it. A transformer must otherwise learn to carry each input value
+  through its LayerNorms, and Adam needs about 1 / lr steps to grow a weight from 0 to 1.
+  The noisy latents stay out of it: a time-independent copy of them would leak noise into
+  predictions at high noise."""
 
-  def __init__(self, layers: int, in_channels: int, out_channels: int, image_offset: int,
+  def __init__(self, sources: tuple[int, ...], in_channels: int, out_channels: int,
                width: int, dtype=jnp.float32, param_dtype=jnp.float32, *, rngs: nnx.Rngs):
-    eye = jnp.zeros((in_channels, out_channels), param_dtype).at[
-        image_offset:image_offset + out_channels].set(jnp.eye(out_channels, dtype=param_dtype))
-    self.kernel = nnx.Param(jnp.broadcast_to(eye, (layers, in_channels, out_channels)),
-                            out_sharding=(None, None, None), eager_sharding=False)
-    self.gate = linear(width, layers * out_channels, ('embed', None), dtype=dtype,
+    """`sources[k]`: the channel offset, among the conditions, that layer k starts as."""
+    eye = jnp.eye(out_channels, dtype=param_dtype)
+    self.kernel = nnx.Param(
+        jnp.stack([jnp.zeros((in_channels, out_channels), param_dtype)
+                   .at[o:o + out_channels].set(eye) for o in sources]),
+        out_sharding=(None, None, None), eager_sharding=False)
+    self.gate = linear(width, len(sources) * out_channels, ('embed', None), dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs,
                        kernel_init=nnx.initializers.zeros_init())
 
@@ -188,7 +195,7 @@ class DecomposerConfig:
                        f'{self.prediction!r}')
     if self.long_skip and (self.prediction != 'sample' or 'image' not in self.conditions):
       raise ValueError("model.long_skip needs model.prediction='sample' and the 'image' "
-                       'condition (it starts every layer as the input image)')
+                       'condition (it starts layers as the input image)')
     if self.head not in ('vae_decoder', 'conv'):
       raise ValueError(f"model.head must be 'vae_decoder' or 'conv', got {self.head!r}")
     if self.head == 'vae_decoder' and self.latents != 'vae':
@@ -203,6 +210,13 @@ class DecomposerConfig:
                                   self.text.pooled_dim != self.mmdit.pooled_projection_dim):
       raise ValueError('text encoder out_dim / pooled_dim must equal the mmdit '
                        'joint_attention_dim / pooled_projection_dim')
+
+  def skip_sources(self) -> tuple[str, ...]:
+    """Per layer, the condition its trivial estimate is: the checkerboard for layers
+    blended over it (when given), the input image otherwise."""
+    board = 'checkerboard' in self.conditions
+    return tuple('checkerboard' if board and l != 'background' else 'image'
+                 for l in self.layers)
 
   @property
   def latent_channels(self) -> int:
@@ -242,8 +256,8 @@ class LayerDecomposer(nnx.Module):
       self.text_encoder = TextEncoder(cfg.text, rngs=rngs, **kw)
     if cfg.long_skip:
       c = cfg.latent_channels
-      self.long_skip = LongSkip(len(cfg.layers), c * len(cfg.conditions), c,
-                                c * cfg.conditions.index('image'), m.width, rngs=rngs, **kw)
+      sources = tuple(c * cfg.conditions.index(n) for n in cfg.skip_sources())
+      self.long_skip = LongSkip(sources, c * len(cfg.conditions), c, m.width, rngs=rngs, **kw)
 
     def head(channels):
       if cfg.head == 'conv':

@@ -91,7 +91,8 @@ def base() -> ConfigDict:
                'restoration': 1.0}))
   c.optimizer = ConfigDict(dict(
       name='adamw', lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
-      warmup_steps=500, decay_steps=1000, final_lr_fraction=0.1))
+      warmup_steps=500, decay_steps=1000, final_lr_fraction=0.1,
+      lr_mults=()))  # ((regex on the parameter path, multiplier), ...)
 
   c.eval = ConfigDict(dict(
       split='validation', batch_size=8, num_batches=4, sample_steps=28, seed=1234,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -35,16 +36,44 @@ from layerjax.train import build, evaluate, objectives
 from layerjax.train.writers import create_writer
 
 
-def make_optimizer(opt) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to `lr * final_lr_fraction`, clipped by norm."""
+def lr_multipliers(params, rules) -> Any:
+  """Per-parameter learning-rate multipliers (big_vision's `lr_mults`): `rules` is a sequence
+  of (regex, multiplier); a parameter takes the first rule whose regex is found in its path
+  ('alpha_head/conv_in/kernel'), 1 if none. A rule that matches nothing is an error."""
+  rules = [(re.compile(pattern), float(m)) for pattern, m in rules]
+  used = set()
+
+  def mult(path, _):
+    name = '/'.join(str(k.key if hasattr(k, 'key') else k.idx) for k in path
+                    if hasattr(k, 'key') or hasattr(k, 'idx'))  # not a Variable's `.value`
+    for i, (pattern, m) in enumerate(rules):
+      if pattern.search(name):
+        used.add(i)
+        return m
+    return 1.0
+  out = jax.tree_util.tree_map_with_path(mult, params)
+  unused = [rules[i][0].pattern for i in range(len(rules)) if i not in used]
+  if unused:
+    raise ValueError(f'optimizer.lr_mults: {unused} match no trainable parameter')
+  return out
+
+
+def make_optimizer(opt, params) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay to `lr * final_lr_fraction`, clipped by norm;
+  `opt.lr_mults` scales the steps of the parameters they name."""
   if opt.name != 'adamw':
     raise ValueError(f"optimizer.name must be 'adamw', got {opt.name!r}")
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, opt.lr, max(opt.warmup_steps, 1), max(opt.decay_steps, opt.warmup_steps + 1),
       end_value=opt.lr * opt.final_lr_fraction)
-  return optax.chain(optax.clip_by_global_norm(opt.clip_norm),
-                     optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                 weight_decay=opt.weight_decay))
+  chain = [optax.clip_by_global_norm(opt.clip_norm),
+           optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=opt.weight_decay)]
+  if opt.lr_mults:
+    mults = lr_multipliers(params, opt.lr_mults)
+    chain.append(optax.stateless(lambda updates, _: jax.tree.map(
+        lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults)))
+  return optax.chain(*chain)
 
 
 def check_config(config, mesh) -> None:
@@ -86,7 +115,7 @@ def create(config, mesh=None) -> Setup:
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
   params = jax.device_put(params, _shardings_for(params, shardings))
   frozen = jax.device_put(frozen, _shardings_for(frozen, shardings))
-  tx = make_optimizer(config.optimizer)
+  tx = make_optimizer(config.optimizer, params)
   state = {'step': jnp.int32(0), 'params': params,
            'ema': jax.tree.map(jnp.copy, params), 'opt_state': tx.init(params),
            'rng': jax.random.PRNGKey(config.seed)}
