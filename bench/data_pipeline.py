@@ -70,6 +70,15 @@ def main() -> None:
   p.add_argument('--no-train-step', action='store_true')
   args = p.parse_args()
   rates = {}
+  if not args.no_train_step:  # first: a live loader's prefetching would compete for the CPU
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_step
+    config = train_step.load_config('demo')
+    config.mesh = (1, 1, 1)
+    step = train_step.time_ours(config, steps=10, warmup=2)['step_s']
+    consumed = config.data.global_batch_size / step
+    print(f'demo training step (batch {config.data.global_batch_size}): {step * 1000:.0f} ms, '
+          f'consumes {consumed:.1f} samples/s')
 
   with tempfile.TemporaryDirectory() as tmp:
     root = Path(tmp)
@@ -98,22 +107,14 @@ def main() -> None:
       for _ in range(args.batches):
         next(it)
       dt = time.perf_counter() - t0
+      del it  # stops its prefetching before the next setting is timed
       rates[workers] = args.batches * args.batch / dt
       print(f'workers={workers}: {rates[workers]:7.1f} samples/s '
             f'({dt / args.batches * 1000:.0f} ms per batch of {args.batch})')
   if args.no_train_step:
     return
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  import train_step
-  config = train_step.load_config('demo')
-  config.mesh = (1, 1, 1)
-  step = train_step.time_ours(config, steps=10, warmup=2)['step_s']
-  consumed = config.data.global_batch_size / step
-  print(f'demo training step (batch {config.data.global_batch_size}): {step * 1000:.0f} ms, '
-        f'consumes {consumed:.1f} samples/s')
   for workers, rate in rates.items():
     print(f'loader ({args.size} px, workers={workers}) / demo step: {rate / consumed:.2f}x')
-
 
 if __name__ == '__main__':
   main()
