@@ -6,9 +6,6 @@ Terms (each logged; weights in `config.loss.weights`):
   shadow       shadow-guided learning: the same flow loss on the shadow layer's latent, plus
                the shadow head's L1 (opacity, and colour where the shadow is)
   alpha        the alpha head's L1 on latents of the foreground over a jittered checkerboard
-The heads' L1 terms are taken on the clean latents and again on the model's own one-step
-estimate of them (held fixed, weighted by 1 - t): at sampling time the heads read generated
-latents, and a head that has only seen clean ones leaves a faint alpha everywhere.
   recompose    the layers estimated in one step (x_0 = x_t - t v), decoded and composited
                (foreground over shadow over background), against the clean image; weighted
                by (1 - t) per example, since at t -> 1 the estimate is mostly noise
@@ -16,6 +13,9 @@ latents, and a head that has only seen clean ones leaves a faint alpha everywher
                the object, where the loader damaged the input; an extra weight on top of `flow`
 Latent targets are the latents of: background RGB, foreground over the checkerboard, shadow
 over the same checkerboard (batch keys below).
+The heads' L1 terms are taken on the clean latents and again on the model's own one-step
+estimate of them (held fixed, weighted by 1 - t): at sampling time the heads read generated
+latents, and a head that has only seen clean ones leaves a faint alpha everywhere.
 """
 
 from __future__ import annotations
