@@ -85,3 +85,54 @@ def test_long_skip_needs_sample_prediction_and_the_image():
 def test_unknown_prediction_is_refused():
   with pytest.raises(ValueError, match="model.prediction must be 'velocity' or 'sample'"):
     dataclasses.replace(config(), prediction='noise')
+
+
+def test_heads_read_their_condition_maps_next_to_the_latent():
+  rng = np.random.default_rng(3)
+  batch = {n: jnp.asarray(rng.uniform(size=(2, 8, 8, 3)), jnp.float32)
+           for n in ('image', 'prompt')}
+  z = jnp.asarray(rng.normal(size=(2, 4, 4, C)), jnp.float32)
+  plain = randomize(LayerDecomposer(config(), rngs=nnx.Rngs(0)))
+  reads = LayerDecomposer(config(head_conditions=('image', 'prompt')), rngs=nnx.Rngs(0))
+  pixels = reads.head_pixels(batch)
+  np.testing.assert_allclose(pixels, np.concatenate([2 * batch['image'] - 1,
+                                                     2 * batch['prompt'] - 1], -1))
+  assert plain.head_pixels(batch) is None
+  for name in ('alpha_head', 'shadow_head'):  # the plain head's weights, the maps' at zero
+    kernel = getattr(plain, name).conv_in.kernel[...]
+    nnx.update(getattr(reads, name), nnx.state(getattr(plain, name)))
+    getattr(reads, name).conv_in.kernel.set_value(
+        jnp.concatenate([kernel, jnp.zeros(kernel.shape[:2] + (6, kernel.shape[3]))], 2))
+  np.testing.assert_allclose(reads.alpha(z, pixels), plain.alpha(z, None), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reads.shadow(z, pixels), plain.shadow(z, None), rtol=1e-5, atol=1e-6)
+  weights = reads.alpha_head.conv_in.kernel
+  weights.set_value(weights[...].at[:, :, 3:].set(1.0))  # now the maps matter
+  moved = np.abs(np.asarray(reads.alpha(z, pixels) - plain.alpha(z, None))).max()
+  assert moved > 1e-2
+  with pytest.raises(ValueError, match="model.head.conditions needs model.head='conv'"):
+    dataclasses.replace(config(), head='vae_decoder', latents='vae',
+                        head_conditions=('image',))
+
+
+def test_foreground_colour_is_unblended_from_the_known_board():
+  """Over the board it was seen over, the decoded foreground layer is its latent again."""
+  from layerjax.data.schema import over
+  from layerjax.train import sampler
+  rng = np.random.default_rng(4)
+  model = randomize(LayerDecomposer(config(('image', 'prompt', 'checkerboard')),
+                                    rngs=nnx.Rngs(0)))
+  board = jnp.asarray(rng.uniform(size=(2, 8, 8, 3)), jnp.float32)
+  blend = rng.uniform(size=(2, 3, 8, 8, 3))
+  blend[:, 1] = 0.1 + 0.8 * np.asarray(board)  # a colour seen over the board, in range
+  blend = jnp.asarray(blend, jnp.float32)
+  latents = jnp.stack([model.latents.encode(blend[:, k]) for k in range(3)], 1)
+  plain = sampler.decode_layers(model, latents, None)
+  out = sampler.decode_layers(model, latents, None, board)
+  fg = np.asarray(out['foreground'])
+  np.testing.assert_allclose(plain['foreground'][..., :3], blend[:, 1], atol=1e-5)
+  np.testing.assert_array_equal(fg[..., 3], plain['foreground'][..., 3])
+  seen = over(fg, np.concatenate([board, np.ones((2, 8, 8, 1), np.float32)], -1))[..., :3]
+  inside = ((fg[..., :3] > 0) & (fg[..., :3] < 1)).all(-1) & (fg[..., 3] > 0.05)
+  assert inside.mean() > 0.5
+  np.testing.assert_allclose(seen[inside], np.asarray(blend[:, 1])[inside], atol=1e-4)
+  assert np.abs(fg[..., :3] - plain['foreground'][..., :3]).max() > 0.1

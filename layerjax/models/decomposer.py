@@ -13,6 +13,9 @@ embeddings (CLIP-L/G + T5 states and pooled outputs) carried in the batch.
 Decoders: RGB through `latents.decode`; alpha and shadow heads, either VAE-decoder-shaped
 (initialised from SD3's decoder, `layerjax.models.heads`) or a small conv net for lossless
 pixel latents. Heads output the VAE's image range [-1, 1] (`heads.to_unit` reads them).
+Conv heads may also read condition maps at pixel resolution (`head_conditions`), as
+LayerDiffuse's transparent decoder reads the image: an opaque pixel of the foreground
+layer is the image's colour there, so alpha is read from agreement, not from the latent alone.
 """
 
 from __future__ import annotations
@@ -113,18 +116,22 @@ class ConvHead(nnx.Module):
   """Pixel latents -> `out_channels` maps: back to pixels (exact for space-to-depth), then a
   small conv net at full resolution, so each pixel's alpha is decided from its own colour
   and its neighbours'. (At latent resolution each cell's features must carry the decisions
-  for all its factor x factor pixels, and a small head learns that slowly.)"""
+  for all its factor x factor pixels, and a small head learns that slowly.)
+  `extra_channels`: pixel maps concatenated to the layer's pixels (`head_conditions`)."""
 
-  def __init__(self, out_channels: int, factor: int, width: int, dtype=jnp.float32,
-               param_dtype=jnp.float32, *, rngs: nnx.Rngs):
+  def __init__(self, out_channels: int, factor: int, width: int, extra_channels: int = 0,
+               dtype=jnp.float32, param_dtype=jnp.float32, *, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.factor = factor
-    self.conv_in = conv(3, width, 3, **kw)
+    self.conv_in = conv(3 + extra_channels, width, 3, **kw)
     self.conv_mid = conv(width, width, 3, **kw)
     self.conv_out = conv(width, out_channels, 3, **kw)
 
-  def __call__(self, z: jax.Array) -> jax.Array:
-    x = jax.nn.silu(self.conv_in(depth_to_space(z, self.factor)))
+  def __call__(self, z: jax.Array, pixels: jax.Array | None = None) -> jax.Array:
+    x = depth_to_space(z, self.factor)
+    if pixels is not None:
+      x = jnp.concatenate([x, pixels.astype(x.dtype)], -1)
+    x = jax.nn.silu(self.conv_in(x))
     x = jax.nn.silu(self.conv_mid(x))
     return self.conv_out(x)
 
@@ -174,6 +181,7 @@ class DecomposerConfig:
   text: TextEncoderConfig | None = None  # None: precomputed SD3 embeddings
   head: str = 'vae_decoder'  # or 'conv'
   head_width: int = 64
+  head_conditions: tuple[str, ...] = ()  # condition maps the conv heads also read
   long_skip: bool = False  # `LongSkip`, for small models trained from scratch
   # What the network outputs: 'velocity' (SD3) or 'sample', the clean latent, turned into
   # the velocity (x_t - x_0) / sigma; JiT (Li & He, 2025) shows small models on
@@ -183,8 +191,10 @@ class DecomposerConfig:
   def __post_init__(self):
     object.__setattr__(self, 'layers', tuple(self.layers))
     object.__setattr__(self, 'conditions', tuple(self.conditions))
+    object.__setattr__(self, 'head_conditions', tuple(self.head_conditions))
     for name, allowed, got in (('layers', LAYERS, self.layers),
-                               ('conditions', CONDITIONS, self.conditions)):
+                               ('conditions', CONDITIONS, self.conditions),
+                               ('head.conditions', CONDITIONS, self.head_conditions)):
       empty = name == 'layers' and not got  # conditions may be empty (plain SD3)
       if empty or set(got) - set(allowed) or len(set(got)) != len(got):
         raise ValueError(f'model.{name} must be distinct names from {allowed}, got {got}')
@@ -200,6 +210,9 @@ class DecomposerConfig:
       raise ValueError(f"model.head must be 'vae_decoder' or 'conv', got {self.head!r}")
     if self.head == 'vae_decoder' and self.latents != 'vae':
       raise ValueError("model.head='vae_decoder' needs model.latents='vae'")
+    if self.head_conditions and self.head != 'conv':
+      raise ValueError("model.head.conditions needs model.head='conv' (a VAE-decoder head "
+                       'reads latents only, as SD3\'s decoder does)')
     c = self.latent_channels
     want_in = c * (1 + len(self.conditions))
     if self.mmdit.in_channels != want_in or self.mmdit.out_channels != c:
@@ -261,7 +274,8 @@ class LayerDecomposer(nnx.Module):
 
     def head(channels):
       if cfg.head == 'conv':
-        return ConvHead(channels, cfg.factor, cfg.head_width, rngs=rngs, **kw)
+        return ConvHead(channels, cfg.factor, cfg.head_width, 3 * len(cfg.head_conditions),
+                        rngs=rngs, **kw)
       return heads.init_from_vae_decoder(heads.decoder_head(cfg.vae, channels, rngs=rngs),
                                          self.latents.vae.decoder)
     if 'foreground' in cfg.layers:
@@ -273,6 +287,23 @@ class LayerDecomposer(nnx.Module):
     if self.config.text is not None:
       return self.text_encoder(batch['text_tokens'])
     return batch['text_embeds'], batch['pooled_text_embeds']
+
+  def head_pixels(self, batch: dict) -> jax.Array | None:
+    """The condition maps the heads read, in [-1, 1], concatenated: [B, H, W, 3 n] or None."""
+    names = self.config.head_conditions
+    return jnp.concatenate([2 * batch[n] - 1 for n in names], -1) if names else None
+
+  def alpha(self, z: jax.Array, pixels: jax.Array | None) -> jax.Array:
+    """The alpha head's raw output for foreground latents `z`; `pixels`: `head_pixels`."""
+    return self._head(self.alpha_head, z, pixels)
+
+  def shadow(self, z: jax.Array, pixels: jax.Array | None) -> jax.Array:
+    """The shadow head's raw output (RGB, opacity) for shadow latents `z`."""
+    return self._head(self.shadow_head, z, pixels)
+
+  @staticmethod
+  def _head(head, z, pixels):
+    return head(z) if pixels is None else head(z, pixels)
 
   def conditions(self, batch: dict) -> jax.Array:
     """The condition latents, concatenated on channels: [B, h, w, C * n]."""

@@ -79,6 +79,7 @@ def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None =
   return DecomposerConfig(mmdit=mmdit, layers=tuple(m.layers), conditions=tuple(m.conditions),
                           latents=latents, vae=vae, factor=m.latents.get('factor', 8),
                           text=text, head=m.head.kind, head_width=m.head.get('width', 64),
+                          head_conditions=tuple(m.head.get('conditions', ())),
                           long_skip=bool(m.long_skip), prediction=m.prediction)
 
 

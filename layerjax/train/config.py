@@ -78,7 +78,7 @@ def base() -> ConfigDict:
 
   c.model = ConfigDict(dict(
       layers=('background', 'foreground', 'shadow'), conditions=('image', 'prompt'),
-      latents={'kind': 'vae'}, head={'kind': 'vae_decoder'},
+      latents={'kind': 'vae'}, head={'kind': 'vae_decoder', 'conditions': ()},
       text={'encoder': 'precomputed', 'embeddings': '', 'max_len': 32, 'width': 128,
             'depth': 2, 'heads': 4},
       mmdit=mmdit_arch(mmdit.SD3_MEDIUM),

@@ -87,9 +87,11 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
   fixed = jax.lax.stop_gradient(x0_hat)
   trust = (1 - sigma)[:, None, None, None]
 
+  pixels = model.head_pixels(batch)
+
   def on_both(head, k, l1):
     """`l1(raw head output)` -> [B, H, W, 1], on the clean and the estimated latent."""
-    return l1(head(x0[:, k])).mean() + (trust * l1(head(fixed[:, k]))).mean()
+    return l1(head(x0[:, k], pixels)).mean() + (trust * l1(head(fixed[:, k], pixels))).mean()
 
   idx = {l: i for i, l in enumerate(layers)}
   terms = {}
@@ -101,7 +103,7 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
     band = _pool_max(batch['boundary'][..., 0], cfg.latent_factor)
     terms['restoration'] = (se[:, fg] * band).sum() / jnp.maximum(band.sum(), 1.0)
     target = 2 * batch['foreground'][..., 3:] - 1
-    terms['alpha'] = on_both(model.alpha_head, fg, lambda raw: jnp.abs(raw - target))
+    terms['alpha'] = on_both(model.alpha, fg, lambda raw: jnp.abs(raw - target))
   if 'shadow' in idx:
     sh = idx['shadow']
     target = 2 * batch['shadow'] - 1
@@ -109,12 +111,12 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
     def shadow_l1(raw):  # opacity, and colour where the shadow is
       return (jnp.abs(raw[..., 3:] - target[..., 3:]) + batch['shadow'][..., 3:] *
               jnp.abs(raw[..., :3] - target[..., :3]).mean(-1, keepdims=True))
-    terms['shadow'] = se[:, sh].mean() + on_both(model.shadow_head, sh, shadow_l1)
+    terms['shadow'] = se[:, sh].mean() + on_both(model.shadow, sh, shadow_l1)
   if weights.get('recompose'):
     bg = model.latents.decode(x0_hat[:, idx['background']])
     fg_on_board = model.latents.decode(x0_hat[:, idx['foreground']])
-    alpha = heads.to_unit(model.alpha_head(x0_hat[:, idx['foreground']]))
-    shadow = heads.to_unit(model.shadow_head(x0_hat[:, idx['shadow']]))
+    alpha = heads.to_unit(model.alpha(x0_hat[:, idx['foreground']], pixels))
+    shadow = heads.to_unit(model.shadow(x0_hat[:, idx['shadow']], pixels))
     recon = recompose(bg, shadow, fg_on_board, alpha, batch['checkerboard'])
     clean = recompose(batch['background'], batch['shadow'], batch['foreground_on_checkerboard'],
                       batch['foreground'][..., 3:], batch['checkerboard'])

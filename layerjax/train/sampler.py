@@ -3,6 +3,8 @@ then the decoders turn latents into RGBA layers.
 
 The foreground latent is the layer seen over a checkerboard, so its decoded RGB is the
 object's colour wherever it is opaque (RefLayer); its alpha comes from the alpha head.
+When the board is known (a model condition), the straight colour is recovered where the
+layer is partly transparent too: blend = a F + (1 - a) board, so F = board + (blend - board) / a.
 """
 
 from __future__ import annotations
@@ -37,19 +39,30 @@ def sample_latents(model, batch: dict, rng: jax.Array, steps: int, shift: float)
   return jax.lax.fori_loop(0, steps, step, x)
 
 
-def decode_layers(model, latents: jax.Array) -> dict[str, jax.Array]:
+ALPHA_MIN = 1 / 255  # below it a layer is invisible and its colour undefined
+
+
+def decode_layers(model, latents: jax.Array, pixels: jax.Array | None,
+                  board: jax.Array | None = None) -> dict[str, jax.Array]:
   """Latents [B, K, h, w, C] -> {layer name: straight RGBA [B, H, W, 4] in [0, 1]} and the
-  recomposition (RGB) of whichever layers exist, back to front."""
+  recomposition (RGB) of whichever layers exist, back to front. `pixels`: the maps the heads
+  read (`LayerDecomposer.head_pixels`); `board`: the checkerboard the foreground latent is
+  seen over, if known (else its decoded blend is read as the colour)."""
   layers = model.config.layers
   out = {}
   for i, name in enumerate(layers):
     z = latents[:, i]
     if name == 'shadow':
-      out[name] = heads.to_unit(model.shadow_head(z))
+      out[name] = heads.to_unit(model.shadow(z, pixels))
       continue
-    rgb = jnp.clip(model.latents.decode(z), 0, 1)
-    alpha = (heads.to_unit(model.alpha_head(z)) if name == 'foreground'
-             else jnp.ones(rgb.shape[:-1] + (1,), rgb.dtype))
+    rgb = model.latents.decode(z)
+    if name == 'foreground':
+      alpha = heads.to_unit(model.alpha(z, pixels))
+      if board is not None:
+        rgb = board + (rgb - board) / jnp.maximum(alpha, ALPHA_MIN)
+    else:
+      alpha = jnp.ones(rgb.shape[:-1] + (1,), rgb.dtype)
+    rgb = jnp.clip(rgb, 0, 1)
     out[name] = jnp.concatenate([rgb, alpha], -1)
   stack = [out[n] for n in ('background', 'shadow', 'foreground') if n in out]
   image = stack[0]
@@ -60,4 +73,6 @@ def decode_layers(model, latents: jax.Array) -> dict[str, jax.Array]:
 
 
 def decompose(model, batch: dict, rng: jax.Array, steps: int, shift: float) -> dict:
-  return decode_layers(model, sample_latents(model, batch, rng, steps, shift))
+  board = batch['checkerboard'] if 'checkerboard' in model.config.conditions else None
+  return decode_layers(model, sample_latents(model, batch, rng, steps, shift),
+                       model.head_pixels(batch), board)
