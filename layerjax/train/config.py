@@ -76,6 +76,7 @@ def base() -> ConfigDict:
                     'spill': {'prob': 0.1, 'strength': (0.1, 0.4)},
                     'jpeg': {'prob': 0.1, 'strength': (30, 80)}}))
 
+  # head.conditions: condition maps (e.g. 'image') the conv heads read next to the latent.
   c.model = ConfigDict(dict(
       layers=('background', 'foreground', 'shadow'), conditions=('image', 'prompt'),
       latents={'kind': 'vae'}, head={'kind': 'vae_decoder', 'conditions': ()},
