@@ -20,6 +20,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
     ('embed', 'fsdp'),
+    ('channels', 'fsdp'),  # convolution / VAE feature channels
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('modulation', 'tensor'),

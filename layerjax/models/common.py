@@ -40,9 +40,13 @@ def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
-         stride: int = 1, padding: Any = 'SAME', axes: Axes = (None, None, None, None),
+         stride: int = 1, padding: Any = 'SAME', axes: Axes = (None, None, None, 'channels'),
          dtype: Any = None, param_dtype: Any = jnp.float32) -> nnx.Conv:
-  """NHWC `nnx.Conv` with logical axes (kh, kw, in, out) on its kernel."""
+  """NHWC `nnx.Conv` with logical axes (kh, kw, in, out) on its kernel.
+
+  By default the output channels are named 'channels', so FSDP splits the VAE-shaped
+  networks (SD3's VAE and heads hold ~200M parameters) instead of replicating them.
+  """
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=padding, dtype=dtype, param_dtype=param_dtype,

@@ -168,10 +168,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: VAEConfig, channels: int, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.group_norm = _norm(cfg, channels, rngs=rngs)
-    self.to_q = linear(channels, channels, (None, None), **kw)
-    self.to_k = linear(channels, channels, (None, None), **kw)
-    self.to_v = linear(channels, channels, (None, None), **kw)
-    self.to_out = nnx.List([linear(channels, channels, (None, None), **kw)])
+    self.to_q = linear(channels, channels, (None, 'channels'), **kw)
+    self.to_k = linear(channels, channels, (None, 'channels'), **kw)
+    self.to_v = linear(channels, channels, (None, 'channels'), **kw)
+    self.to_out = nnx.List([linear(channels, channels, (None, 'channels'), **kw)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
