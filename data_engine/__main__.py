@@ -3,8 +3,12 @@
     python -m data_engine decompose --input PHOTOS --output DIR [--runner local|beam]
     python -m data_engine synthesize --bank DIR --num N --output DIR [--start K]
     python -m data_engine build-tfds DIR [--data-dir DIR/tfds]
+    python -m data_engine embed-texts --samples DIR/samples --weights SD3_DIR --out FILE
+    python -m data_engine generate-objects --bank DIR --set "gennval.minimum={'cat': 50}"
+    python -m data_engine refine-prompt --task validate_object --items LABELLED.jsonl
+    python -m data_engine compare --a OUT_A --b OUT_B --names new,old --output prefs.jsonl
 
-Every command takes `--config FILE.py[:ARG]` (default: the offline engine) and any number of
+Every command but embed-texts takes `--config FILE.py[:ARG]` (default: the offline engine) and any number of
 `--set key.sub=value`. Outputs: `DIR/samples/<id>/` (the on-disk LayeredSample form),
 `DIR/engine_manifest.jsonl` (one line per input: its samples or why it was dropped, and
 every stage's decision) and `DIR/engine_summary.json` (per-stage pass rates, drop reasons).
@@ -19,8 +23,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from data_engine import config as engine_config
-from data_engine import jobs, runners
+from data_engine import core, gennval, jobs, preferences, refine, runners, text_embeddings
 
 
 def _run(args, config, keys, make_work) -> dict:
@@ -32,7 +38,8 @@ def _run(args, config, keys, make_work) -> dict:
 
 def print_summary(summary: dict, file=sys.stdout) -> None:
   print(f'{summary["inputs"]} inputs -> {summary["samples"]} samples '
-        f'({summary["dropped"]} dropped)', file=file)
+        f'({summary["dropped"]} dropped, {summary["retry_on_rerun"]} of them to redo on a '
+        're-run)', file=file)
   for name, s in summary['stages'].items():
     print(f'  {name:<12} {s["passed"]:>6} passed {s["dropped"]:>6} dropped '
           f'({s["pass_rate"]:.0%})', file=file)
@@ -65,6 +72,27 @@ def build_tfds(output: Path, data_dir: Path, fractions: dict, on_error: str) -> 
           'skipped': builder.skipped}
 
 
+def refine_prompt(task: str, items_path: Path, config) -> dict:
+  """`refine.refine` with the config's agent as worker, evaluator and optimiser unless
+  `config.refine` names others; a seeded split of the items into train and held-out."""
+  worker = core.create('agent', config.agent)
+  if not hasattr(worker, 'with_prompt'):
+    raise ValueError(f"refine-prompt: agent {config.agent.get('name')!r} has no system "
+                     "prompts to refine; use {'name': 'llm', ...}")
+  r = config.refine
+  evaluator = core.create('agent', r.evaluator) if r.evaluator else worker
+  optimiser = core.create('agent', r.optimiser) if r.optimiser else worker
+  items = refine.read_items(items_path)
+  order = np.random.default_rng(config.seed).permutation(len(items))
+  cut = max(1, round(r.heldout_fraction * len(items)))
+  if cut >= len(items):
+    raise ValueError(f'{items_path}: {len(items)} items leave none to train on with '
+                     f'heldout_fraction {r.heldout_fraction}')
+  heldout, train = [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
+  return refine.refine(task, worker.store, lambda text, v: worker.with_prompt(task, text, v),
+                       evaluator, optimiser, train, heldout, r.rounds)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog='python -m data_engine', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,16 +111,49 @@ def main(argv=None) -> int:
   tf.add_argument('output', type=Path, help='an engine output folder')
   tf.add_argument('--data-dir', type=Path, help='TFDS data_dir (default DIR/tfds)')
   tf.add_argument('--on-error', choices=('raise', 'skip'), default='raise')
-  for q in (dec, syn, tf):
+  gen = sub.add_parser('generate-objects',
+                       help="Gen-n-Val: top up the bank's categories with generated objects")
+  gen.add_argument('--bank', required=True, type=Path)
+  ref = sub.add_parser('refine-prompt', help="self-refine an LLM agent task's system prompt "
+                       'on labelled items (Gen-n-Val / TextGrad)')
+  ref.add_argument('--task', required=True, choices=sorted(refine.ITEM_TASKS))
+  ref.add_argument('--items', required=True, type=Path, help='JSON lines with "expected"')
+  cmp = sub.add_parser('compare', help='pairwise preference records between two engine '
+                       'outputs of the same photos')
+  cmp.add_argument('--a', required=True, type=Path)
+  cmp.add_argument('--b', required=True, type=Path)
+  cmp.add_argument('--names', default='a,b', help='system names of A and B, comma-separated')
+  cmp.add_argument('--output', required=True, type=Path, help='records (JSON lines)')
+  text_embeddings.add_subcommand(sub)
+  for q in (dec, syn, tf, gen, ref, cmp):
     q.add_argument('--config', help='FILE.py[:ARG] with get_config(arg)')
     q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   args = p.parse_args(argv)
+  if args.command == 'embed-texts':  # takes no --config / --set
+    return text_embeddings.handle(args)
   config = engine_config.load(args.config, args.set)
 
   if args.command == 'build-tfds':
     result = build_tfds(args.output, args.data_dir or args.output / 'tfds',
                         dict(config.runner.splits), args.on_error)
     print(json.dumps(result, indent=2))
+    return 0
+  if args.command == 'generate-objects':
+    agent = core.create('agent', config.agent)
+    print(json.dumps(gennval.generate_objects(args.bank, config, agent,
+                                              timeout=config.tool_timeout), indent=2))
+    return 0
+  if args.command == 'refine-prompt':
+    print(json.dumps(refine_prompt(args.task, args.items, config), indent=2))
+    return 0
+  if args.command == 'compare':
+    names = tuple(args.names.split(','))
+    if len(names) != 2:
+      raise SystemExit(f'--names: expected two names, got {args.names!r}')
+    counts = preferences.compare_outputs(core.create('agent', config.agent), args.a, args.b,
+                                         args.output, names)
+    records = preferences.read_records(args.output)
+    print(json.dumps({**counts, 'bradley_terry': preferences.bradley_terry(records)}, indent=2))
     return 0
   if args.command == 'decompose':
     keys = jobs.list_photos(args.input, exclude=args.output)

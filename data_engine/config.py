@@ -44,10 +44,18 @@ def default_config() -> ml_collections.ConfigDict:
   t.matting = {'name': 'closed_form'}
   t.shadow = {'name': 'ratio'}
   t.captioner = {'name': 'template'}
+  # An LLM/VLM agent instead: {'name': 'llm', 'backend': {'name': 'openai', 'base_url':
+  # 'http://localhost:8000/v1', 'model': '...', 'api_key_env': 'OPENAI_API_KEY'}} (any
+  # OpenAI-compatible server), or 'backend': {'name': 'transformers', 'path': LOCAL_VLM}.
   c.agent = {'name': 'rule_based'}
+  # The self-refining loop's evaluator (critique) and optimiser (rewrite_prompt); None: the
+  # engine's agent plays both roles.
+  c.refine = ml_collections.ConfigDict({'evaluator': None, 'optimiser': None, 'rounds': 3,
+                                        'heldout_fraction': 0.5})
 
-  from data_engine import synthesis
+  from data_engine import gennval, synthesis
   c.synthesize = synthesis.default_config()
+  c.gennval = gennval.default_config()
 
   r = c.runner = ml_collections.ConfigDict()
   r.workers = 0                 # 0: in this process

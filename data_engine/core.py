@@ -38,10 +38,17 @@ def names(kind: str) -> list[str]:
   return sorted(_REGISTRY.get(kind, {}))
 
 
-def create(kind: str, spec) -> Any:
-  """A tool or agent from `spec`: a name, or a mapping with 'name' and constructor kwargs."""
+def create(kind: str, spec, fallbacks: list | None = None) -> Any:
+  """A tool or agent from `spec`: a name, or a mapping with 'name' and constructor kwargs.
+
+  A spec may name a `fallback` spec: when the tool cannot be built (missing weights, a wrong
+  model folder, a library not installed), the fallback is built instead and the switch is
+  appended to `fallbacks` (what was asked for, what was used, why). Without a fallback the
+  error propagates: a model-backed config never quietly runs offline.
+  """
   _import_backends()
   spec = {'name': spec} if isinstance(spec, str) else dict(spec)
+  fallback = spec.pop('fallback', None)
   name = spec.pop('name', None)
   table = _REGISTRY.get(kind)
   if table is None:
@@ -52,6 +59,14 @@ def create(kind: str, spec) -> Any:
     return table[name](**spec)
   except TypeError as e:
     raise ValueError(f'{kind} {name!r}: bad options {spec} ({e})') from None
+  except (OSError, ValueError, ImportError) as e:
+    if fallback is None:
+      raise
+    used = fallback if isinstance(fallback, str) else dict(fallback).get('name')
+    if fallbacks is not None:
+      fallbacks.append({'kind': kind, 'wanted': name, 'used': used,
+                        'because': f'{type(e).__name__}: {e}'})
+    return create(kind, fallback, fallbacks)
 
 
 def _import_backends() -> None:

@@ -59,7 +59,7 @@ def _synthesize_work(config, bank_path: str):
           raise Drop('bad_asset', str(e)) from None
         stages.caption_objects(sample.layers, lambda lay: core.call_tool(
             'captioner', lambda: captioner(lay.rgba, lay.label), config.tool_timeout))
-        stages.check_texts(sample.layers, agent)
+        stages.check_texts(sample.layers, agent.check_text)
         sample.validate()
         objects = sum(l.kind == 'object' for l in sample.layers)
         decision = Decision('synthesize', True, '', {'objects': objects})

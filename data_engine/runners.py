@@ -7,6 +7,9 @@ atomically to `OUT/samples/<id>/`, then a line recording the input's outcome is 
 to `OUT/engine_manifest.jsonl`. A re-run skips the inputs the manifest lists, so a crash
 between the two writes just rewrites the same folder: nothing is lost or duplicated.
 `summary(OUT)` turns the manifest into per-stage pass rates and the reasons for drops.
+An input dropped for a passing reason (`RETRY_REASONS`: an agent endpoint that was down,
+rate-limited or timing out) counts as dropped in the summary but is pending again on the next
+run, so a re-run completes it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from layerjax.data import schema
 
 MANIFEST = 'engine_manifest.jsonl'
 SUMMARY = 'engine_summary.json'
+# Drop reasons (`core.Drop.reason`) that say nothing about the input itself.
+RETRY_REASONS = frozenset({'agent_unavailable', 'agent_timeout', 'agent_rate_limited'})
 
 
 @dataclasses.dataclass
@@ -36,6 +41,12 @@ class Result:
   def manifest_line(self) -> dict:
     return {'key': self.key, 'samples': [s.id for s in self.samples],
             'dropped': self.dropped, 'record': self.record}
+
+
+def retryable(entry: dict) -> bool:
+  """Whether a manifest entry was dropped for a passing reason (see `RETRY_REASONS`)."""
+  last = entry['record'][-1] if entry['record'] else {}
+  return entry['dropped'] is not None and last.get('reason') in RETRY_REASONS
 
 
 def finished(output: Path) -> dict[str, dict]:
@@ -80,7 +91,7 @@ def _pending(keys: Iterable[str], output: Path) -> list[str]:
     if data and not data.endswith(b'\n'):
       with open(path, 'r+b') as f:
         f.truncate(data.rfind(b'\n') + 1)
-  done = finished(output)
+  done = {k for k, e in finished(output).items() if not retryable(e)}
   return [k for k in dict.fromkeys(keys) if k not in done]
 
 
@@ -189,6 +200,7 @@ def summary(output: Path) -> dict:
       'inputs': len(entries),
       'samples': sum(len(e['samples']) for e in entries.values()),
       'dropped': sum(e['dropped'] is not None for e in entries.values()),
+      'retry_on_rerun': sum(retryable(e) for e in entries.values()),
       'stages': {name: {'passed': c['passed'], 'dropped': c['dropped'],
                         'pass_rate': c['passed'] / max(1, c['passed'] + c['dropped'])}
                  for name, c in stages.items()},

@@ -65,8 +65,17 @@ class Context:
 
   def __init__(self, config):
     self.config = config
-    self.tools = {kind: core.create(kind, spec) for kind, spec in config.tools.items()}
-    self.agent = core.create('agent', config.agent)
+    self.fallbacks: list[dict] = []  # tools built from their `fallback` spec, and why
+    self.agent = core.create('agent', config.agent, self.fallbacks)
+    self.tools = {kind: self._tool(kind, spec) for kind, spec in config.tools.items()}
+
+  def _tool(self, kind: str, spec):
+    # `captioner: agent` lets the engine's agent (an LLM/VLM) write the captions, without
+    # loading a second copy of its model.
+    name = spec if isinstance(spec, str) else dict(spec).get('name')
+    if kind == 'captioner' and name == 'agent':
+      return self.agent.caption
+    return core.create(kind, spec, self.fallbacks)
 
   def call(self, kind: str, *args, check=None, method: str = '__call__'):
     tool = self.tools[kind]
@@ -139,7 +148,7 @@ def understand(item: Photo, ctx: Context) -> dict:
   if not d.min_objects <= len(objects) <= d.max_objects:
     raise Drop('object_count', f'{len(objects)} objects, need {d.min_objects}..{d.max_objects}')
   # Overlapping masks: the nearer object keeps the shared pixels (it is what is seen there).
-  order = ctx.call('depth', [o.mask for o in objects], method='order',
+  order = ctx.call('depth', [o.mask for o in objects], image, method='order',
                    check=lambda r: None if sorted(r) == list(range(len(objects))) else
                    f'order {r}, not a permutation of {len(objects)} objects')
   objects = [objects[i] for i in order]
@@ -325,12 +334,16 @@ def caption_objects(layers: list[Layer], caption: Callable[[Layer], Any]) -> Non
   _make_referring_unique(objects)
 
 
-def check_texts(layers: list[Layer], agent) -> None:
-  """Drops the item when the agent finds a layer's text at odds with what it shows."""
+def check_texts(layers: list[Layer], check: Callable[[Layer], tuple[bool, str]]) -> dict:
+  """`check(layer) -> (agree, why)` on every layer (an agent's `check_text`, or a
+  `text_check` tool); drops the item at the first disagreement, else returns the verdicts."""
+  verdicts = {}
   for lay in layers:
-    agree, why = agent.check_text(lay)
+    agree, why = check(lay)
     if not agree:
       raise Drop('text_disagrees', f'{lay.name}: {why}')
+    verdicts[lay.name] = why
+  return verdicts
 
 
 def _make_referring_unique(objects: list[Layer]) -> None:
@@ -356,9 +369,22 @@ def postfilter(item: Photo, ctx: Context) -> dict:
   if judgement.score < d.min_judge_score:
     raise Drop('judge', f'score {judgement.score:.2f}: {judgement.reason}')
   if d.text_agreement:
-    check_texts(sample.layers, ctx.agent)
+    details['text_checks'] = check_texts(sample.layers, text_checker(ctx))
   sample.provenance.update(engine_scores=details)
   return details
+
+
+def text_checker(ctx: Context) -> Callable[[Layer], tuple[bool, str]]:
+  """The configured `text_check` tool (e.g. CLIP), else the agent's own `check_text`."""
+  if 'text_check' in ctx.tools:
+    return lambda lay: ctx.call('text_check', lay, check=_check_verdict)
+  return ctx.agent.check_text
+
+
+def _check_verdict(r) -> str | None:
+  ok = isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], (bool, np.bool_))
+  return None if ok else f'{r!r}, not (agree, reason)'
+
 
 
 STAGES: list[tuple[str, Callable[[Photo, Context], dict]]] = [
@@ -381,10 +407,15 @@ def run(item: Photo, ctx: Context, stages=STAGES) -> tuple[LayeredSample | None,
     record.append(decision)
     if not decision.passed:
       return None, record
+  # Every decision (the agent's plan, judgement and text checks among them) travels with the
+  # sample, with the prompt versions the agent answered under.
   item.sample.provenance['engine'] = {
       'stages': [d.stage for d in record],
+      'decisions': [d.to_json() for d in record],
       'tools': _jsonable(ctx.config.tools.to_dict()),
-      'agent': _jsonable(ctx.config.agent.to_dict())}
+      'agent': _jsonable(ctx.config.agent.to_dict()),
+      'fallbacks': ctx.fallbacks,
+      'prompt_versions': ctx.agent.prompt_versions()}
   return item.sample, record
 
 

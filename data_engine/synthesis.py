@@ -178,8 +178,7 @@ def load_bank(path, on_error: str = 'raise') -> Bank:
       continue
     bank.backgrounds.append(BackgroundAsset(str(file)))
 
-  labels: dict[Path, dict] = {}
-  for file in _files(root / 'objects', ('.png',)):
+  for file, label in object_files(root):
     try:
       with Image.open(file) as im:
         rgba = np.asarray(im.convert('RGBA'), np.float32) / 255
@@ -192,9 +191,6 @@ def load_bank(path, on_error: str = 'raise') -> Bank:
     if rgba[..., 3].max() == 0:
       bad(f'{file}: fully transparent')
       continue
-    if file.parent not in labels:
-      labels[file.parent] = _read_labels(file.parent / 'labels.json')
-    label = labels[file.parent].get(file.name) or _label_from_stem(file.stem)
     bank.objects.append(ObjectAsset(_crop(rgba), label, str(file)))
 
   for folder in sorted(m.parent for m in (root / 'samples').glob('*/manifest.json')):
@@ -219,6 +215,17 @@ def load_bank(path, on_error: str = 'raise') -> Bank:
     raise ValueError(f'{root}: the bank has no {" and no ".join(missing)} (looked in '
                      f'backgrounds/, objects/ and samples/*/)')
   return bank
+
+
+def object_files(root: Path) -> list[tuple[Path, str]]:
+  """The bank's object cut-outs under `root/objects` with their labels (read, not decoded)."""
+  labels: dict[Path, dict] = {}
+  found = []
+  for file in _files(Path(root) / 'objects', ('.png',)):
+    if file.parent not in labels:
+      labels[file.parent] = _read_labels(file.parent / 'labels.json')
+    found.append((file, labels[file.parent].get(file.name) or _label_from_stem(file.stem)))
+  return found
 
 
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -27,6 +27,21 @@ def test_registry_errors_name_the_kind_and_choices():
     core.create('inpainter', {'name': 'telea', 'radiu': 3})
 
 
+def test_a_tool_that_cannot_be_built_falls_back_only_when_the_config_says_so(tmp_path):
+  spec = {'name': 'diffusers', 'path': str(tmp_path / 'no-weights')}
+  with pytest.raises(FileNotFoundError, match='no-weights'):
+    core.create('inpainter', spec)
+  fallbacks = []
+  tool = core.create('inpainter', {**spec, 'fallback': {'name': 'telea', 'radius': 2}},
+                     fallbacks)
+  assert type(tool).__name__ == 'Telea' and tool.radius == 2
+  assert fallbacks == [{'kind': 'inpainter', 'wanted': 'diffusers', 'used': 'telea',
+                        'because': fallbacks[0]['because']}]
+  assert 'no-weights' in fallbacks[0]['because']
+  with pytest.raises(ValueError, match='bad options'):  # a typo is not a reason to fall back
+    core.create('inpainter', {'name': 'telea', 'radiu': 3, 'fallback': 'navier_stokes'})
+
+
 def test_call_tool_turns_failures_into_drops():
   assert core.call_tool('ok', lambda: 3, 1.0) == 3
   with pytest.raises(Drop) as e:
@@ -73,6 +88,24 @@ def test_config_file_variant_and_overrides(tmp_path):
     engine_config.load(str(tmp_path / 'nope.py'))
   with pytest.raises(ValueError, match="unknown variant 'huge'"):
     engine_config.load('configs/engine.py:huge')
+
+
+def test_models_config_fails_on_missing_weights_unless_it_may_fall_back(tmp_path):
+  from data_engine import stages
+  spec = f'configs/engine.py:models,weights={tmp_path}'
+  with pytest.raises(FileNotFoundError, match=f"'depth_anything': weights folder {tmp_path}/"):
+    stages.Context(engine_config.load(spec))
+  ctx = stages.Context(engine_config.load(spec + ',fallback=True'))
+  used = {f['kind']: (f['wanted'], f['used']) for f in ctx.fallbacks}
+  assert used == {'detector': ('ensemble', 'saliency_boxes'), 'segmenter': ('sam', 'grabcut'),
+                  'depth': ('depth_anything', 'vertical_prior'),
+                  'matting': ('vitmatte', 'closed_form'), 'inpainter': ('diffusers', 'telea'),
+                  'text_check': ('clip', 'rule_based')}
+  assert all(str(tmp_path) in f['because'] for f in ctx.fallbacks)
+  endpoint = engine_config.load(spec + ',endpoint=http://localhost:1/v1,model=m')
+  assert endpoint.agent['backend'].to_dict() == {'name': 'openai', 'base_url': 'http://localhost:1/v1',
+                                       'model': 'm', 'api_key_env': 'OPENAI_API_KEY'}
+  assert endpoint.tools.captioner['name'] == 'agent'
 
 
 # --- runners --------------------------------------------------------------------------------
@@ -135,6 +168,30 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
   CALLS.clear()
   runners.run_local(keys, _work_factory, tmp_path, progress=False)
   assert CALLS == []
+
+
+def _endpoint_work_factory(down: bool):
+  def work(key):
+    if down and key in ('01', '02'):  # the agent endpoint was unreachable for these
+      return runners.Result(key, [], [{'stage': 'postfilter', 'passed': False,
+                                       'reason': 'agent_unavailable', 'details': {},
+                                       'seconds': 0}], 'postfilter: agent_unavailable')
+    return _work_factory()(key)
+  return work
+
+
+def test_inputs_dropped_by_a_down_endpoint_are_redone_on_rerun(tmp_path):
+  keys = [f'{i:02d}' for i in range(4)] + ['07']
+  summary = runners.run_local(keys, functools.partial(_endpoint_work_factory, True), tmp_path,
+                              progress=False)
+  assert summary['dropped'] == 3 and summary['retry_on_rerun'] == 2
+  assert summary['drop_reasons'] == {'postfilter: agent_unavailable': 2,
+                                     'prefilter: too_small': 1}
+  CALLS.clear()
+  summary = runners.run_local(keys, functools.partial(_endpoint_work_factory, False), tmp_path,
+                              progress=False)
+  assert CALLS == ['01', '02']  # a too-small photo stays dropped; the others were done
+  assert summary['samples'] == 4 and summary['dropped'] == 1 and summary['retry_on_rerun'] == 0
 
 
 def test_worker_processes_give_the_same_outputs(tmp_path):

@@ -1,7 +1,8 @@
 """Monocular depth without a model: the ground-plane prior that lower rows are nearer.
 
 `vertical_prior` returns nearness in [0, 1] (larger = nearer) growing from the `horizon`
-row to the bottom row, and `order(masks)` sorts objects back to front by how low they reach.
+row to the bottom row, and `order(masks, image)` sorts objects back to front by how low they
+reach. Every depth tool has this pair: `__call__(image) -> nearness`, `order(masks, image)`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class VerticalPrior:
     near = np.clip((rows - self.horizon) / (1 - self.horizon), 0, 1)
     return np.repeat(near[:, None], w, axis=1)
 
-  def order(self, masks) -> list[int]:
+  def order(self, masks, image=None) -> list[int]:
     """Indices back to front: an object whose lowest row is higher is farther; on a tie the
-    smaller mask is in front. Empty masks go first."""
+    smaller mask is in front. Empty masks go first. (The prior needs no look at `image`.)"""
     def key(i):
       rows = np.nonzero(np.asarray(masks[i]).any(axis=1))[0]
       return (int(rows[-1]) if len(rows) else -1, -int(np.count_nonzero(masks[i])))

@@ -52,7 +52,7 @@ def _parse_prompt_probs(probs) -> tuple[list[frozenset], np.ndarray]:
   return combos, np.asarray(weights) / total
 
 
-def _text_for(layer) -> str:
+def text_for(layer) -> str:
   texts = [*layer.referring, layer.caption, layer.label]
   return next((t for t in texts if t), '')
 
@@ -87,7 +87,7 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
       'shadow_on_checkerboard': over(targets['shadow'], board)[..., :3],
   }
   maps = _crop_and_flip(maps, sample, rng_geometry, config)
-  return {**maps, 'text': _text_for(target) if 'text' in kinds else '',
+  return {**maps, 'text': text_for(target) if 'text' in kinds else '',
           'prompt_kinds': '+'.join(sorted(kinds)), 'degradations': '+'.join(applied)}
 
 
