@@ -46,8 +46,8 @@ def make_decompose(config, root) -> functools.partial:
 
 def _synthesize_work(config, bank_path: str):
   bank = synthesis.load_bank(bank_path)
-  captioner = core.create('captioner', config.tools.captioner)
   agent = core.create('agent', config.agent)
+  captioner = stages.build_tool('captioner', config.tools.captioner, agent)
 
   def work(key: str) -> Result:
     record = []
@@ -59,7 +59,11 @@ def _synthesize_work(config, bank_path: str):
           raise Drop('bad_asset', str(e)) from None
         stages.caption_objects(sample.layers, lambda lay: core.call_tool(
             'captioner', lambda: captioner(lay.rgba, lay.label), config.tool_timeout))
-        stages.check_texts(sample.layers, agent.check_text)
+        checks = stages.check_texts(sample.layers, agent.check_text)
+        # The agent's decisions travel with the sample, as they do for decompositions.
+        sample.provenance['engine'] = stages.jsonable({
+            'text_checks': checks, 'agent': config.agent.to_dict(),
+            'prompt_versions': agent.prompt_versions()})
         sample.validate()
         objects = sum(l.kind == 'object' for l in sample.layers)
         decision = Decision('synthesize', True, '', {'objects': objects})

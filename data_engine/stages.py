@@ -67,21 +67,23 @@ class Context:
     self.config = config
     self.fallbacks: list[dict] = []  # tools built from their `fallback` spec, and why
     self.agent = core.create('agent', config.agent, self.fallbacks)
-    self.tools = {kind: self._tool(kind, spec) for kind, spec in config.tools.items()}
-
-  def _tool(self, kind: str, spec):
-    # `captioner: agent` lets the engine's agent (an LLM/VLM) write the captions, without
-    # loading a second copy of its model.
-    name = spec if isinstance(spec, str) else dict(spec).get('name')
-    if kind == 'captioner' and name == 'agent':
-      return self.agent.caption
-    return core.create(kind, spec, self.fallbacks)
+    self.tools = {kind: build_tool(kind, spec, self.agent, self.fallbacks)
+                  for kind, spec in config.tools.items()}
 
   def call(self, kind: str, *args, check=None, method: str = '__call__'):
     tool = self.tools[kind]
     name = f'{kind} {type(tool).__name__}'
     return core.call_tool(name, lambda: getattr(tool, method)(*args),
                           self.config.tool_timeout, check)
+
+
+def build_tool(kind: str, spec, agent, fallbacks: list | None = None):
+  """`core.create(kind, spec)`, except that `captioner: agent` makes the engine's agent (an
+  LLM/VLM) write the captions, without loading a second copy of its model."""
+  name = spec if isinstance(spec, str) else dict(spec).get('name')
+  if kind == 'captioner' and name == 'agent':
+    return agent.caption
+  return core.create(kind, spec, fallbacks)
 
 
 def sample_id(path: Path, root: Path | None) -> str:
@@ -400,7 +402,7 @@ def run(item: Photo, ctx: Context, stages=STAGES) -> tuple[LayeredSample | None,
     with core.Timer() as t:
       try:
         details = stage(item, ctx)
-        decision = Decision(name, True, '', _jsonable(details))
+        decision = Decision(name, True, '', jsonable(details))
       except Drop as drop:
         decision = Decision(name, False, drop.reason, {'detail': drop.detail})
     decision.seconds = round(t.seconds, 4)
@@ -412,18 +414,18 @@ def run(item: Photo, ctx: Context, stages=STAGES) -> tuple[LayeredSample | None,
   item.sample.provenance['engine'] = {
       'stages': [d.stage for d in record],
       'decisions': [d.to_json() for d in record],
-      'tools': _jsonable(ctx.config.tools.to_dict()),
-      'agent': _jsonable(ctx.config.agent.to_dict()),
+      'tools': jsonable(ctx.config.tools.to_dict()),
+      'agent': jsonable(ctx.config.agent.to_dict()),
       'fallbacks': ctx.fallbacks,
       'prompt_versions': ctx.agent.prompt_versions()}
   return item.sample, record
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.generic):
     return x.item()
   if isinstance(x, float) and not np.isfinite(x):

@@ -159,6 +159,8 @@ def test_synthesis_from_the_decomposed_bank_beam_equals_local(photos, decomposed
   for folder in local:
     sample = schema.read_folder(folder)
     assert any(l.kind == 'object' and l.caption for l in sample.layers)
+    checks = sample.provenance['engine']['text_checks']  # the agent's verdict per layer
+    assert set(checks) == {l.name for l in sample.layers}
     for f in folder.rglob('*.png'):
       assert f.read_bytes() == (tmp_path / 'beam' / f.relative_to(tmp_path / 'local')
                                 ).read_bytes()
