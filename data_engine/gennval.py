@@ -1,7 +1,9 @@
 """Gen-n-Val's path into the synthesis bank: LLM-written prompts -> RGBA objects -> VLLM
 validation -> median-filtered alpha -> `BANK/objects/generated/`, until every category asked
 for has at least its minimum number of objects in the bank (rare categories topped up first
-by how far they are below). `synthesis` then pastes them into scenes like any other object.
+by how far they are below). `synthesis` then pastes them into scenes like any other object;
+with `synthesize.balance_categories=True` every category is drawn equally often, so the rare
+ones are no longer rare in the scenes.
 
     write_prompts(category, n)    the agent's prompts for one object of the category
     generator(prompt, seed)       an RGBA layer (a `generator` tool, e.g. 'diffusers_rgba')

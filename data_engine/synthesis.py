@@ -52,11 +52,15 @@ Config keys (`default_config()`; a pair (lo, hi) is a range drawn from uniformly
   shadow_tint_jitter   each channel of the tint moves by up to this much per scene
   object_depth         an object's depth as a fraction of its width
   prob_no_shadow       probability that an object casts no shadow (it floats)
+  balance_categories   False: every object of the bank is equally likely; True: every label
+                       is, then an object within it (Gen-n-Val's balancing of rare
+                       categories, with `python -m data_engine generate-objects`)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -97,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
       shadow_tint_jitter=0.03,
       object_depth=0.5,
       prob_no_shadow=0.1,
+      balance_categories=False,
   ))
 
 
@@ -121,6 +126,20 @@ class Bank:
   backgrounds: list[BackgroundAsset]
   objects: list[ObjectAsset]
   skipped: list[str] = dataclasses.field(default_factory=list)  # why each bad input was left
+
+  def draw_object(self, rng: np.random.Generator, balanced: bool) -> int:
+    """An object's index: uniform over objects, or over labels then within the label."""
+    if not balanced:
+      return int(rng.integers(len(self.objects)))
+    members = self._by_label[int(rng.integers(len(self._by_label)))]
+    return members[int(rng.integers(len(members)))]
+
+  @functools.cached_property
+  def _by_label(self) -> list[list[int]]:
+    by_label: dict[str, list[int]] = {}
+    for i, o in enumerate(self.objects):
+      by_label.setdefault(o.label, []).append(i)
+    return list(by_label.values())
 
   def background(self, i: int, size: tuple[int, int]) -> np.ndarray:
     """Background `i` scaled to cover `size` (H, W) and centre-cropped: [H, W, 3] float32."""
@@ -340,7 +359,7 @@ def _place(bank: Bank, rng: np.random.Generator, config, placed: list[_Placed],
                for b, key in scene)
 
   for _ in range(int(config.placement_tries)):
-    asset = bank.objects[int(rng.integers(len(bank.objects)))]
+    asset = bank.objects[bank.draw_object(rng, bool(config.balance_categories))]
     flip = bool(rng.random() < flip_prob)
     height = float(rng.uniform(*heights))
     p = float(rng.uniform(*perspectives))

@@ -285,3 +285,16 @@ def test_bad_banks(tmp_path, bank_dir):
     synthesis.load_bank(bank_dir, on_error='ignore')
   with pytest.raises(ValueError, match='config.light_elevation'):
     synthesis.synthesize(bank, 0, _config(light_elevation=(50, 10)))
+
+
+def test_balanced_categories_draw_labels_evenly():
+  cutout = np.ones((4, 4, 4), np.float32)
+  labels = ['cup'] * 6 + ['ball'] * 3 + ['umbrella']
+  bank = synthesis.Bank([], [synthesis.ObjectAsset(cutout, l, '') for l in labels])
+  rng = np.random.default_rng(0)
+  n = 6000
+  for balanced, expected in ((False, {'cup': 0.6, 'ball': 0.3, 'umbrella': 0.1}),
+                             (True, {'cup': 1 / 3, 'ball': 1 / 3, 'umbrella': 1 / 3})):
+    drawn = [labels[bank.draw_object(rng, balanced)] for _ in range(n)]
+    for label, p in expected.items():
+      assert abs(drawn.count(label) / n - p) < 0.02, (balanced, label)
