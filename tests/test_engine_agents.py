@@ -673,19 +673,19 @@ def test_llm_agent_on_a_local_vlm_handles_random_output(tiny_vlm):
 
 
 def test_transformers_vlm_configuration_errors(tiny_vlm, tmp_path):
-  with pytest.raises(FileNotFoundError, match=f'chat transformers: model folder {tmp_path}/nope'):
+  with pytest.raises(FileNotFoundError, match=f'chat transformers: weights folder {tmp_path}/nope does not exist'):
     TransformersVLM(str(tmp_path / 'nope'))
   text_only = tmp_path / 'llama'
   text_only.mkdir()
   (text_only / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
-  with pytest.raises(ValueError, match="model_type 'llama', not an image-text-to-text model"):
+  with pytest.raises(ValueError, match="chat transformers: .* has model_type 'llama', expected one of .*'llava'"):
     LLMAgent({'name': 'transformers', 'path': str(text_only)})
   no_weights = tmp_path / 'no_weights'
   no_weights.mkdir()
   shutil.copy(tiny_vlm / 'config.json', no_weights)
-  with pytest.raises(FileNotFoundError, match='no \\*.safetensors weights'):
+  with pytest.raises(FileNotFoundError, match='chat transformers: .* has no .safetensors weights'):
     TransformersVLM(str(no_weights))
-  with pytest.raises(FileNotFoundError, match=f'chat transformers: no config.json in {tmp_path}'):
+  with pytest.raises(FileNotFoundError, match=f'chat transformers: {tmp_path} has no config.json'):
     TransformersVLM(str(tmp_path))
   no_processor = tmp_path / 'no_processor'
   no_processor.mkdir()

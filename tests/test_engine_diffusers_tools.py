@@ -15,8 +15,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import randomize_
 from data_engine import core, gennval
+from data_engine.tools import inpainter
 from data_engine.core import Drop
-from data_engine.tools import diffusers_inpaint, generator, inpainter  # noqa: F401 (registers)
 from data_engine.tools.generator import PlainBackgroundKey
 
 UNET = dict(block_out_channels=(8, 16), layers_per_block=1,

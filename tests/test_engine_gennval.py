@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_engine import config as engine_config
-from data_engine import core, gennval, preferences, synthesis
+from data_engine import gennval, preferences, synthesis
 from data_engine.agents.base import Preference
 from data_engine.agents.rule_based import RuleBasedAgent
 from layerjax.data import schema

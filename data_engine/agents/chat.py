@@ -33,15 +33,13 @@ import math
 import os
 import re
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from data_engine.core import Drop, register
-from data_engine.tools import imaging
-from layerjax.fileio import read_json
+from data_engine.tools import hf, imaging
 
 log = logging.getLogger(__name__)
 
@@ -324,9 +322,6 @@ class OpenAIChat:
 
 # --- local vision-language models ---------------------------------------------------------
 
-_DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-
-
 @register('chat', 'transformers')
 class TransformersVLM:
   """A local image-text-to-text model folder (config.json, processor files, safetensors).
@@ -334,39 +329,21 @@ class TransformersVLM:
 
   def __init__(self, path: str, device: str = 'auto', max_new_tokens: int = 512,
                dtype: str = 'auto'):
-    folder = Path(path)
-    if not folder.is_dir():
-      raise FileNotFoundError(f'chat transformers: model folder {folder} does not exist')
-    if not (folder / 'config.json').is_file():
-      raise FileNotFoundError(f'chat transformers: no config.json in {folder}')
-    try:
-      config = read_json(folder / 'config.json')
-    except ValueError as e:
-      raise ValueError(f'chat transformers: {e}') from None
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as vlm_types)
-    model_type = config.get('model_type')
-    if model_type not in vlm_types:
-      raise ValueError(f'chat transformers: {folder / "config.json"} has model_type '
-                       f'{model_type!r}, not an image-text-to-text model (e.g. llava, qwen2_vl, '
-                       f'gemma3, idefics3)')
-    if not any(folder.glob('*.safetensors')):
-      raise FileNotFoundError(f'chat transformers: no *.safetensors weights in {folder} (only '
-                              f'safetensors are loaded)')
-    if dtype not in _DTYPES:
-      raise ValueError(f'chat transformers: dtype {dtype!r} not in {_DTYPES}')
+    tool = 'chat transformers'
+    folder = hf.weights_folder(tool, path, tuple(vlm_types))
+    target = hf.pick_device(tool, device)
+    torch_type = hf.torch_dtype(tool, dtype, target)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    if device == 'auto':
-      device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if dtype == 'auto':
-      dtype = 'bfloat16' if device.startswith('cuda') else 'float32'
+    device = str(target)
     self._torch, self.device, self.max_new_tokens = torch, device, max_new_tokens
     try:
       self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
       self.model = AutoModelForImageTextToText.from_pretrained(
           folder, local_files_only=True, use_safetensors=True,
-          dtype=getattr(torch, dtype)).to(device).eval()
+          dtype=torch_type).to(device).eval()
     except (OSError, ValueError) as e:  # e.g. processor files missing, weights not matching
       raise ValueError(f'chat transformers: cannot load {folder}: {e}') from e
 

@@ -29,17 +29,6 @@ TOOL = "inpainter 'diffusers'"
 _CONTROLNET_BASES = ('StableDiffusionInpaintPipeline', 'StableDiffusionXLInpaintPipeline')
 
 
-def torch_dtype(tool: str, dtype: str, device):
-  """'auto': bfloat16 on CUDA (fast, and FLUX's range needs it over float16), else float32."""
-  import torch
-  if dtype == 'auto':
-    return torch.bfloat16 if device.type == 'cuda' else torch.float32
-  if dtype not in ('float32', 'float16', 'bfloat16'):
-    raise ValueError(f"{tool}: dtype must be 'auto', 'float32', 'float16' or 'bfloat16', "
-                     f'got {dtype!r}')
-  return getattr(torch, dtype)
-
-
 def read_class(tool: str, path, index: str = 'model_index.json') -> tuple[Path, str]:
   """The folder and the `_class_name` its `index` file names (a pipeline's model_index.json
   or a model's config.json); a clear error when either is missing or unreadable."""
@@ -89,7 +78,7 @@ def load_pipeline(tool: str, path, task: str, device: str = 'auto', dtype: str =
     raise ValueError(f'{tool}: {folder} holds a {name}, not a pipeline for {task} '
                      f'(one of {", ".join(sorted(mapped | own))})')
   device = hf.pick_device(tool, device)
-  torch_type = torch_dtype(tool, dtype, device)
+  torch_type = hf.torch_dtype(tool, dtype, device)
   loader = auto if name in mapped else getattr(diffusers, name)
   try:
     pipe = loader.from_pretrained(folder, local_files_only=True, use_safetensors=True,
@@ -206,7 +195,7 @@ def _load_controlnet(path: str, device: str, dtype: str):
   try:
     return ControlNetModel.from_pretrained(
         folder, local_files_only=True, use_safetensors=True,
-        dtype=torch_dtype(TOOL, dtype, hf.pick_device(TOOL, device)))
+        dtype=hf.torch_dtype(TOOL, dtype, hf.pick_device(TOOL, device)))
   except Exception as e:  # as in load_pipeline
     raise ValueError(f'{TOOL}: cannot load the ControlNet at {folder}: '
                      f'{type(e).__name__}: {e}') from e

@@ -56,6 +56,17 @@ def pick_device(tool: str, spec: str = 'auto') -> 'torch.device':
     raise ValueError(f'{tool}: bad device {spec!r} ({e})') from None
 
 
+def torch_dtype(tool: str, dtype: str, device):
+  """'auto': bfloat16 on CUDA (fast, and FLUX's range needs it over float16), else float32."""
+  import torch
+  if dtype == 'auto':
+    return torch.bfloat16 if device.type == 'cuda' else torch.float32
+  if dtype not in ('float32', 'float16', 'bfloat16'):
+    raise ValueError(f"{tool}: dtype must be 'auto', 'float32', 'float16' or 'bfloat16', "
+                     f'got {dtype!r}')
+  return getattr(torch, dtype)
+
+
 def load(tool: str, path, model_types: Sequence[str], model_class, processor_class,
          device: str = 'auto') -> tuple[Any, Any]:
   """(model in eval mode on the device, processor), both from the checked local folder."""
