@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from data_engine.tools import hf
 from layerjax.data import schema
 from layerjax.fileio import atomic_file, read_json
 
@@ -138,12 +139,7 @@ class SD3TextEncoder:
     import torch
     from transformers import (CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
                               T5Tokenizer)
-    if device == 'auto':
-      device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-      self.device = torch.device(device)
-    except RuntimeError as e:
-      raise ValueError(f'SD3 text encoder: device {device!r}: {e}') from None
+    self.device = hf.pick_device('SD3 text encoder', device)
     self.dtype = getattr(torch, self.dtype_name)
 
     def load(cls, sub, **model_options):
