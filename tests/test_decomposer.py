@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from layerjax.models import common
 from layerjax.models.decomposer import SAMPLE_SIGMA_MIN, DecomposerConfig, LayerDecomposer
 from layerjax.models.mmdit import MMDiTConfig
 
@@ -136,3 +137,16 @@ def test_foreground_colour_is_unblended_from_the_known_board():
   assert inside.mean() > 0.5
   np.testing.assert_allclose(seen[inside], np.asarray(blend[:, 1])[inside], atol=1e-4)
   assert np.abs(fg[..., :3] - plain['foreground'][..., :3]).max() > 0.1
+
+
+def test_abstract_construction_matches_eval_shape():
+  """`common.abstract` (a fixed key, no counters) gives the variables, shapes, dtypes and
+  sharding metadata that `nnx.eval_shape` with a real `nnx.Rngs` gives."""
+  cfg = config(conditions=('image', 'prompt', 'checkerboard'))
+  real = nnx.eval_shape(lambda: LayerDecomposer(cfg, rngs=nnx.Rngs(0)))
+  fast = common.abstract(lambda rngs: LayerDecomposer(cfg, rngs=rngs))
+  real, fast = nnx.to_flat_state(nnx.state(real)), nnx.to_flat_state(nnx.state(fast))
+  assert [p for p, _ in real] == [p for p, _ in fast] and len(real) > 50
+  for (path, a), (_, b) in zip(real, fast):
+    assert type(a) is type(b) and a.shape == b.shape and a.dtype == b.dtype, path
+    assert a.get_metadata() == b.get_metadata(), path

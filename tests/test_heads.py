@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from layerjax.models import common
 from layerjax.models.heads import (ALPHA_CHANNELS, SHADOW_CHANNELS, decoder_head,
                                    init_from_vae_decoder, to_unit)
 from layerjax.models.vae import Decoder, VAEConfig
@@ -54,7 +55,7 @@ def test_init_copies_all_but_conv_out(vae_decoder, channels):
 
 def abstract_head(cfg, channels):
   # Shapes only: these tests never read conv_out, and eager initialisation is slow on CPU.
-  return nnx.eval_shape(lambda: decoder_head(cfg, channels, rngs=nnx.Rngs(0)))
+  return common.abstract(lambda rngs: decoder_head(cfg, channels, rngs=rngs))
 
 
 def test_init_refuses_another_vae_configuration(vae_decoder):

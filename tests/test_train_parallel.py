@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from layerjax import parallel
+from layerjax.models import common
 from layerjax.data.pipeline import make_loader
 from layerjax.train import build, objectives, trainer
 from train_utils import ROOT, load_config_file, make_dataset, tiny
@@ -108,7 +109,6 @@ def test_two_processes_train_together(tmp_path, data_dir):
   assert (workdir / 'checkpoints' / '3').is_dir()
 
 
-@pytest.mark.slow  # building 8B parameters abstractly still takes minutes of tracing
 @pytest.mark.parametrize('variant', ['sd3_medium', 'sd35_large'])
 def test_full_size_configs_shard_over_the_mesh(variant):
   """The whole SD3 decomposer, abstractly (no memory): every parameter gets a placement on
@@ -116,7 +116,7 @@ def test_full_size_configs_shard_over_the_mesh(variant):
   heads) splits 8 ways, so none of them is replicated on every device."""
   config = load_config_file('liwi', variant)
   config.init.pretrained = ''  # random weights of the same shapes
-  model = nnx.eval_shape(lambda: build.build_model(config, 0))
+  model = common.abstract(lambda rngs: build.build_model(config, rngs))
   parallel.model_shardings(model, parallel.make_mesh(tuple(config.mesh)))
   shardings = parallel.model_shardings(model, parallel.make_mesh((1, 8, 1)))
   total, per_device = {}, {}

@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import assert_close_to_scale, nchw_to_nhwc, randomize_
 from layerjax.convert.diffusers import load_vae
+from layerjax.models import common
 from layerjax.models.vae import AutoencoderKL, VAEConfig, from_latent, to_latent
 
 # SD3's vae/config.json as published (stabilityai/stable-diffusion-3-medium-diffusers).
@@ -68,7 +69,7 @@ def test_parameter_names_and_shapes_match_diffusers_sd3():
   with torch.device('meta'):
     torch_vae = diffusers.AutoencoderKL.from_config(SD3_VAE_CONFIG)
   expected = {k: tuple(v.shape) for k, v in torch_vae.state_dict().items()}
-  vae = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig(), rngs=nnx.Rngs(0)))
+  vae = common.abstract(lambda rngs: AutoencoderKL(VAEConfig(), rngs=rngs))
   got = {}
   for path, var in nnx.to_flat_state(nnx.state(vae)):
     *head, leaf = map(str, path)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from layerjax.convert.files import read_config, read_tensors, write_folder
+from layerjax.models import common
 from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 
 
@@ -125,7 +126,7 @@ def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: s
 
 def abstract_model(model_kind: ModelKind, cfg):
   """Shapes only: no memory is spent on an initialisation that loading would overwrite."""
-  model = nnx.eval_shape(lambda: model_kind.build(cfg, rngs=nnx.Rngs(0)))
+  model = common.abstract(lambda rngs: model_kind.build(cfg, rngs=rngs))
   return nnx.split(model)
 
 

@@ -83,12 +83,14 @@ def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None =
                           long_skip=bool(m.long_skip), prediction=m.prediction)
 
 
-def build_model(config, seed: int) -> LayerDecomposer:
+def build_model(config, seed: int | nnx.Rngs) -> LayerDecomposer:
   """The decomposer, from `init.pretrained` when set (extra channels and layer embedding
-  zero, heads from the VAE decoder), else randomly initialised from `seed`."""
+  zero, heads from the VAE decoder), else randomly initialised from `seed` (or the given
+  `nnx.Rngs`, e.g. `common.abstract`'s for shapes only)."""
+  rngs = nnx.Rngs(seed) if isinstance(seed, int) else seed
   folder = _pretrained_folder(config)
   if folder is None:
-    return LayerDecomposer(decomposer_config(config), rngs=nnx.Rngs(seed))
+    return LayerDecomposer(decomposer_config(config), rngs=rngs)
   m = config.model
   if m.latents.kind != 'vae':
     raise ValueError("init.pretrained needs model.latents.kind='vae' (SD3's latent space)")
@@ -99,7 +101,7 @@ def build_model(config, seed: int) -> LayerDecomposer:
   transformer = convert.load_transformer(folder, **compute)
   vae = convert.load_vae(folder, dtype=compute['dtype'], param_dtype=compute['param_dtype'])
   cfg = decomposer_config(config, (transformer.config, vae.config))
-  model = LayerDecomposer(cfg, rngs=nnx.Rngs(seed), vae=vae,
+  model = LayerDecomposer(cfg, rngs=rngs, vae=vae,
                           transformer=widen_input(transformer, cfg.mmdit.in_channels))
   for name in ('alpha_head', 'shadow_head'):
     if hasattr(model, name):
