@@ -659,6 +659,14 @@ def test_transformers_vlm_matches_the_model_run_directly(tiny_vlm):
   assert text == expected and text
 
 
+def test_transformers_vlm_past_its_timeout_gives_no_answer(tiny_vlm):
+  backend = core.create('chat', {'name': 'transformers', 'path': str(tiny_vlm),
+                                 'max_new_tokens': 400, 'timeout': 1e-6})
+  with pytest.raises(Drop) as e:
+    backend.complete(_vlm_messages(), CHECK)
+  assert e.value.reason == 'agent_timeout' and 'within 1e-06 s' in e.value.detail
+
+
 def test_llm_agent_on_a_local_vlm_handles_random_output(tiny_vlm):
   agent = LLMAgent({'name': 'transformers', 'path': str(tiny_vlm), 'max_new_tokens': 12})
   layer = _sample(_photo(), True).layers[1]

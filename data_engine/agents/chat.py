@@ -325,10 +325,11 @@ class OpenAIChat:
 @register('chat', 'transformers')
 class TransformersVLM:
   """A local image-text-to-text model folder (config.json, processor files, safetensors).
-  `dtype` 'auto': bfloat16 on CUDA, float32 on CPU."""
+  `dtype` 'auto': bfloat16 on CUDA, float32 on CPU; `timeout`: seconds of decoding before the
+  answer counts as not given (Drop 'agent_timeout'); None waits for ever."""
 
   def __init__(self, path: str, device: str = 'auto', max_new_tokens: int = 512,
-               dtype: str = 'auto'):
+               dtype: str = 'auto', timeout: float | None = 300.0):
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as vlm_types)
     tool = 'chat transformers'
@@ -339,6 +340,7 @@ class TransformersVLM:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     device = str(target)
     self._torch, self.device, self.max_new_tokens = torch, device, max_new_tokens
+    self.timeout = timeout
     try:
       self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
       self.model = AutoModelForImageTextToText.from_pretrained(
@@ -352,12 +354,20 @@ class TransformersVLM:
         _processor_messages(with_schema(messages, schema)), add_generation_prompt=True,
         tokenize=True, return_dict=True, return_tensors='pt')
     inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts only the float inputs
+    start = time.monotonic()
     try:
       with self._torch.inference_mode():
-        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+        # `max_time` stops decoding at the deadline; an answer cut short is no answer.
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                  max_time=self.timeout)
     except (RuntimeError, ValueError) as e:  # e.g. out of memory, prompt past the context
       raise Drop('agent_error', f'chat transformers: generate raised {type(e).__name__}: {e}')
-    return self.processor.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)
+    new_tokens = out[0, inputs['input_ids'].shape[1]:]
+    if (self.timeout is not None and time.monotonic() - start >= self.timeout
+        and len(new_tokens) < self.max_new_tokens):
+      raise Drop('agent_timeout', f'chat transformers: no answer within {self.timeout} s '
+                 f'({len(new_tokens)} tokens)')
+    return self.processor.decode(new_tokens, skip_special_tokens=True)
 
 
 def _processor_messages(messages: list[dict]) -> list[dict]:
