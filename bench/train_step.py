@@ -71,6 +71,7 @@ def make_config(name: str, args):
     raise ValueError(f'unknown config {name!r}')
   if args.batch:
     c.data.global_batch_size = args.batch
+  c.loss.estimate_every = args.estimate_every
   c.mesh = (1, 1, 1)
   return c
 
@@ -157,6 +158,8 @@ def main(argv=None) -> dict:
   p.add_argument('--batch', type=int, default=0, help='global batch (0: demo 16, sd3 2)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--estimate-every', type=int, default=1,
+                 help='loss.estimate_every: terms on the one-step estimate on every k-th example')
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--peak-tflops', type=float, default=0.0,

@@ -71,6 +71,34 @@ def test_loss_and_grads_match_one_device(reference, shape):
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_estimate_terms_read_every_kth_example(reference):
+  """With `loss.estimate_every = 2` the recomposition reads only examples 0, 2, 4, ...:
+  changing the other examples' layers leaves it unchanged, where with k = 1 it moves."""
+  config, batch, _, _ = reference
+  changed = dict(batch)
+  for key in ('background', 'foreground', 'shadow', 'foreground_on_checkerboard',
+              'shadow_on_checkerboard'):
+    x = np.array(batch[key])
+    x[1::2] = 1 - x[1::2]
+    changed[key] = x
+  recompose = {}
+  for k in (1, 2):
+    c = config.copy_and_resolve_references()
+    c.loss.estimate_every = k
+    setup = trainer.create(c, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+    terms = jax.jit(lambda params, frozen, b: objectives.loss_fn(
+        nnx.merge(setup.graphdef, params, frozen), b, jax.random.PRNGKey(7), c.loss)[1])
+    recompose[k] = [float(terms(setup.state['params'], setup.frozen, b)['loss/recompose'])
+                    for b in (batch, changed)]
+  assert abs(recompose[1][0] - recompose[1][1]) > 1e-3
+  assert recompose[2][0] == pytest.approx(recompose[2][1], rel=1e-6)
+  assert recompose[2][0] != pytest.approx(recompose[1][0], rel=1e-3)
+  c = config.copy_and_resolve_references()
+  c.loss.estimate_every = 3
+  with pytest.raises(ValueError, match='estimate_every=3 must divide the per-device batch 8'):
+    trainer.check_config(c, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))

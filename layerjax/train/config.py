@@ -88,6 +88,9 @@ def base() -> ConfigDict:
 
   c.loss = ConfigDict(dict(
       logit_mean=0.0, logit_std=1.0, shift=3.0,
+      # The terms on the one-step estimate (heads on it, recomposition) on every k-th example:
+      # they decode with VAE-shaped networks, the bulk of an SD3 step besides the transformer.
+      estimate_every=1,
       weights={'flow': 1.0, 'shadow': 1.0, 'alpha': 1.0, 'recompose': 0.5,
                'restoration': 1.0}))
   c.optimizer = ConfigDict(dict(

@@ -16,6 +16,8 @@ over the same checkerboard (batch keys below).
 The heads' L1 terms are taken on the clean latents and again on the model's own one-step
 estimate of them (held fixed, weighted by 1 - t): at sampling time the heads read generated
 latents, and a head that has only seen clean ones leaves a faint alpha everywhere.
+`loss.estimate_every` = k takes the terms on the estimate (those heads, and the
+recomposition) on every k-th example only, to save their decoder passes.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def recompose(background, shadow_rgba, fg_on_board, fg_alpha, board):
   return fg_on_board + (1 - fg_alpha) * (below - board)
 
 
+def every_kth(tree, k: int):
+  """Examples 0, k, 2k, ... of every array in `tree` (leading batch axis). With the batch
+  split over devices in contiguous blocks that k divides, each device keeps its own."""
+  if k == 1:
+    return tree
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:])[:, 0], tree)
+
+
 def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, dict]:
   cfg = model.config
   layers = cfg.layers
@@ -84,14 +94,22 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
   v = model(xt, model.conditions(batch), context, pooled, sigma).astype(jnp.float32)
   se = jnp.square(v - (noise - x0)).mean(-1)  # [B, K, h, w]
   x0_hat = xt - s * v  # the one-step estimate of the clean latents
-  fixed = jax.lax.stop_gradient(x0_hat)
   trust = (1 - sigma)[:, None, None, None]
 
   pixels = model.head_pixels(batch)
+  k = loss_cfg.estimate_every
+  if b % k:
+    raise ValueError(f'loss.estimate_every={k} does not divide the batch of {b}')
+  sub = every_kth({'batch': batch, 'pixels': pixels, 'trust': trust, 'sigma': sigma,
+                   'x0_hat': x0_hat}, k)
 
-  def on_both(head, k, l1):
-    """`l1(raw head output)` -> [B, H, W, 1], on the clean and the estimated latent."""
-    return l1(head(x0[:, k], pixels)).mean() + (trust * l1(head(fixed[:, k], pixels))).mean()
+  def on_both(head, i, l1):
+    """`l1(raw head output, batch)` -> [B, H, W, 1], on the clean latent, and on the
+    estimated one of every k-th example."""
+    clean = l1(head(x0[:, i], pixels), batch).mean()
+    fixed = jax.lax.stop_gradient(sub['x0_hat'][:, i])
+    estimate = l1(head(fixed, sub['pixels']), sub['batch'])
+    return clean + (sub['trust'] * estimate).mean()
 
   idx = {l: i for i, l in enumerate(layers)}
   terms = {}
@@ -102,25 +120,26 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
     fg = idx['foreground']
     band = _pool_max(batch['boundary'][..., 0], cfg.latent_factor)
     terms['restoration'] = (se[:, fg] * band).sum() / jnp.maximum(band.sum(), 1.0)
-    target = 2 * batch['foreground'][..., 3:] - 1
-    terms['alpha'] = on_both(model.alpha, fg, lambda raw: jnp.abs(raw - target))
+    terms['alpha'] = on_both(model.alpha, fg, lambda raw, m: jnp.abs(
+        raw - (2 * m['foreground'][..., 3:] - 1)))
   if 'shadow' in idx:
     sh = idx['shadow']
-    target = 2 * batch['shadow'] - 1
 
-    def shadow_l1(raw):  # opacity, and colour where the shadow is
-      return (jnp.abs(raw[..., 3:] - target[..., 3:]) + batch['shadow'][..., 3:] *
+    def shadow_l1(raw, m):  # opacity, and colour where the shadow is
+      target = 2 * m['shadow'] - 1
+      return (jnp.abs(raw[..., 3:] - target[..., 3:]) + m['shadow'][..., 3:] *
               jnp.abs(raw[..., :3] - target[..., :3]).mean(-1, keepdims=True))
     terms['shadow'] = se[:, sh].mean() + on_both(model.shadow, sh, shadow_l1)
   if weights.get('recompose'):
-    bg = model.latents.decode(x0_hat[:, idx['background']])
-    fg_on_board = model.latents.decode(x0_hat[:, idx['foreground']])
-    alpha = heads.to_unit(model.alpha(x0_hat[:, idx['foreground']], pixels))
-    shadow = heads.to_unit(model.shadow(x0_hat[:, idx['shadow']], pixels))
-    recon = recompose(bg, shadow, fg_on_board, alpha, batch['checkerboard'])
-    clean = recompose(batch['background'], batch['shadow'], batch['foreground_on_checkerboard'],
-                      batch['foreground'][..., 3:], batch['checkerboard'])
+    est, m, px = sub['x0_hat'], sub['batch'], sub['pixels']
+    bg = model.latents.decode(est[:, idx['background']])
+    fg_on_board = model.latents.decode(est[:, idx['foreground']])
+    alpha = heads.to_unit(model.alpha(est[:, idx['foreground']], px))
+    shadow = heads.to_unit(model.shadow(est[:, idx['shadow']], px))
+    recon = recompose(bg, shadow, fg_on_board, alpha, m['checkerboard'])
+    clean = recompose(m['background'], m['shadow'], m['foreground_on_checkerboard'],
+                      m['foreground'][..., 3:], m['checkerboard'])
     per_example = jnp.abs(recon - clean).mean(axis=(1, 2, 3))
-    terms['recompose'] = ((1 - sigma) * per_example).mean()
+    terms['recompose'] = ((1 - sub['sigma']) * per_example).mean()
   loss = sum(weights.get(k, 0.0) * v for k, v in terms.items())
   return loss, {'loss': loss, **{f'loss/{k}': v for k, v in terms.items()}}

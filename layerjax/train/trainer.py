@@ -84,6 +84,12 @@ def check_config(config, mesh) -> None:
     if size % n:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size '
                        f'{n} (mesh {dict(mesh.shape)})')
+  k = config.loss.estimate_every
+  per_device = config.data.global_batch_size // n
+  if k < 1 or per_device % k:
+    raise ValueError(f'loss.estimate_every={k} must divide the per-device batch {per_device} '
+                     f'(data.global_batch_size / data-parallel mesh size {n}), so that every '
+                     'device keeps its own examples')
   objectives.check_weights(dict(config.loss.weights), config.model.layers)
 
 
