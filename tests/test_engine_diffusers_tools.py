@@ -234,24 +234,6 @@ def test_inpainter_with_an_empty_mask_returns_the_image(folders):
   assert np.array_equal(tool(image, np.zeros(image.shape[:2], bool)), image)
 
 
-def test_depth_controlnet_guides_with_the_hole_filled_depth(folders):
-  tool = core.create('inpainter', dict(INPAINT, path=str(folders / 'inpaint'),
-                                       controlnet=str(folders / 'controlnet'),
-                                       depth={'name': 'vertical_prior', 'horizon': 0.2}))
-  assert type(tool.pipe).__name__ == 'StableDiffusionControlNetInpaintPipeline'
-  image, mask = photo(seed=1), hole()
-  out = tool(image, mask)
-  assert_pasted(out, image, mask)
-  depth = control(image, mask, (24, 32))
-  pipe = local(StableDiffusionControlNetInpaintPipeline, folders / 'inpaint',
-               controlnet=local(ControlNetModel, folders / 'controlnet'))
-  np.testing.assert_allclose(out, reference(pipe, image, mask, 5, (24, 32), **CALL,
-                                            control_image=depth), atol=1e-5)
-  # The control image matters, so the comparison above checks it.
-  blind = reference(pipe, image, mask, 5, (24, 32), **CALL, control_image=np.zeros_like(depth))
-  assert np.abs(blind[mask] - out[mask]).max() > 1e-3
-
-
 def test_sdxl_inpainting_is_the_pipeline_on_the_crop(sdxl):
   tool = core.create('inpainter', dict(INPAINT, path=str(sdxl / 'inpaint'), resolution=64))
   assert type(tool.pipe).__name__ == 'StableDiffusionXLInpaintPipeline'
@@ -264,22 +246,32 @@ def test_sdxl_inpainting_is_the_pipeline_on_the_crop(sdxl):
   np.testing.assert_allclose(out, reference(pipe, image, mask, 5, (48, 64), **CALL), atol=1e-5)
 
 
-def test_sdxl_depth_controlnet_guides_with_the_hole_filled_depth(sdxl):
-  tool = core.create('inpainter', dict(INPAINT, path=str(sdxl / 'inpaint'), resolution=64,
-                                       controlnet=str(sdxl / 'controlnet'), controlnet_scale=0.8,
-                                       depth={'name': 'vertical_prior', 'horizon': 0.2}))
-  assert type(tool.pipe).__name__ == 'StableDiffusionXLControlNetInpaintPipeline'
+@pytest.mark.parametrize('kind', ['sd', 'sdxl'])
+def test_depth_controlnet_guides_with_the_hole_filled_depth(kind, request):
+  """SD and SDXL inpainting with a depth ControlNet equal their ControlNet pipelines run on
+  the crop with the photo's depth, the hole filled, as the control image."""
+  if kind == 'sd':
+    root, size = request.getfixturevalue('folders'), (24, 32)
+    cls, options, scale = StableDiffusionControlNetInpaintPipeline, {}, {}
+  else:
+    root, size = request.getfixturevalue('sdxl'), (48, 64)
+    cls = StableDiffusionXLControlNetInpaintPipeline
+    options = {'resolution': 64, 'controlnet_scale': 0.8}
+    scale = {'controlnet_conditioning_scale': 0.8}
+  tool = core.create('inpainter', dict(INPAINT, path=str(root / 'inpaint'),
+                                       controlnet=str(root / 'controlnet'),
+                                       depth={'name': 'vertical_prior', 'horizon': 0.2}, **options))
+  assert type(tool.pipe).__name__ == cls.__name__
   image, mask = photo(seed=1), hole()
   out = tool(image, mask)
   assert_pasted(out, image, mask)
-  depth = control(image, mask, (48, 64))
-  pipe = local(StableDiffusionXLControlNetInpaintPipeline, sdxl / 'inpaint',
-               controlnet=local(ControlNetModel, sdxl / 'controlnet'))
-  np.testing.assert_allclose(out, reference(pipe, image, mask, 5, (48, 64), **CALL,
-                                            control_image=depth,
-                                            controlnet_conditioning_scale=0.8), atol=1e-5)
-  blind = reference(pipe, image, mask, 5, (48, 64), **CALL, control_image=np.zeros_like(depth),
-                    controlnet_conditioning_scale=0.8)
+  depth = control(image, mask, size)
+  pipe = local(cls, root / 'inpaint', controlnet=local(ControlNetModel, root / 'controlnet'))
+  np.testing.assert_allclose(out, reference(pipe, image, mask, 5, size, **CALL, control_image=depth,
+                                            **scale), atol=1e-5)
+  # The control image matters, so the comparison above checks it.
+  blind = reference(pipe, image, mask, 5, size, **CALL, control_image=np.zeros_like(depth),
+                    **scale)
   assert np.abs(blind[mask] - out[mask]).max() > 1e-3
 
 
