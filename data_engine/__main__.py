@@ -8,11 +8,11 @@
     python -m data_engine refine-prompt --task validate_object --items LABELLED.jsonl
     python -m data_engine compare --a OUT_A --b OUT_B --names new,old --output prefs.jsonl
 
-Every command but embed-texts takes `--config FILE.py[:ARG]` (default: the offline engine) and any number of
-`--set key.sub=value`. Outputs: `DIR/samples/<id>/` (the on-disk LayeredSample form),
-`DIR/engine_manifest.jsonl` (one line per input: its samples or why it was dropped, and
-every stage's decision) and `DIR/engine_summary.json` (per-stage pass rates, drop reasons).
-A re-run continues where the last one stopped.
+Every command but embed-texts takes `--config FILE.py[:ARG]` (default: the offline engine)
+and any number of `--set key.sub=value`. Outputs: `DIR/samples/<id>/` (the on-disk
+LayeredSample form), `DIR/engine_manifest.jsonl` (one line per input: its samples or why it
+was dropped, and every stage's decision) and `DIR/engine_summary.json` (per-stage pass
+rates, drop reasons). A re-run continues where the last one stopped.
 """
 
 from __future__ import annotations

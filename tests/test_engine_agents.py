@@ -681,12 +681,14 @@ def test_llm_agent_on_a_local_vlm_handles_random_output(tiny_vlm):
 
 
 def test_transformers_vlm_configuration_errors(tiny_vlm, tmp_path):
-  with pytest.raises(FileNotFoundError, match=f'chat transformers: weights folder {tmp_path}/nope does not exist'):
+  missing = f'chat transformers: weights folder {tmp_path}/nope does not exist'
+  with pytest.raises(FileNotFoundError, match=missing):
     TransformersVLM(str(tmp_path / 'nope'))
   text_only = tmp_path / 'llama'
   text_only.mkdir()
   (text_only / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
-  with pytest.raises(ValueError, match="chat transformers: .* has model_type 'llama', expected one of .*'llava'"):
+  wrong_type = "chat transformers: .* has model_type 'llama', expected one of .*'llava'"
+  with pytest.raises(ValueError, match=wrong_type):
     LLMAgent({'name': 'transformers', 'path': str(text_only)})
   no_weights = tmp_path / 'no_weights'
   no_weights.mkdir()

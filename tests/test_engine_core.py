@@ -103,8 +103,9 @@ def test_models_config_fails_on_missing_weights_unless_it_may_fall_back(tmp_path
                   'text_check': ('clip', 'rule_based')}
   assert all(str(tmp_path) in f['because'] for f in ctx.fallbacks)
   endpoint = engine_config.load(spec + ',endpoint=http://localhost:1/v1,model=m')
-  assert endpoint.agent['backend'].to_dict() == {'name': 'openai', 'base_url': 'http://localhost:1/v1',
-                                       'model': 'm', 'api_key_env': 'OPENAI_API_KEY'}
+  assert endpoint.agent['backend'].to_dict() == {
+      'name': 'openai', 'base_url': 'http://localhost:1/v1', 'model': 'm',
+      'api_key_env': 'OPENAI_API_KEY'}
   assert endpoint.tools.captioner['name'] == 'agent'
 
 

@@ -174,7 +174,8 @@ def test_compare_outputs_writes_records_once(tmp_path):
       sample = make_sample(seed=seed)
       if name == 'v1':  # the object left in the background, where it hides it exactly
         opaque = sample.layer('object_1').rgba[..., 3:] == 1
-        sample.layers[0].rgba[..., :3] = np.where(opaque, sample.image, sample.layers[0].rgba[..., :3])
+        background = sample.layers[0].rgba
+        background[..., :3] = np.where(opaque, sample.image, background[..., :3])
       schema.write_folder(sample, tmp_path / name / 'samples' / sample.id)
   out = tmp_path / 'prefs.jsonl'
   counts = preferences.compare_outputs(RuleBasedAgent(), tmp_path / 'v2', tmp_path / 'v1', out,
