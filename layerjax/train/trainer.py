@@ -288,7 +288,10 @@ def train(config, workdir, *, mesh=None) -> dict:
       done = step + 1
       log = done % config.log_every == 0 or done == total
       run_eval = config.eval_every and (done % config.eval_every == 0 or done == total)
-      save = done % config.checkpoint_every == 0 or done == total or preempt.requested
+      # Read once: a SIGTERM arriving later in this step is handled at the next one, so a
+      # stop is never logged as saved without the save.
+      stop = preempt.requested
+      save = done % config.checkpoint_every == 0 or done == total or stop
       if not (log or run_eval or save):
         continue
       logged, pending = check(pending), None  # nothing is logged or saved unchecked
@@ -310,8 +313,8 @@ def train(config, workdir, *, mesh=None) -> dict:
                                       writer)
         t_log, steps_since = time.perf_counter(), 0
       if save:
-        ckpt.save(done, state, iterator, wait=preempt.requested)
-      if preempt.requested:
+        ckpt.save(done, state, iterator, wait=stop)
+      if stop:
         logging.warning('SIGTERM: saved step %d, exiting', done)
         result['preempted_at'] = done
         break
