@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from PIL import Image
 
 from data_engine import core, synthesis
 from data_engine.core import Drop
-from layerjax.fileio import atomic_file, read_json
+from layerjax.fileio import append_lines, atomic_file, read_json
 
 GENERATED = Path('objects') / 'generated'
 RECORDS = 'records.jsonl'
@@ -90,15 +89,7 @@ class _Records:
           continue  # a torn last line from a killed run
 
   def append(self, record: dict) -> None:
-    if self.path.exists():  # a torn last line must not glue onto this one
-      data = self.path.read_bytes()
-      if data and not data.endswith(b'\n'):
-        with open(self.path, 'r+b') as f:
-          f.truncate(data.rfind(b'\n') + 1)
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
+    append_lines(self.path, [json.dumps(record)])
     self.attempts[record['category']] += 1
 
 

@@ -17,7 +17,6 @@ p_j), ties counted as half a win each (Hunter's MM iterations), normalised to me
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from data_engine.core import Drop
 from layerjax.data import schema
+from layerjax.fileio import append_lines
 
 _SWAP = {'a': 'b', 'b': 'a', 'tie': 'tie'}
 
@@ -70,18 +70,7 @@ def compare_outputs(agent, out_a, out_b, output, names=('a', 'b')) -> dict:
 
 
 def write_records(path, records) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if path.exists():  # a torn last line from a killed run must not glue onto the next one
-    data = path.read_bytes()
-    if data and not data.endswith(b'\n'):
-      with open(path, 'r+b') as f:
-        f.truncate(data.rfind(b'\n') + 1)
-  with open(path, 'a') as f:
-    for r in records:
-      f.write(json.dumps(r) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+  append_lines(path, [json.dumps(r) for r in records])
 
 
 def read_records(path) -> list[dict]:

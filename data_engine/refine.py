@@ -22,7 +22,6 @@ are relative to the items file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ from PIL import Image
 
 from data_engine.core import Drop
 from layerjax.data import schema
+from layerjax.fileio import append_lines
 
 
 def _rgba(path: Path) -> np.ndarray:
@@ -132,9 +132,5 @@ def refine(task: str, store, make_worker: Callable[[str, str], Any], evaluator, 
 
 
 def _log(store, record: dict) -> dict:
-  path = Path(store.root) / 'refine_log.jsonl'
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+  append_lines(Path(store.root) / 'refine_log.jsonl', [json.dumps(record)])
   return record

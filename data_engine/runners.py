@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from layerjax.data import schema
+from layerjax.fileio import append_lines
 
 MANIFEST = 'engine_manifest.jsonl'
 SUMMARY = 'engine_summary.json'
@@ -66,10 +67,7 @@ def finished(output: Path) -> dict[str, dict]:
 
 def write_result(result: Result, output: Path) -> None:
   _write_samples(result, output)
-  with open(Path(output) / MANIFEST, 'a') as f:
-    f.write(json.dumps(result.manifest_line()) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
+  append_lines(Path(output) / MANIFEST, [json.dumps(result.manifest_line())])
 
 
 def guarded(work: Callable[[str], Result], key: str) -> Result:
@@ -83,14 +81,8 @@ def guarded(work: Callable[[str], Result], key: str) -> Result:
 
 
 def _pending(keys: Iterable[str], output: Path) -> list[str]:
-  """The keys not yet in the manifest, after cutting off a torn last line (a kill mid-append)
-  so that new lines start on a line of their own."""
-  path = Path(output) / MANIFEST
-  if path.exists():
-    data = path.read_bytes()
-    if data and not data.endswith(b'\n'):
-      with open(path, 'r+b') as f:
-        f.truncate(data.rfind(b'\n') + 1)
+  """The keys not yet in the manifest (a torn last line from a kill mid-append counts as
+  missing; `append_lines` cuts it before the next line goes in)."""
   done = {k for k, e in finished(output).items() if not retryable(e)}
   return [k for k in dict.fromkeys(keys) if k not in done]
 
@@ -168,13 +160,11 @@ def run_beam(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result
            | 'WriteSamples' >> beam.Map(_write_samples, str(output))
            | 'Lines' >> beam.Map(lambda r: json.dumps(r.manifest_line()))
            | 'WriteLines' >> beam.io.WriteToText(str(lines_prefix), file_name_suffix='.jsonl'))
-    with open(output / MANIFEST, 'a') as f:
-      for part in sorted(lines_prefix.parent.glob('results*.jsonl')):
-        for line in sorted(part.read_text().splitlines()):
-          f.write(line + '\n')
-        part.unlink()
-      f.flush()
-      os.fsync(f.fileno())
+    parts = sorted(lines_prefix.parent.glob('results*.jsonl'))
+    append_lines(output / MANIFEST, [line for part in parts
+                                     for line in sorted(part.read_text().splitlines())])
+    for part in parts:
+      part.unlink()
   return summary(output)
 
 

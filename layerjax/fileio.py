@@ -45,6 +45,22 @@ def atomic_file(dst: Path):
     raise
 
 
+def append_lines(path: Path, lines) -> None:
+  """Appends `lines` (strings without newlines) to a line log and fsyncs. A torn last line
+  left by a killed writer is cut first, so the new lines start on lines of their own."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if path.exists():
+    data = path.read_bytes()
+    if data and not data.endswith(b'\n'):
+      with open(path, 'r+b') as f:
+        f.truncate(data.rfind(b'\n') + 1)
+  with open(path, 'a') as f:
+    f.writelines(line + '\n' for line in lines)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def read_json(path: Path, error: type[Exception] = ValueError) -> Any:
   """Parsed JSON; a missing file or bad JSON raises an error naming `path`."""
   try:
