@@ -23,8 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from data_engine import config as engine_config
 from data_engine import core, gennval, jobs, preferences, refine, runners, text_embeddings
 
@@ -70,27 +68,6 @@ def build_tfds(output: Path, data_dir: Path, fractions: dict, on_error: str) -> 
   builder.download_and_prepare()
   return {'data_dir': str(data_dir), 'splits': {k: len(v) for k, v in sources.items()},
           'skipped': builder.skipped}
-
-
-def refine_prompt(task: str, items_path: Path, config) -> dict:
-  """`refine.refine` with the config's agent as worker, evaluator and optimiser unless
-  `config.refine` names others; a seeded split of the items into train and held-out."""
-  worker = core.create('agent', config.agent)
-  if not hasattr(worker, 'with_prompt'):
-    raise ValueError(f"refine-prompt: agent {config.agent.get('name')!r} has no system "
-                     "prompts to refine; use {'name': 'llm', ...}")
-  r = config.refine
-  evaluator = core.create('agent', r.evaluator) if r.evaluator else worker
-  optimiser = core.create('agent', r.optimiser) if r.optimiser else worker
-  items = refine.read_items(items_path)
-  order = np.random.default_rng(config.seed).permutation(len(items))
-  cut = max(1, round(r.heldout_fraction * len(items)))
-  if cut >= len(items):
-    raise ValueError(f'{items_path}: {len(items)} items leave none to train on with '
-                     f'heldout_fraction {r.heldout_fraction}')
-  heldout, train = [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
-  return refine.refine(task, worker.store, lambda text, v: worker.with_prompt(task, text, v),
-                       evaluator, optimiser, train, heldout, r.rounds)
 
 
 def main(argv=None) -> int:
@@ -144,7 +121,7 @@ def main(argv=None) -> int:
                                               timeout=config.tool_timeout), indent=2))
     return 0
   if args.command == 'refine-prompt':
-    print(json.dumps(refine_prompt(args.task, args.items, config), indent=2))
+    print(json.dumps(refine.refine_from_config(args.task, args.items, config), indent=2))
     return 0
   if args.command == 'compare':
     names = tuple(args.names.split(','))

@@ -28,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from data_engine import core
+from data_engine.agents.base import PromptOptimiser
 from data_engine.core import Drop
 from layerjax.data import schema
 from layerjax.fileio import append_lines
@@ -134,3 +136,28 @@ def refine(task: str, store, make_worker: Callable[[str, str], Any], evaluator, 
 def _log(store, record: dict) -> dict:
   append_lines(Path(store.root) / 'refine_log.jsonl', [json.dumps(record)])
   return record
+
+
+def refine_from_config(task: str, items_path, config) -> dict:
+  """`refine` with the engine config's agent as worker, evaluator and optimiser unless
+  `config.refine` names others, on a seeded split of the items into train and held-out."""
+  worker = core.create('agent', config.agent)
+  if not hasattr(worker, 'with_prompt'):
+    raise ValueError(f"refine-prompt: agent {config.agent.get('name')!r} has no system "
+                     "prompts to refine; use {'name': 'llm', ...}")
+  r = config.refine
+  evaluator = core.create('agent', r.evaluator) if r.evaluator else worker
+  optimiser = core.create('agent', r.optimiser) if r.optimiser else worker
+  for role, agent in (('evaluator', evaluator), ('optimiser', optimiser)):
+    if not isinstance(agent, PromptOptimiser):
+      raise ValueError(f'refine.{role}: a {type(agent).__name__} cannot criticise or rewrite '
+                       "prompts; use an LLM agent ({'name': 'llm', ...})")
+  items = read_items(items_path)
+  order = np.random.default_rng(config.seed).permutation(len(items))
+  cut = max(1, round(r.heldout_fraction * len(items)))
+  if cut >= len(items):
+    raise ValueError(f'{items_path}: {len(items)} items leave none to train on with '
+                     f'heldout_fraction {r.heldout_fraction}')
+  heldout, train = [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
+  return refine(task, worker.store, lambda text, v: worker.with_prompt(task, text, v),
+                evaluator, optimiser, train, heldout, r.rounds)

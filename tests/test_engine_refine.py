@@ -118,6 +118,9 @@ def test_cli_refines_with_the_configured_agent(server, prompts, items, capsys):
   assert result['version'] == 'v2' and result['rounds'][0]['accepted']
   with pytest.raises(ValueError, match='no system prompts to refine'):
     main(['refine-prompt', '--task', 'validate_object', '--items', str(items)])
+  with pytest.raises(ValueError, match='refine.evaluator: a RuleBasedAgent cannot criticise'):
+    main(['refine-prompt', '--task', 'validate_object', '--items', str(items),
+          '--set', f'agent={agent!r}', '--set', "refine.evaluator={'name': 'rule_based'}"])
 
 
 def test_items_file_errors(tmp_path):

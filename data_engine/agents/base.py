@@ -9,10 +9,13 @@
     validate_object(rgba) -> Judgement         Gen-n-Val: one intact object on a plain or
                                                  transparent background (1 valid, 0 invalid)
     write_prompts(category, n) -> [str]        Gen-n-Val: text-to-image prompts for one object
-    critique(task, examples) -> str            TextGrad-style loss: what is wrong with outputs
-    rewrite_prompt(task, prompt, critiques)    the system prompt improved by those critiques
     prompt_versions() -> {task: version}       the system prompts answers come from ({} when
                                                  no prompt is involved), for provenance
+
+Agents that work under system prompts (the LLM agent) are also `PromptOptimiser`s, which the
+self-refining loop (`data_engine.refine`) needs; the rule-based agent is not one:
+    critique(task, examples) -> str            TextGrad-style loss: what is wrong with outputs
+    rewrite_prompt(task, prompt, critiques)    the system prompt improved by those critiques
 """
 
 from __future__ import annotations
@@ -61,8 +64,12 @@ class Agent(Protocol):
 
   def write_prompts(self, category: str, n: int) -> list[str]: ...
 
+  def prompt_versions(self) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class PromptOptimiser(Protocol):
+
   def critique(self, task: str, examples: list[dict[str, Any]]) -> str: ...
 
   def rewrite_prompt(self, task: str, prompt: str, critiques: list[str]) -> str: ...
-
-  def prompt_versions(self) -> dict[str, str]: ...

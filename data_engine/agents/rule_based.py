@@ -36,8 +36,7 @@ _LIGHTS = ('soft studio lighting', 'natural daylight', 'warm morning light',
 
 @register('agent', 'rule_based')
 class RuleBasedAgent:
-  """Offline rules. `critique` and `rewrite_prompt` raise NotImplementedError: prompt
-  optimisation rewrites natural-language system prompts, which needs an LLM agent."""
+  """Offline rules; no system prompts, so not a `PromptOptimiser` (that needs an LLM)."""
 
   def __init__(self, ground_margin: float = 0.03, min_removal: float = 0.03,
                min_alpha_cover: float = 0.6, max_area: float = 0.7, tie_margin: float = 0.02,
@@ -157,14 +156,6 @@ class RuleBasedAgent:
     return [f'{style} of a single {category}, {view}, {light}, the whole {category} in frame, '
             f'high-resolution, highly realistic, plain background'
             for style, view, light in (combos[i] for i in picks)]
-
-  def critique(self, task: str, examples: list[dict]) -> str:
-    raise NotImplementedError('rule_based agent: prompt optimisation (critique) needs an LLM '
-                              "agent, e.g. agent {'name': 'llm', 'backend': {...}}")
-
-  def rewrite_prompt(self, task: str, prompt: str, critiques: list[str]) -> str:
-    raise NotImplementedError('rule_based agent: prompt optimisation (rewrite_prompt) needs an '
-                              "LLM agent, e.g. agent {'name': 'llm', 'backend': {...}}")
 
   def prompt_versions(self) -> dict[str, str]:
     return {}
