@@ -58,12 +58,16 @@ def attempt_seed(seed: int, category: str, attempt: int) -> int:
   return int(digest[:8], 16)
 
 
+def _check_kernel(kernel: int) -> None:
+  if kernel < 1 or kernel % 2 == 0:
+    raise ValueError(f'gennval.median_kernel must be an odd size >= 1, got {kernel}')
+
+
 def median_alpha(rgba: np.ndarray, kernel: int) -> np.ndarray:
   """Gen-n-Val's median filter on alpha (isolated specks gone, outline smoothed), as on the
   8-bit PNG the paper filters: alpha quantised to 1/255, OpenCV's median blur with edges
   replicated; colour kept. `kernel` 1 leaves alpha as it is."""
-  if kernel < 1 or kernel % 2 == 0:
-    raise ValueError(f'gennval.median_kernel must be an odd size >= 1, got {kernel}')
+  _check_kernel(kernel)
   out = np.array(rgba, np.float32)
   if kernel > 1:
     alpha = np.round(np.clip(out[..., 3], 0, 1) * 255).astype(np.uint8)
@@ -127,7 +131,7 @@ def generate_objects(bank, config, agent, generator=None, timeout: float | None 
   bank = Path(bank)
   if not bank.is_dir():
     raise FileNotFoundError(f'{bank}: no such bank directory')
-  median_alpha(np.zeros((1, 1, 4), np.float32), g.median_kernel)  # a bad kernel fails now
+  _check_kernel(g.median_kernel)  # before anything is generated
   generator = generator or core.create('generator', g.generator)
   folder = bank / GENERATED
   folder.mkdir(parents=True, exist_ok=True)
