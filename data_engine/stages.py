@@ -388,7 +388,6 @@ def _check_verdict(r) -> str | None:
   return None if ok else f'{r!r}, not (agree, reason)'
 
 
-
 STAGES: list[tuple[str, Callable[[Photo, Context], dict]]] = [
     ('load', load), ('prefilter', prefilter), ('understand', understand),
     ('complete', complete), ('matte', matte), ('shadows', extract_shadows), ('layer', layer),
