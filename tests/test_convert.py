@@ -188,7 +188,7 @@ def test_missing_shard_is_named(tmp_path, pipeline):
 def test_not_a_model_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match='neither a diffusers model folder'):
     conv.load_transformer(tmp_path)
-  assert cli.main(['from-diffusers', str(tmp_path), str(tmp_path / 'x')]) == 2
+  assert cli.main(['from-diffusers', str(tmp_path), str(tmp_path.parent / 'x')]) == 2
 
 
 def test_failed_export_keeps_previous_folder(tmp_path, pipeline, monkeypatch):
@@ -200,6 +200,6 @@ def test_failed_export_keeps_previous_folder(tmp_path, pipeline, monkeypatch):
     raise OSError('disk full')
   monkeypatch.setattr('layerjax.convert.files.save_file', boom)
   with pytest.raises(OSError, match='disk full'):
-    conv.save_transformer(model, out)
+    conv.save_transformer(model, out, overwrite=True)
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
   assert [p.name for p in tmp_path.iterdir()] == ['export']

@@ -4,7 +4,9 @@
   python -m layerjax.convert to-diffusers SRC DST     # Orbax -> diffusers folder(s)
 
 A pipeline folder (with transformer/ and vae/) converts each model into the same-named
-subfolder of DST.
+subfolder of DST. A destination must be new or empty; one of the same kind (an Orbax
+conversion, a diffusers model folder) is replaced only with `--overwrite`, and DST may not be,
+contain or lie inside SRC. Nothing is read before these checks pass.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import jax
 import numpy as np
 
 from layerjax.convert import checkpoint, diffusers
-from layerjax.convert.files import read_config
+from layerjax.convert.files import MODEL_FOLDER, read_config
+from layerjax.fileio import check_destination, check_not_inside
 from layerjax.models.common import parameter_count
 
 DTYPES = {'float32': np.float32, 'float16': np.float16, 'bfloat16': jax.numpy.bfloat16}
@@ -50,18 +53,29 @@ def sources(src: Path, marker: str) -> list[tuple[str, Path]]:
   return found
 
 
-def from_diffusers(src: Path, dst: Path) -> None:
-  for sub, folder in sources(src, 'config.json'):
+def _plan(src: Path, dst: Path, marker: str, artifact, overwrite: bool):
+  """`sources`, once every destination is known to be writable."""
+  check_not_inside(src, dst)
+  plan = sources(src, marker)
+  for sub, _ in plan:
+    check_destination(dst / sub, artifact, overwrite)
+  return plan
+
+
+def from_diffusers(src: Path, dst: Path, overwrite: bool = False) -> None:
+  for sub, folder in _plan(src, dst, 'config.json', checkpoint.CHECKPOINT, overwrite):
     name = _kind_of(folder)
     model = diffusers.load(diffusers.kind(name), folder)
-    checkpoint.save_checkpoint(model, name, dst / sub)
+    checkpoint.save_checkpoint(model, name, dst / sub, overwrite)
     print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
 
 
-def to_diffusers(src: Path, dst: Path, dtype, max_shard_size: int) -> None:
-  for sub, folder in sources(src, checkpoint.META):
+def to_diffusers(src: Path, dst: Path, dtype, max_shard_size: int,
+                 overwrite: bool = False) -> None:
+  for sub, folder in _plan(src, dst, checkpoint.META, MODEL_FOLDER, overwrite):
     name, model = checkpoint.load_checkpoint(folder)
-    diffusers.save(model, dst / sub, dtype=dtype, max_shard_size=max_shard_size)
+    diffusers.save(model, dst / sub, dtype=dtype, max_shard_size=max_shard_size,
+                   overwrite=overwrite)
     print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
 
 
@@ -79,12 +93,16 @@ def main(argv=None) -> int:
                  help='cast saved tensors (default: keep the parameter dtype)')
   p.add_argument('--max-shard-size', type=_size, default='10GB',
                  help='shard above this size, e.g. 5GB, 500MB (default 10GB)')
+  for p in sub.choices.values():
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace a conversion of the same kind already at DST')
   args = parser.parse_args(argv)
   try:
     if args.command == 'from-diffusers':
-      from_diffusers(args.src, args.dst)
+      from_diffusers(args.src, args.dst, args.overwrite)
     else:
-      to_diffusers(args.src, args.dst, DTYPES.get(args.dtype), args.max_shard_size)
+      to_diffusers(args.src, args.dst, DTYPES.get(args.dtype), args.max_shard_size,
+                   args.overwrite)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

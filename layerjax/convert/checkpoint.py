@@ -12,14 +12,17 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from layerjax.convert.diffusers import abstract_model, kind
-from layerjax.fileio import atomic_dir
+from layerjax.fileio import Artifact, atomic_dir
 
 META = 'layerjax_model.json'
+CHECKPOINT = Artifact('layerjax model checkpoint', lambda p: (p / META).is_file())
 
 
-def save_checkpoint(model: nnx.Module, kind_name: str, path) -> Path:
+def save_checkpoint(model: nnx.Module, kind_name: str, path, overwrite: bool = False) -> Path:
+  """Writes `path` atomically; an existing checkpoint there is replaced only with
+  `overwrite`, anything else is refused."""
   kind(kind_name)  # validates the name
-  with atomic_dir(Path(path)) as tmp:
+  with atomic_dir(Path(path), CHECKPOINT, overwrite) as tmp:
     (tmp / META).write_text(json.dumps(
         {'kind': kind_name, 'config': model.config.to_diffusers()}, indent=2) + '\n')
     with ocp.StandardCheckpointer() as ckptr:

@@ -52,8 +52,9 @@ def main(out: Path) -> int:
   vae.save_pretrained(src / 'vae')
   print(f'random pipeline written to {src}')
 
-  for argv in (['from-diffusers', str(src), str(out / 'orbax')],
-               ['to-diffusers', str(out / 'orbax'), str(out / 'export')]):
+  # The demo owns its folders: a re-run replaces its earlier conversions.
+  for argv in (['from-diffusers', str(src), str(out / 'orbax'), '--overwrite'],
+               ['to-diffusers', str(out / 'orbax'), str(out / 'export'), '--overwrite']):
     print('$ python -m layerjax.convert', ' '.join(argv))
     if cli.main(argv):
       return 1

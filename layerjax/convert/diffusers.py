@@ -165,11 +165,13 @@ def load(model_kind: ModelKind, path, *, dtype: Any = jnp.float32,
     return fill_from_state_dict(graphdef, state, tensors, str(folder), param_dtype)
 
 
-def save(model: nnx.Module, path, *, dtype: Any = None,
-         max_shard_size: int = 10 * 2**30) -> Path:
-  """Writes a diffusers model folder (atomically); `dtype` casts the saved tensors."""
+def save(model: nnx.Module, path, *, dtype: Any = None, max_shard_size: int = 10 * 2**30,
+         overwrite: bool = False) -> Path:
+  """Writes a diffusers model folder (atomically); `dtype` casts the saved tensors. An
+  existing model folder at `path` is replaced only with `overwrite`."""
   config = model.config.to_diffusers()
-  return write_folder(Path(path), config, torch_state_dict(model, dtype), max_shard_size)
+  return write_folder(Path(path), config, torch_state_dict(model, dtype), max_shard_size,
+                      overwrite)
 
 
 def load_transformer(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

@@ -2,7 +2,8 @@
 
 Only safetensors are read (never pickles). Tensors are read lazily, one at a time, so a
 multi-GB checkpoint is never held twice. Folders are written under a temporary name and
-renamed into place, so an interrupted export leaves any earlier folder intact.
+renamed into place, so an interrupted export leaves any earlier folder intact; they replace
+only a diffusers model folder, and only when asked (`fileio.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from layerjax.fileio import atomic_dir, read_json
+from layerjax.fileio import Artifact, atomic_dir, read_json
 
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 INDEX = WEIGHTS + '.index.json'
+MODEL_FOLDER = Artifact('diffusers model folder', lambda p: (p / 'config.json').is_file() and (
+    (p / WEIGHTS).is_file() or (p / INDEX).is_file()))
 
 
 def read_config(folder: Path) -> dict:
@@ -121,10 +124,11 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_size: int) -> list[dict[st
 
 
 def write_folder(dst: Path, config: dict, tensors: dict[str, np.ndarray],
-                 max_shard_size: int) -> Path:
-  """A diffusers model folder: config.json and weights, sharded above `max_shard_size`."""
+                 max_shard_size: int, overwrite: bool = False) -> Path:
+  """A diffusers model folder: config.json and weights, sharded above `max_shard_size`;
+  an existing model folder at `dst` is replaced only with `overwrite`."""
   shards = _shards(tensors, max_shard_size)
-  with atomic_dir(dst) as tmp:
+  with atomic_dir(dst, MODEL_FOLDER, overwrite) as tmp:
     (tmp / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     if len(shards) == 1:
       save_file(shards[0], str(tmp / WEIGHTS), metadata={'format': 'pt'})

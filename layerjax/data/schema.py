@@ -17,10 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from layerjax.fileio import atomic_dir, read_json
+from layerjax.fileio import Artifact, atomic_dir, inside, read_json, safe_name
 
 KINDS = ('background', 'object', 'shadow')
 FORMAT = 'layerjax.layered/1'
+SAMPLE_FOLDER = Artifact('layered sample folder', lambda p: (p / 'manifest.json').is_file())
 
 
 class SampleError(ValueError):
@@ -286,11 +287,18 @@ def _save_png(folder: Path, rel: str, x: np.ndarray) -> str:
   return rel
 
 
-def write_folder(sample: LayeredSample, path) -> Path:
-  """Writes the sample as PNGs + `manifest.json`, atomically; validates it first."""
+def sample_folder(root, sample_id: str) -> Path:
+  """Where the sample `sample_id` lives under `root`: a folder named by `safe_name`, so an id
+  read from a dataset never leads out of `root` nor shares a folder with another id."""
+  return Path(root) / safe_name(sample_id)
+
+
+def write_folder(sample: LayeredSample, path, overwrite: bool = False) -> Path:
+  """Writes the sample as PNGs + `manifest.json`, atomically; validates it first. An existing
+  sample folder at `path` is replaced only with `overwrite`; anything else there is refused."""
   sample.validate()
   path = Path(path)
-  with atomic_dir(path) as tmp:
+  with atomic_dir(path, SAMPLE_FOLDER, overwrite) as tmp:
     _save_png(tmp, 'image.png', sample.image)
     layers = []
     for i, layer in enumerate(sample.layers):
@@ -318,7 +326,10 @@ def write_folder(sample: LayeredSample, path) -> Path:
 
 
 def _load_png(folder: Path, rel: str, sid: str, field: str, mode: str) -> np.ndarray:
-  path = folder / rel
+  try:
+    path = inside(folder, rel)
+  except ValueError as e:
+    raise SampleError(f'{folder / "manifest.json"}: sample {sid!r}: {field}: {e}') from None
   try:
     return decode_png(path.read_bytes(), mode)
   except FileNotFoundError:
@@ -329,7 +340,8 @@ def _load_png(folder: Path, rel: str, sid: str, field: str, mode: str) -> np.nda
 
 
 def read_folder(path) -> LayeredSample:
-  """Reads a folder written by `write_folder` and validates it."""
+  """Reads a folder written by `write_folder` and validates it. Every file the manifest names
+  must lie inside the folder (no absolute paths, no '..', no links out)."""
   folder = Path(path)
   manifest_path = folder / 'manifest.json'
   m = read_json(manifest_path, SampleError)
