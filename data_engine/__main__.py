@@ -2,7 +2,7 @@
 
     python -m data_engine decompose --input PHOTOS --output DIR [--runner local|beam]
     python -m data_engine synthesize --bank DIR --num N --output DIR [--start K]
-    python -m data_engine build-tfds DIR [--data-dir DIR/tfds]
+    python -m data_engine build-tfds DIR [--data-dir DIR/tfds] [--overwrite]
     python -m data_engine embed-texts --samples DIR/samples --weights SD3_DIR --out FILE
     python -m data_engine generate-objects --bank DIR --set "gennval.minimum={'cat': 50}"
     python -m data_engine refine-prompt --task validate_object --items LABELLED.jsonl
@@ -12,13 +12,14 @@ Every command but embed-texts takes `--config FILE.py[:ARG]` (default: the offli
 and any number of `--set key.sub=value`. Outputs: `DIR/samples/<id>/` (the on-disk
 LayeredSample form), `DIR/engine_manifest.jsonl` (one line per input: its samples or why it
 was dropped, and every stage's decision) and `DIR/engine_summary.json` (per-stage pass
-rates, drop reasons). A re-run continues where the last one stopped.
+rates, drop reasons). A re-run continues where the last one stopped, and redoes the inputs
+whose photo, bank or config changed; build-tfds rebuilds only when the samples or its options
+changed. One run at a time per output folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,11 +28,12 @@ from data_engine import config as engine_config
 from data_engine import core, gennval, jobs, preferences, refine, runners, text_embeddings
 
 
-def _run(args, config, keys, make_work) -> dict:
+def _run(args, config, keys, make_work, fingerprint) -> dict:
   if args.runner == 'beam':
-    return runners.run_beam(keys, make_work, args.output, config.runner.beam_options)
+    return runners.run_beam(keys, make_work, args.output, config.runner.beam_options,
+                            fingerprint=fingerprint)
   return runners.run_local(keys, make_work, args.output, config.runner.workers,
-                           progress=not args.quiet)
+                           progress=not args.quiet, fingerprint=fingerprint)
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:
@@ -43,31 +45,6 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
           f'({s["pass_rate"]:.0%})', file=file)
   for reason, n in summary['drop_reasons'].items():
     print(f'  dropped: {n:>5}  {reason}', file=file)
-
-
-def split_of(sample_id: str, fractions: dict) -> str:
-  """A stable split for a sample: its id's hash against the cumulative fractions."""
-  u = int(hashlib.sha256(sample_id.encode()).hexdigest()[:12], 16) / 16**12
-  total, acc = sum(fractions.values()), 0.0
-  for split, frac in fractions.items():
-    acc += frac / total
-    if u < acc:
-      return split
-  return split
-
-
-def build_tfds(output: Path, data_dir: Path, fractions: dict, on_error: str) -> dict:
-  from layerjax.data.tfds_builder import Layered, sample_folders
-  folders = sample_folders(Path(output) / 'samples')
-  sources: dict[str, list[Path]] = {}
-  for folder in folders:
-    sources.setdefault(split_of(folder.name, fractions), []).append(folder)
-  if not sources:
-    raise ValueError(f'{output}/samples: no samples to build a dataset from')
-  builder = Layered(data_dir=data_dir, sources=sources, on_error=on_error)
-  builder.download_and_prepare()
-  return {'data_dir': str(data_dir), 'splits': {k: len(v) for k, v in sources.items()},
-          'skipped': builder.skipped}
 
 
 def main(argv=None) -> int:
@@ -88,6 +65,8 @@ def main(argv=None) -> int:
   tf.add_argument('output', type=Path, help='an engine output folder')
   tf.add_argument('--data-dir', type=Path, help='TFDS data_dir (default DIR/tfds)')
   tf.add_argument('--on-error', choices=('raise', 'skip'), default='raise')
+  tf.add_argument('--overwrite', action='store_true',
+                  help='replace a dataset at --data-dir built from other samples')
   gen = sub.add_parser('generate-objects',
                        help="Gen-n-Val: top up the bank's categories with generated objects")
   gen.add_argument('--bank', required=True, type=Path)
@@ -111,8 +90,8 @@ def main(argv=None) -> int:
   config = engine_config.load(args.config, args.set)
 
   if args.command == 'build-tfds':
-    result = build_tfds(args.output, args.data_dir or args.output / 'tfds',
-                        dict(config.runner.splits), args.on_error)
+    result = jobs.build_tfds(args.output, args.data_dir or args.output / 'tfds',
+                        dict(config.runner.splits), args.on_error, args.overwrite)
     print(json.dumps(result, indent=2))
     return 0
   if args.command == 'generate-objects':
@@ -135,10 +114,12 @@ def main(argv=None) -> int:
   if args.command == 'decompose':
     keys = jobs.list_photos(args.input, exclude=args.output)
     make_work = jobs.make_decompose(config, args.input)
+    fingerprint = jobs.decompose_fingerprint(config, args.input)
   else:
     keys = jobs.scene_keys(args.start, args.num)
     make_work = jobs.make_synthesize(config, args.bank)
-  print_summary(_run(args, config, keys, make_work))
+    fingerprint = jobs.synthesize_fingerprint(config, args.bank)
+  print_summary(_run(args, config, keys, make_work, fingerprint))
   return 0
 
 

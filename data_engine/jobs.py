@@ -1,17 +1,23 @@
-"""The engine's two jobs as runner work functions: decompose photos, synthesise scenes.
+"""The engine's jobs: decompose photos and synthesise scenes (as runner work functions), and
+build the TFDS dataset of an output's samples.
 
 `make_*` return picklable factories (`functools.partial`) that each worker calls once to
-build its tools, then the per-input function `key -> Result`.
+build its tools, then the per-input function `key -> Result`; `*_fingerprint` return the
+runner's `fingerprint(key)`: what the key's output depends on (its photo or the bank, and
+the config), so a re-run redoes exactly the inputs whose output would differ.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from pathlib import Path
 
 from data_engine import core, stages, synthesis
 from data_engine.core import Decision, Drop
 from data_engine.runners import Result
+from layerjax.fileio import fingerprint, tree_stats
 
 PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
 
@@ -38,6 +44,27 @@ def _decompose_work(config, root: str):
     return Result(key, [sample] if sample else [], [d.to_json() for d in record],
                   None if sample else f'{record[-1].stage}: {record[-1].reason}')
   return work
+
+
+def config_fingerprint(config) -> str:
+  """The config's outputs depend on: all of it but the runner (workers, Beam options and
+  dataset splits change how, not what)."""
+  return fingerprint({k: v for k, v in config.to_dict().items() if k != 'runner'})
+
+
+def decompose_fingerprint(config, root):
+  base = config_fingerprint(config)
+
+  def of(key: str) -> str:
+    st = os.stat(key)
+    return fingerprint(base, Path(key).relative_to(root).as_posix(), st.st_size,
+                       st.st_mtime_ns)
+  return of
+
+
+def synthesize_fingerprint(config, bank_path):
+  fp = fingerprint(config_fingerprint(config), tree_stats(bank_path))
+  return lambda key: fp
 
 
 def make_decompose(config, root) -> functools.partial:
@@ -83,3 +110,28 @@ def make_synthesize(config, bank_path) -> functools.partial:
 
 def scene_keys(start: int, num: int) -> list[str]:
   return [f'{i:08d}' for i in range(start, start + num)]
+
+
+def split_of(sample_id: str, fractions: dict) -> str:
+  """A stable split for a sample: its id's hash against the cumulative fractions."""
+  u = int(hashlib.sha256(sample_id.encode()).hexdigest()[:12], 16) / 16**12
+  total, acc = sum(fractions.values()), 0.0
+  for split, frac in fractions.items():
+    acc += frac / total
+    if u < acc:
+      return split
+  return split
+
+
+def build_tfds(output: Path, data_dir: Path, fractions: dict, on_error: str,
+               overwrite: bool = False) -> dict:
+  """The samples of an engine output as the TFDS dataset, rebuilt only when they (or the
+  options) changed since the last build (`tfds_builder.build`)."""
+  from layerjax.data.tfds_builder import build, sample_folders
+  folders = sample_folders(Path(output) / 'samples')
+  sources: dict[str, list[Path]] = {}
+  for folder in folders:
+    sources.setdefault(split_of(folder.name, fractions), []).append(folder)
+  if not sources:
+    raise ValueError(f'{output}/samples: no samples to build a dataset from')
+  return build(sources, data_dir, on_error=on_error, overwrite=overwrite)

@@ -3,13 +3,17 @@
 A job is a list of input keys (photo paths, or scene indices for synthesis) and a `work`
 function `key -> Result` that is pure: the same key, config and seed give the same samples,
 whichever runner, worker or order runs it. Outputs are idempotent: a sample is written
-atomically to `OUT/samples/<id>/`, then a line recording the input's outcome is appended
-to `OUT/engine_manifest.jsonl`. A re-run skips the inputs the manifest lists, so a crash
-between the two writes just rewrites the same folder: nothing is lost or duplicated.
+atomically to `OUT/samples/<safe id>/`, then a line recording the input's outcome is
+appended to `OUT/engine_manifest.jsonl`. A re-run skips the inputs the manifest lists, so a
+crash between the two writes just rewrites the same folder: nothing is lost or duplicated.
 `summary(OUT)` turns the manifest into per-stage pass rates and the reasons for drops.
-An input dropped for a passing reason (`RETRY_REASONS`: an agent endpoint that was down,
-rate-limited or timing out) counts as dropped in the summary but is pending again on the next
-run, so a re-run completes it.
+
+Each manifest line records the fingerprint of its input and of the config it ran with (the
+job's `fingerprint(key)`): an input whose photo, bank or config changed since is redone, its
+earlier samples removed first, so a drop caused by a config mistake is redone once the config
+is fixed. An input dropped for a passing reason (`RETRY_REASONS`: an agent endpoint that was
+down, rate-limited or timing out) is pending again on the next run whatever its fingerprint.
+One run at a time writes an output (`fileio.output_lock`); a second one refuses.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ import collections
 import dataclasses
 import json
 import multiprocessing
-import os
+import shutil
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
 from layerjax.data import schema
-from layerjax.fileio import append_lines
+from layerjax.fileio import append_lines, atomic_file, output_lock, sweep
 
 MANIFEST = 'engine_manifest.jsonl'
 SUMMARY = 'engine_summary.json'
+Fingerprint = Callable[[str], str] | None
 # Drop reasons (`core.Drop.reason`) that say nothing about the input itself.
 RETRY_REASONS = frozenset({'agent_unavailable', 'agent_timeout', 'agent_rate_limited'})
 
@@ -38,10 +43,11 @@ class Result:
   samples: list                 # LayeredSamples that passed every stage
   record: list                  # Decision dicts, in stage order
   dropped: str | None = None    # the reason, if the input produced nothing
+  fingerprint: str | None = None  # of the input and the config it ran with
 
   def manifest_line(self) -> dict:
     return {'key': self.key, 'samples': [s.id for s in self.samples],
-            'dropped': self.dropped, 'record': self.record}
+            'dropped': self.dropped, 'record': self.record, 'fingerprint': self.fingerprint}
 
 
 def retryable(entry: dict) -> bool:
@@ -80,11 +86,24 @@ def guarded(work: Callable[[str], Result], key: str) -> Result:
                              'details': {'detail': detail}, 'seconds': 0.0}], 'crash')
 
 
-def _pending(keys: Iterable[str], output: Path) -> list[str]:
-  """The keys not yet in the manifest (a torn last line from a kill mid-append counts as
-  missing; `append_lines` cuts it before the next line goes in)."""
-  done = {k for k, e in finished(output).items() if not retryable(e)}
-  return [k for k in dict.fromkeys(keys) if k not in done]
+def _prepare(keys: Iterable[str], output: Path, fingerprint: Fingerprint) -> dict[str, str]:
+  """The pending keys with their fingerprints: those not in the manifest (a torn last line
+  from a kill mid-append counts as missing; `append_lines` cuts it), dropped for a passing
+  reason, or recorded with another fingerprint (lines without one, from before
+  fingerprints, count as current). The samples a redone input made before are removed
+  first, so none outlives the input or config that made it."""
+  entries = finished(output)
+  pending = {}
+  for key in dict.fromkeys(keys):
+    fp = fingerprint(key) if fingerprint else None
+    entry = entries.get(key)
+    if entry and not retryable(entry) and entry.get('fingerprint', fp) == fp:
+      continue
+    pending[key] = fp
+    for sid in (entry or {}).get('samples', ()):
+      shutil.rmtree(schema.sample_folder(Path(output) / 'samples', sid), ignore_errors=True)
+  sweep(Path(output) / 'samples')
+  return pending
 
 
 # Workers build their tools once (models in part 2) and reuse them for every input.
@@ -100,27 +119,32 @@ def _run_in_worker(key: str) -> Result:
 
 
 def run_local(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result]],
-              output: Path, workers: int = 0, progress: bool = True) -> dict:
-  """Processes every pending key; `make_work()` builds the work function (in each worker)."""
+              output: Path, workers: int = 0, progress: bool = True,
+              fingerprint: Fingerprint = None) -> dict:
+  """Processes every pending key; `make_work()` builds the work function (in each worker);
+  `fingerprint(key)` is that of the key's input and config (see the module's docstring)."""
   from tqdm import tqdm
   output = Path(output)
-  output.mkdir(parents=True, exist_ok=True)
-  pending = _pending(keys, output)
-  bar = tqdm(total=len(pending), disable=not progress, unit='input', desc='engine')
-  if workers > 0:
-    ctx = multiprocessing.get_context('spawn')  # no forked JAX/OpenCV thread state
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(make_work,),
-                  maxtasksperchild=200) as pool:
-      for result in pool.imap_unordered(_run_in_worker, pending):
+  with output_lock(output):
+    pending = _prepare(keys, output, fingerprint)
+    bar = tqdm(total=len(pending), disable=not progress, unit='input', desc='engine')
+    if workers > 0 and pending:
+      ctx = multiprocessing.get_context('spawn')  # no forked JAX/OpenCV thread state
+      with ctx.Pool(workers, initializer=_init_worker, initargs=(make_work,),
+                    maxtasksperchild=200) as pool:
+        for result in pool.imap_unordered(_run_in_worker, pending):
+          result.fingerprint = pending[result.key]
+          write_result(result, output)
+          bar.update()
+    elif pending:
+      work = make_work()
+      for key, fp in pending.items():
+        result = guarded(work, key)
+        result.fingerprint = fp
         write_result(result, output)
         bar.update()
-  else:
-    work = make_work()
-    for key in pending:
-      write_result(guarded(work, key), output)
-      bar.update()
-  bar.close()
-  return summary(output)
+    bar.close()
+    return summary(output)
 
 
 def _work_dofn(make_work):
@@ -131,14 +155,18 @@ def _work_dofn(make_work):
     def setup(self):
       self.work = make_work()
 
-    def process(self, key):
-      yield guarded(self.work, key)
+    def process(self, item):
+      key, fp = item
+      result = guarded(self.work, key)
+      result.fingerprint = fp
+      yield result
 
   return Work()
 
 
 def run_beam(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result]],
-             output: Path, beam_options: Iterable[str] = ()) -> dict:
+             output: Path, beam_options: Iterable[str] = (),
+             fingerprint: Fingerprint = None) -> dict:
   """The same job as an Apache Beam pipeline (DirectRunner unless `beam_options` say else).
 
   Samples are written by the workers (atomic folders); the manifest lines are gathered and
@@ -147,30 +175,33 @@ def run_beam(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
   output = Path(output)
-  output.mkdir(parents=True, exist_ok=True)
-  pending = _pending(keys, output)
-  if pending:
-    lines_prefix = output / '.beam' / 'results'
-    options = PipelineOptions(list(beam_options))
-    with beam.Pipeline(options=options) as p:
-      _ = (p
-           | 'Inputs' >> beam.Create(pending)
-           | 'Reshuffle' >> beam.Reshuffle()
-           | 'Work' >> beam.ParDo(_work_dofn(make_work))
-           | 'WriteSamples' >> beam.Map(_write_samples, str(output))
-           | 'Lines' >> beam.Map(lambda r: json.dumps(r.manifest_line()))
-           | 'WriteLines' >> beam.io.WriteToText(str(lines_prefix), file_name_suffix='.jsonl'))
-    parts = sorted(lines_prefix.parent.glob('results*.jsonl'))
-    append_lines(output / MANIFEST, [line for part in parts
-                                     for line in sorted(part.read_text().splitlines())])
-    for part in parts:
-      part.unlink()
-  return summary(output)
+  with output_lock(output):
+    pending = _prepare(keys, output, fingerprint)
+    if pending:
+      lines_prefix = output / '.beam' / 'results'
+      options = PipelineOptions(list(beam_options))
+      with beam.Pipeline(options=options) as p:
+        _ = (p
+             | 'Inputs' >> beam.Create(sorted(pending.items()))
+             | 'Reshuffle' >> beam.Reshuffle()
+             | 'Work' >> beam.ParDo(_work_dofn(make_work))
+             | 'WriteSamples' >> beam.Map(_write_samples, str(output))
+             | 'Lines' >> beam.Map(lambda r: json.dumps(r.manifest_line()))
+             | 'WriteLines' >> beam.io.WriteToText(str(lines_prefix),
+                                                   file_name_suffix='.jsonl'))
+      parts = sorted(lines_prefix.parent.glob('results*.jsonl'))
+      append_lines(output / MANIFEST, [line for part in parts
+                                       for line in sorted(part.read_text().splitlines())])
+      for part in parts:
+        part.unlink()
+    return summary(output)
 
 
 def _write_samples(result: Result, output) -> Result:
+  # The engine owns its samples folder: a sample rewritten after a crash replaces itself.
   for sample in result.samples:
-    schema.write_folder(sample, Path(output) / 'samples' / sample.id)
+    schema.write_folder(sample, schema.sample_folder(Path(output) / 'samples', sample.id),
+                        overwrite=True)
   return result
 
 
@@ -196,7 +227,6 @@ def summary(output: Path) -> dict:
                  for name, c in stages.items()},
       'drop_reasons': dict(reasons.most_common()),
   }
-  tmp = Path(output) / f'.{SUMMARY}.tmp'
-  tmp.write_text(json.dumps(result, indent=2) + '\n')
-  os.replace(tmp, Path(output) / SUMMARY)
+  with atomic_file(Path(output) / SUMMARY) as tmp:
+    tmp.write_text(json.dumps(result, indent=2) + '\n')
   return result

@@ -2,8 +2,9 @@
 
 1. data: a procedural bank (smooth backgrounds, shaded shape cut-outs named by colour and
    shape), from which the data engine synthesises layered scenes with shadows and builds
-   the TFDS `layered` dataset (train / validation / test by a hash of the scene id);
-   skipped when the dataset is already there;
+   the TFDS `layered` dataset (train / validation / test by a hash of the scene id); a
+   re-run reuses both (the engine resumes, the dataset is rebuilt only if its scenes
+   changed);
 2. training: `configs/liwi.py:demo` through `layerjax.train.trainer` (resumes if stopped);
 3. evaluation on the held-out test scenes: the model against trivial baselines (background
    = the input; foreground = the input cut by the prompt box; shadow = empty).
@@ -15,15 +16,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from layerjax.fileio import atomic_dir
+from layerjax.fileio import Artifact, atomic_dir, atomic_file
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/liwi.py:demo', 'demo config')
 _WORKDIR = flags.DEFINE_string('workdir', 'out/demo', 'data, checkpoints and results')
@@ -32,6 +32,7 @@ COLOURS = {'red': (0.85, 0.15, 0.12), 'green': (0.2, 0.7, 0.25), 'blue': (0.15, 
            'yellow': (0.95, 0.85, 0.15), 'purple': (0.55, 0.2, 0.7), 'orange': (0.95, 0.55, 0.1),
            'white': (0.95, 0.95, 0.95), 'black': (0.08, 0.08, 0.08)}
 SHAPES = ('disc', 'square', 'triangle', 'ring', 'bar')
+BANK = Artifact('image bank', lambda p: (p / 'backgrounds').is_dir())
 
 
 def _shape(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -56,7 +57,7 @@ def make_bank(root: Path, seed: int = 0, backgrounds: int = 24, objects: int = 8
   """Writes `root/backgrounds/*.png` and `root/objects/<shape>_<i>.png` (the engine's
   captioner names the colour)."""
   rng = np.random.default_rng(seed)
-  with atomic_dir(root) as tmp:
+  with atomic_dir(root, BANK) as tmp:
     (tmp / 'backgrounds').mkdir()
     (tmp / 'objects').mkdir()
     n = 128
@@ -82,26 +83,28 @@ def make_bank(root: Path, seed: int = 0, backgrounds: int = 24, objects: int = 8
 
 
 def make_data(workdir: Path, demo, data_dir: Path) -> None:
-  """Bank -> synthesised scenes -> TFDS, unless `data_dir` already holds the dataset."""
-  from data_engine.__main__ import main as engine
-  if (data_dir / 'layered').is_dir():
-    logging.info('demo data: using %s', data_dir)
-    return
+  """Bank -> synthesised scenes -> TFDS; a re-run redoes only what changed."""
+  from data_engine import config as engine_config
+  from data_engine import jobs, runners
   bank = workdir / 'bank'
   if not bank.is_dir():
     make_bank(bank)
   scenes = workdir / 'data'
   size = demo.size
-  settings = [f'synthesize.size=({size}, {size})', 'synthesize.num_objects=(1, 2)',
-              'synthesize.object_height=(0.45, 0.8)', 'synthesize.shadow_blur=(0.5, 2.0)',
-              f'runner.workers={demo.workers}',
-              "runner.splits={'train': 0.84, 'validation': 0.08, 'test': 0.08}"]
-  sets = [a for s in settings for a in ('--set', s)]
-  engine(['synthesize', '--bank', str(bank), '--num', str(demo.scenes), '--output',
-          str(scenes), '--quiet', *sets])
-  if data_dir.exists():  # a build that was interrupted: TFDS would refuse to overwrite it
-    shutil.rmtree(data_dir)
-  engine(['build-tfds', str(scenes), '--data-dir', str(data_dir), *sets])
+  config = engine_config.load(None, [
+      f'synthesize.size=({size}, {size})', 'synthesize.num_objects=(1, 2)',
+      'synthesize.object_height=(0.45, 0.8)', 'synthesize.shadow_blur=(0.5, 2.0)',
+      "runner.splits={'train': 0.84, 'validation': 0.08, 'test': 0.08}"])
+  summary = runners.run_local(jobs.scene_keys(0, demo.scenes),
+                              jobs.make_synthesize(config, bank), scenes, demo.workers,
+                              progress=False,
+                              fingerprint=jobs.synthesize_fingerprint(config, bank))
+  # The demo owns a data_dir inside its workdir; any other one is replaced only if it holds
+  # a dataset of these scenes.
+  owned = data_dir.resolve().is_relative_to(workdir.resolve())
+  built = jobs.build_tfds(scenes, data_dir, dict(config.runner.splits), 'raise', owned)
+  print(f'demo data: {summary["samples"]} scenes in {scenes}, dataset {data_dir} '
+        f'({"up to date" if built["up_to_date"] else "built"}: {built["splits"]})')
 
 
 def main(argv) -> None:
@@ -119,7 +122,8 @@ def main(argv) -> None:
   print(f'\nHeld-out synthetic scenes (test split, {result["examples"]} examples, '
         f'box prompts, {config.eval.sample_steps} sampler steps), step {step}:')
   print(evaluate.table(result))
-  (workdir / 'demo_result.json').write_text(json.dumps(result, indent=2) + '\n')
+  with atomic_file(workdir / 'demo_result.json') as tmp:
+    tmp.write_text(json.dumps(result, indent=2) + '\n')
   print(f'grid: {workdir}/train/samples/test_{step}.png')
 
 

@@ -11,12 +11,19 @@ points as JSON), so neither building nor reading needs TensorFlow:
 A source is a directory whose subfolders are samples in the on-disk form of
 `layerjax.data.schema` (or an iterable of such folders). TFDS writes into a temporary
 directory and renames it at the end, so a failed build never leaves a partial dataset.
+
+`build(sources, data_dir)` is what the command lines use: it records a fingerprint of the
+sources (every sample file's size and mtime) and the options in the dataset, rebuilds when
+they change (a build-tfds after new samples) and does nothing when they have not; the new
+dataset is built beside the old one and swapped in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +31,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from layerjax.data import schema
+from layerjax.fileio import (Artifact, OutputError, atomic_dir, fingerprint, is_temporary,
+                             output_lock, read_json, tree_stats)
 from layerjax.data.schema import Layer, LayeredSample, Prompt, decode_png, encode_png
 
 _NO_BOX = (-1, -1, -1, -1)
@@ -131,12 +140,13 @@ def from_example(ex: dict) -> LayeredSample:
 
 
 def sample_folders(source) -> list[Path]:
-  """A directory of sample folders, or an iterable of folders, as a sorted list."""
+  """A directory of sample folders, or an iterable of folders, as a sorted list. Only
+  writers' temporaries are left out: a sample named '.x' is a sample like any other."""
   if isinstance(source, (str, Path)):
     root = Path(source)
     if not root.is_dir():
       raise FileNotFoundError(f'{root}: no such directory')
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_temporary(p.name))
   return [Path(p) for p in source]
 
 
@@ -183,3 +193,45 @@ class Layered(tfds.core.GeneratorBasedBuilder):
         logging.warning('skipping %s', e)
         continue
       yield sample.id, example
+
+
+STAMP = 'layerjax_build.json'
+DATASET = Artifact('TFDS layered dataset', lambda p: (p / 'dataset_info.json').is_file())
+
+
+def build(sources: dict[str, list[Path]], data_dir, *, on_error: str = 'raise',
+          overwrite: bool = False) -> dict:
+  """`data_dir/layered/<version>` from `sources` (split -> sample folders), unless it is up to
+  date; returns the splits' sizes and the skipped samples, plus `up_to_date`.
+
+  The dataset's `layerjax_build.json` holds the fingerprint of what it was built from (every
+  sample file's path, size and mtime, `on_error`, the version): a build with the same
+  fingerprint changes nothing, one with another rebuilds. A dataset built from other source
+  folders, or not by this function, is replaced only with `overwrite`. The new dataset is
+  built beside the old one and swapped in, so a failed build leaves the old one whole.
+  """
+  data_dir = Path(data_dir)
+  target = data_dir / 'layered' / str(Layered.VERSION)
+  roots = sorted({str(Path(f).resolve().parent) for fs in sources.values() for f in fs})
+  fp = fingerprint(str(Layered.VERSION), on_error,
+                   {split: [[Path(f).name, tree_stats(f)] for f in fs]
+                    for split, fs in sorted(sources.items())}, roots)
+  stamp = read_json(target / STAMP) if (target / STAMP).is_file() else None
+  if stamp and stamp.get('fingerprint') == fp:
+    return {**stamp['result'], 'up_to_date': True}
+  if DATASET.test(target) and not overwrite and (stamp or {}).get('roots') != roots:
+    built_from = ', '.join((stamp or {}).get('roots', ['unrecorded sources']))
+    raise OutputError(f'{target}: holds a dataset built from {built_from}, not from '
+                      f'{", ".join(roots)}; pass --overwrite to replace it')
+  with output_lock(data_dir), atomic_dir(target, DATASET, overwrite=True) as tmp:
+    root = tmp / '.build'  # TFDS writes <data_dir>/layered/<version>: build there, move up
+    builder = Layered(data_dir=root, sources=sources, on_error=on_error)
+    builder.download_and_prepare()
+    for path in (root / 'layered' / str(Layered.VERSION)).iterdir():
+      os.replace(path, tmp / path.name)
+    shutil.rmtree(root)
+    result = {'data_dir': str(data_dir), 'splits': {k: len(v) for k, v in sources.items()},
+              'skipped': builder.skipped}
+    (tmp / STAMP).write_text(json.dumps({'fingerprint': fp, 'roots': roots,
+                                         'result': result}, indent=2) + '\n')
+  return {**result, 'up_to_date': False}

@@ -6,11 +6,13 @@ EMA params, optimizer state and the base PRNG key; the step's key is `fold_in(ke
 so a resumed run draws exactly what an uninterrupted one would. The Grain iterator's state
 is saved next to it (`data`), so the loader resumes at the next batch. Checkpoints are
 async (Orbax `CheckpointManager`), keep the last `keep_checkpoints`, and are written on
-SIGTERM before exiting (preemption).
+SIGTERM before exiting (preemption). One run at a time trains in a workdir (its `.lock`);
+a re-run of a finished run changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -29,7 +31,7 @@ from absl import logging
 from flax import nnx
 
 from layerjax import parallel
-from layerjax.fileio import atomic_file
+from layerjax.fileio import OutputLocked, atomic_file, output_lock, read_json, sweep
 from layerjax.data.pipeline import make_loader
 from layerjax.models.decomposer import TRAINABLE
 from layerjax.train import build, evaluate, objectives
@@ -174,7 +176,8 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save),
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True),
         item_names=('state', 'data'))
 
   def latest(self) -> int | None:
@@ -231,24 +234,62 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+  """Process 0 holds the workdir's lock (`fileio.output_lock`); every process learns whether
+  it got it, so all of them stop together when another run holds it."""
+  with contextlib.ExitStack() as stack:
+    error = ''
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(output_lock(workdir))
+      except OutputLocked as e:
+        error = str(e)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      refused = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+      if refused and not error:
+        error = f'{workdir}: in use by another run (see process 0)'
+    if error:
+      raise OutputLocked(error)
+    yield
+
+
+def _finished_result(workdir: Path, step: int, total: int) -> dict:
+  logging.info('%s: already trained to step %d of %d; nothing to do', workdir, step, total)
+  path = workdir / 'train_result.json'
+  return read_json(path) if path.is_file() else {'step': step}
+
+
 def train(config, workdir, *, mesh=None) -> dict:
   """Trains to `config.total_steps` (resuming from `workdir` if it holds checkpoints).
 
-  Returns the last logged metrics and evaluation. Raises `NonFiniteLoss` naming the step and
-  the terms that were not finite; the last good checkpoint is kept.
+  Returns the last logged metrics and evaluation; for a run already at `total_steps`, the
+  result it recorded, with nothing written. Raises `NonFiniteLoss` naming the step and the
+  terms that were not finite; the last good checkpoint is kept.
   """
   workdir = Path(workdir)
   # Data first: a missing dataset or split is an error before minutes of model building.
   loader = make_loader(config.data, 'train')
   if config.eval_every:
     make_loader(evaluate.eval_data_config(config), config.eval.split)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with _workdir_lock(workdir):
+    return _train(config, workdir, loader, mesh)
+
+
+def _train(config, workdir: Path, loader, mesh) -> dict:
+  total = config.total_steps
+  ckpt = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints, config.async_checkpoints)
+  start = ckpt.latest()
+  if start is not None and start >= total:
+    ckpt.close()
+    return _finished_result(workdir, start, total)
+  for folder in (workdir, workdir / 'eval', workdir / 'samples'):
+    sweep(folder)  # what a killed run's `atomic_file`s left
   setup = create(config, mesh)
   text_fn = build.text_inputs(config)
   iterator = iter(loader)
-  ckpt = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints, config.async_checkpoints)
   state = setup.state
-  start = ckpt.latest()
   if start is not None:
     state = ckpt.restore(start, state, iterator)
     logging.info('resumed from step %d', start)
@@ -257,7 +298,6 @@ def train(config, workdir, *, mesh=None) -> dict:
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   step_fn = make_step(setup)
-  total = config.total_steps
   result: dict = {}
   pending = None  # (step, metrics) of the last dispatched step, checked one step late
 

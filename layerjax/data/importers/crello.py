@@ -50,11 +50,11 @@ def rows(paths, *, layout: str = 'auto') -> Iterator[dict]:
   """
   if layout not in ('auto', *LAYOUTS):
     raise ValueError(f"layout {layout!r} is not 'auto' or one of {LAYOUTS}")
-  plan = [(path, *_inspect(path, layout)) for path in _parquet_files(paths)]
+  plan = [(path, *_inspect(path, layout)) for path in parquet_files(paths)]
   return _iter_rows(plan)
 
 
-def _parquet_files(paths) -> list[Path]:
+def parquet_files(paths) -> list[Path]:
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   files = []
