@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, JpegImagePlugin
 
 from data_engine import config as engine_config
 from data_engine import stages
@@ -95,8 +95,8 @@ def test_rgba_16_bit_png_composites_in_16_bits():
   rgba = np.array([[[65535, 300, 0, 65535], [0, 0, 65535, 16384]]])
   image = load_image(_png(rgba, 6, 16), alpha='composite', background=(0.5, 0.5, 0.5))
   a = 16384 / 65535
-  np.testing.assert_allclose(image, [[[1, 300 / 65535, 0], [0.5 * (1 - a)] * 2 + [a + 0.5 * (1 - a)]]],
-                             atol=1e-6)
+  blue_over_grey = [0.5 * (1 - a), 0.5 * (1 - a), a + 0.5 * (1 - a)]
+  np.testing.assert_allclose(image, [[[1, 300 / 65535, 0], blue_over_grey]], atol=1e-6)
 
 
 def test_grey_16_bit_png():  # Pillow mode 'I;16'
@@ -378,11 +378,21 @@ def test_cover_scales_and_centre_crops():
   np.testing.assert_allclose(out[:, 14:], 1, atol=1e-6)
 
 
-def test_load_with_cover_decodes_a_jpeg_at_a_reduced_scale():
+def test_load_with_cover_decodes_a_jpeg_at_a_reduced_scale(monkeypatch):
+  decoded = []
+  draft = JpegImagePlugin.JpegImageFile.draft
+
+  def spy(self, mode, size):
+    result = draft(self, mode, size)
+    decoded.append(self.size)
+    return result
+
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', spy)
   photo = skimage.data.astronaut()  # 512 x 512
   data = _save(Image.fromarray(photo), 'JPEG', quality=95)
   small = load_image(data, cover=(60, 90))
   assert small.shape == (60, 90, 3)
+  assert decoded == [(128, 128)]  # a quarter of 512 still covers 90
   full = scale_to_cover(photo / 255, (60, 90))
   assert np.abs(small - full).mean() < 0.02
 

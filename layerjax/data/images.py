@@ -1,8 +1,9 @@
 """The one image loader: any photo or cut-out file -> float32 sRGB in [0, 1], decoded honestly.
 
 `load_image(source, alpha=..., background=...)` reads a path or bytes and returns [H, W, 3]
-(or [H, W, 4] straight RGBA with `alpha='keep'`). Every reader of images in layerjax and the
-data engine goes through it, so a file means the same pixels everywhere. What it does:
+(or [H, W, 4] straight RGBA with `alpha='keep'`). Every reader of photos and cut-outs (the
+engine's load stage, its synthesis bank and prompt refinement, the MuLAn and Crello
+importers, the decompose path) goes through it, so a file means the same pixels everywhere:
 
   samples    8-bit modes / 255; 16-bit ('I;16', 16-bit RGB/RGBA PNG) / 65535; 1-bit 0 or 1;
              palette through its palette (and its transparency entry); 32-bit integer TIFF
@@ -43,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageCms
 
 ALPHA = ('refuse', 'composite', 'keep')
+_BYTES = (bytes, bytearray, memoryview)
 _ORIENTATION = 0x0112
 # Float samples this far outside [0, 1] are rounding of a [0, 1] image, and are clipped.
 _FLOAT_SLACK = 1e-6
@@ -75,9 +77,8 @@ def load_image(source, *, alpha: str = 'refuse', background=(1.0, 1.0, 1.0),
     if alpha == 'keep':
       raise ValueError("cover resizes an opaque image: use alpha='refuse' or 'composite'")
     cover = _check_size(cover)
-  is_bytes = isinstance(source, (bytes, bytearray, memoryview))
-  name = name or ('image bytes' if is_bytes else str(source))
-  if not is_bytes and not Path(source).is_file():
+  name = _name(source, name)
+  if not isinstance(source, _BYTES) and not Path(source).is_file():
     raise ImageError(f'{name}: no such file')
   try:
     with _open(source) as im:
@@ -106,7 +107,7 @@ def check_image(source, *, name: str | None = None) -> None:
 
   Decodes no pixels: a cheap first look at many files (a bank) that are decoded later.
   """
-  name = name or str(source)
+  name = _name(source, name)
   try:
     with _open(source) as im:
       im.verify()
@@ -157,8 +158,12 @@ def _check_size(size) -> tuple[int, int]:
   return int(size[0]), int(size[1])
 
 
+def _name(source, name: str | None) -> str:
+  return name or ('image bytes' if isinstance(source, _BYTES) else str(source))
+
+
 def _open(source) -> Image.Image:
-  if isinstance(source, (bytes, bytearray, memoryview)):
+  if isinstance(source, _BYTES):
     return Image.open(io.BytesIO(source))
   return Image.open(source)
 
@@ -339,8 +344,6 @@ _ORIENT = {
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
     8: lambda a: np.rot90(a, 1),
 }
-
-
 _INVERSE = {6: 8, 8: 6}  # the others undo themselves
 
 
