@@ -18,7 +18,7 @@ import skimage.data
 from PIL import Image, ImageCms, JpegImagePlugin
 
 from data_engine import config as engine_config
-from data_engine import stages
+from data_engine import stages, synthesis
 from data_engine.core import Drop
 from layerjax.data.images import (ImageError, check_image, load_image, scale_to_cover,
                                   scale_to_fit)
@@ -491,3 +491,21 @@ def test_engine_composites_or_refuses_a_transparent_photo_by_config(tmp_path):
   with pytest.raises(Drop) as e:
     stages.load(item, _engine("decompose.transparent='refuse'"))
   assert e.value.reason == 'unreadable' and str(path) in e.value.detail
+
+
+def test_synthesis_bank_keeps_16_bit_cutouts_and_refuses_transparent_backgrounds(tmp_path):
+  root = tmp_path / 'bank'
+  (root / 'objects').mkdir(parents=True)
+  (root / 'backgrounds').mkdir()
+  cutout = np.zeros((8, 8, 4))
+  cutout[2:6, 2:6] = (65535, 300, 0, 32768)
+  _write(root / 'objects', 'thing.png', _png(cutout, 6, 16))
+  background = np.full((8, 8, 4), 255, np.uint8)
+  background[0, 0, 3] = 0
+  path = _write(root / 'backgrounds', 'holed.png', _save(Image.fromarray(background)))
+  bank = synthesis.load_bank(root)
+  (thing,) = bank.objects
+  np.testing.assert_allclose(thing.rgba, np.broadcast_to([1, 300 / 65535, 0, 32768 / 65535],
+                                                         (4, 4, 4)), atol=1e-7)
+  with pytest.raises(ImageError, match=rf'^{path}: transparent'):
+    bank.background(0, (8, 8))
