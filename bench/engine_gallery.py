@@ -18,7 +18,7 @@ import skimage.data
 
 from data_engine import config as engine_config
 from data_engine import jobs, runners
-from layerjax.data import examples, schema
+from layerjax.data import examples, images, schema
 
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 CELL = 192
@@ -60,14 +60,15 @@ def main():
     runners.run_local(jobs.list_photos(photos), jobs.make_decompose(config, photos), out,
                       progress=False)
     rows, notes = [], []
+    d = config.decompose
     for key, entry in sorted(runners.finished(out).items()):
-      photo = np.asarray(Image.open(key).convert('RGB'), np.float32) / 255
       if entry['dropped']:
         notes.append(f'{Path(key).name}: dropped at {entry["dropped"]}')
         continue
       sample = schema.read_folder(out / 'samples' / entry['samples'][0])
-      rows.append(row(sample, np.asarray(Image.fromarray(
-          np.round(photo * 255).astype(np.uint8)).resize(sample.size[::-1]), np.float32) / 255))
+      # The photo as the engine's load stage saw it.
+      photo = images.load_image(key, alpha=d.transparent, background=d.composite_over)
+      rows.append(row(sample, images.scale_to_fit(photo, d.max_side)))
   header = ['photo', 'background', 'objects', 'shadows', 'recomposed']
   gallery = Image.new('RGB', (CELL * len(header), 20 + CELL * len(rows) + 16 * len(notes)),
                       'white')

@@ -21,6 +21,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   d = c.decompose = ml_collections.ConfigDict()
   d.max_side = 512              # photos are resized so their longer side is at most this
+  d.transparent = 'composite'   # a photo with transparency: 'composite' or 'refuse' (dropped)
+  d.composite_over = (1.0, 1.0, 1.0)  # RGB in [0, 1] a transparent photo is composited over
   d.min_side = 96               # pre-filter: smaller photos are dropped
   d.min_sharpness = 1e-4        # pre-filter: variance of the Laplacian (classical quality)
   d.max_clipped = 0.5           # pre-filter: fraction of pixels clipped to black or white

@@ -26,22 +26,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
 from data_engine import core
 from data_engine.agents.base import PromptOptimiser
 from data_engine.core import Drop
-from layerjax.data import schema
+from layerjax.data import images, schema
 from layerjax.fileio import append_lines
 
 
-def _rgba(path: Path) -> np.ndarray:
-  with Image.open(path) as im:
-    return np.asarray(im.convert('RGBA'), np.float32) / 255
-
-
 def _validate_object(agent, item: dict) -> bool:
-  return agent.validate_object(_rgba(item['image'])).score >= 0.5
+  return agent.validate_object(images.load_image(item['image'], alpha='keep')).score >= 0.5
 
 
 def _judge(agent, item: dict) -> bool:

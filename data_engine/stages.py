@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
@@ -31,7 +30,7 @@ from data_engine import core
 from data_engine.core import Decision, Drop
 from data_engine.tools import imaging
 from data_engine.tools.shadow import shadow_layer
-from layerjax.data import schema
+from layerjax.data import images, schema
 from layerjax.data.schema import Layer, LayeredSample
 
 
@@ -96,16 +95,13 @@ def sample_id(path: Path, root: Path | None) -> str:
 # --- stages -------------------------------------------------------------------------------
 
 def load(item: Photo, ctx: Context) -> dict:
+  d = ctx.config.decompose
   try:
-    with Image.open(item.path) as im:
-      im = ImageOps.exif_transpose(im).convert('RGB')
-      w, h = im.size
-      s = min(1.0, ctx.config.decompose.max_side / max(w, h))
-      if s < 1:
-        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
-      item.image = np.asarray(im, np.float32) / 255
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise Drop('unreadable', f'{item.path}: {e}') from None
+    image = images.load_image(item.path, alpha=d.transparent, background=d.composite_over)
+  except images.ImageError as e:
+    raise Drop('unreadable', str(e)) from None
+  item.image = images.scale_to_fit(image, d.max_side)
+  h, w = image.shape[:2]
   return {'original_size': [w, h], 'size': [item.image.shape[1], item.image.shape[0]]}
 
 

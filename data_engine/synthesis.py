@@ -68,14 +68,11 @@ from pathlib import Path
 import cv2
 import ml_collections
 import numpy as np
-from PIL import Image, ImageOps
 
-from layerjax.data import schema
+from layerjax.data import images, schema
 from layerjax.fileio import read_json
 
 BACKGROUND_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-_EXIF_ORIENTATION = 0x0112
 _EMPTY = 0.5 / 255  # alpha below this vanishes in 8-bit storage; zeroing it keeps boxes exact
 _BANDS = 3          # blur levels blended for contact hardening
 
@@ -145,29 +142,10 @@ class Bank:
     """Background `i` scaled to cover `size` (H, W) and centre-cropped: [H, W, 3] float32."""
     asset = self.backgrounds[i]
     if asset.rgb is not None:
-      return _cover(Image.fromarray(asset.rgb), size)
-    try:
-      with Image.open(asset.source) as im:
-        w, h = im.size
-        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-        if orientation in (5, 6, 7, 8):  # stored rotated by 90 degrees
-          w, h = h, w
-        scale = max(size[0] / h, size[1] / w)
-        # Big JPEGs decode at a reduced scale that still covers `size`: several times faster.
-        im.draft('RGB', (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
-        return _cover(ImageOps.exif_transpose(im) if orientation != 1 else im, size)
-    except _READ_ERRORS as e:
-      raise ValueError(f'{asset.source}: unreadable image ({e})') from None
-
-
-def _cover(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
-  h, w = size
-  sw, sh = im.size
-  scale = max(h / sh, w / sw)
-  cw, ch = w / scale, h / scale
-  box = ((sw - cw) / 2, (sh - ch) / 2, (sw + cw) / 2, (sh + ch) / 2)
-  im = im if im.mode == 'RGB' else im.convert('RGB')
-  return np.asarray(im.resize((w, h), Image.Resampling.BICUBIC, box=box), np.float32) / 255
+      return images.scale_to_cover(asset.rgb.astype(np.float32) / 255, size)
+    # The bank's backgrounds are opaque: one with transparency is refused (an ImageError,
+    # a ValueError naming the file).
+    return images.load_image(asset.source, cover=size)
 
 
 def load_bank(path, on_error: str = 'raise') -> Bank:
@@ -190,19 +168,17 @@ def load_bank(path, on_error: str = 'raise') -> Bank:
 
   for file in _files(root / 'backgrounds', BACKGROUND_SUFFIXES):
     try:
-      with Image.open(file) as im:
-        im.verify()  # headers and checksums only; the pixels are decoded when used
-    except _READ_ERRORS as e:
-      bad(f'{file}: unreadable image ({e})')
+      images.check_image(file)  # headers and checksums only; the pixels are decoded when used
+    except images.ImageError as e:
+      bad(str(e))
       continue
     bank.backgrounds.append(BackgroundAsset(str(file)))
 
   for file, label in object_files(root):
     try:
-      with Image.open(file) as im:
-        rgba = np.asarray(im.convert('RGBA'), np.float32) / 255
-    except _READ_ERRORS as e:
-      bad(f'{file}: unreadable image ({e})')
+      rgba = images.load_image(file, alpha='keep')
+    except images.ImageError as e:
+      bad(str(e))
       continue
     if rgba[..., 3].min() == 1:
       bad(f'{file}: opaque everywhere, not an RGBA cut-out')

@@ -347,7 +347,7 @@ def test_corrupt_base_image_names_the_file(tmp_path):
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
   row = {'id': 'mulan-broken', 'image': tmp_path / 'broken.jpg',
          'annotation': write_annotation(tmp_path / 'broken.p.zip', make_annotation(make_photo()))}
-  with pytest.raises(SampleError, match=r"'mulan-broken': base image .*broken\.jpg is not a "
+  with pytest.raises(SampleError, match=r"'mulan-broken': base image .*broken\.jpg: not a "
                                         r'readable image'):
     mulan.to_sample(row)
 

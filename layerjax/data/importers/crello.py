@@ -13,7 +13,6 @@ degrees ('v5'); v1-v4 store boxes as fractions of the canvas and angles in radia
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from layerjax.data.images import ImageError, load_image
 from layerjax.data.schema import Layer, LayeredSample, SampleError, assemble, over
 
 LAYOUTS = ('v5', 'normalized')
@@ -259,10 +259,9 @@ def _decode_image(entry, where: str) -> np.ndarray:
   if not data:
     raise SampleError(f'{where}: image has no bytes')
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert('RGBA'), np.float32) / 255
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise SampleError(f'{where}: image is not a decodable image ({e})') from None
+    return load_image(data, alpha='keep', name=f'{where}: image')
+  except ImageError as e:
+    raise SampleError(str(e)) from None
 
 
 def _render(el: dict, scale: tuple[float, float], out_hw: tuple[int, int]) -> np.ndarray:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from layerjax.data.images import ImageError, load_image
 from layerjax.data.schema import Layer, LayeredSample, SampleError, assemble
 
 try:
@@ -250,13 +250,13 @@ def to_sample(row: dict) -> LayeredSample:
 
 
 def _read_photo(path: Path, sid: str) -> np.ndarray:
-  """The photo as float32 [H, W, 3] in 0..255."""
+  """The photo as float32 [H, W, 3] in 0..255, on its stored pixel grid (no EXIF rotation:
+  the annotations index the pixels as stored, as COCO's do). MuLAn annotated opaque photos:
+  one with transparency is refused rather than guessed."""
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'), np.float32)
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-          Image.DecompressionBombError) as e:
-    raise SampleError(f'sample {sid!r}: base image {path} is not a readable image ({e})') from None
+    return load_image(path, orient=False) * 255
+  except ImageError as e:
+    raise SampleError(f'sample {sid!r}: base image {e}') from None
 
 
 def _get(d: Any, key: str, field: str, sid: str) -> Any:
