@@ -229,13 +229,14 @@ LOCK = '.lock'
 
 
 @contextlib.contextmanager
-def output_lock(folder, command: str | None = None):
-  """Holds `folder/.lock` while a run writes into `folder`; a second run refuses, naming the
-  holder. The lock is the kernel's (`flock`), so it dies with its process: a killed run
-  leaves no lock to remove by hand. The file is removed on release, so a run leaves none."""
+def output_lock(folder, command: str | None = None, name: str = LOCK):
+  """Holds `folder/.lock` (or `folder/name`) while a run writes into `folder`; a second run
+  refuses, naming the holder. The lock is the kernel's (`flock`), so it dies with its
+  process: a killed run leaves no lock to remove by hand. The file is removed on release, so
+  a run leaves none."""
   folder = Path(folder)
   _mkdir(folder)
-  lock = folder / LOCK
+  lock = folder / name
   while True:
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -247,7 +248,7 @@ def output_lock(folder, command: str | None = None):
         holder = {}
       os.close(fd)
       raise OutputLocked(
-          f'{folder}: in use by another run ({holder.get("command", "?")!r}, pid '
+          f'{folder if name == LOCK else folder / name[1:-len(LOCK)]}: in use by another run ({holder.get("command", "?")!r}, pid '
           f'{holder.get("pid", "?")} on {holder.get("host", "?")} since '
           f'{holder.get("started", "?")}); wait for it to finish') from None
     try:

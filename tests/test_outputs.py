@@ -290,19 +290,25 @@ def test_a_dot_named_sample_folder_is_in_the_dataset_a_temporary_is_not(tmp_path
 HOLDER = textwrap.dedent('''
     import sys, time
     from layerjax.fileio import output_lock
-    with output_lock(sys.argv[1], 'the first run'):
+    with output_lock(sys.argv[1], 'the first run', *sys.argv[2:]):
       print('held', flush=True)
       time.sleep(60)
 ''')
+
+
+def hold(folder, *name):
+  """A live process holding `folder`'s lock (`name`: the lock file's name)."""
+  proc = subprocess.Popen([sys.executable, '-c', HOLDER, str(folder), *name],
+                          stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == 'held'
+  return proc
 
 
 @pytest.fixture
 def held(tmp_path):
   """An output folder whose lock a live process holds; yields (folder, process)."""
   folder = tmp_path / 'out'
-  proc = subprocess.Popen([sys.executable, '-c', HOLDER, str(folder)], stdout=subprocess.PIPE,
-                          text=True)
-  assert proc.stdout.readline().strip() == 'held'
+  proc = hold(folder)
   yield folder, proc
   proc.kill()
   proc.wait()
@@ -331,3 +337,18 @@ def test_importers_and_build_tfds_refuse_a_held_output(held, tmp_path):
   with pytest.raises(OutputLocked, match='the first run'):
     build({'train': [tmp_path / 'src' / 's']}, folder)
   assert [p.name for p in folder.iterdir()] == ['.lock']
+
+
+def test_a_second_conversion_into_the_same_destination_is_refused(tmp_path, diffusers_folder,
+                                                                   capsys):
+  proc = hold(tmp_path, '.ckpt.lock')
+  try:
+    assert convert_cli.main(['from-diffusers', str(diffusers_folder),
+                             str(tmp_path / 'ckpt')]) == 2
+    assert "ckpt: in use by another run ('the first run'" in capsys.readouterr().err
+    assert not (tmp_path / 'ckpt').exists()
+  finally:
+    proc.kill()
+    proc.wait()
+  assert convert_cli.main(['from-diffusers', str(diffusers_folder), str(tmp_path / 'ckpt')]) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']  # no lock left behind

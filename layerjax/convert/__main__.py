@@ -12,6 +12,7 @@ contain or lie inside SRC. Nothing is read before these checks pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from layerjax.convert import checkpoint, diffusers
 from layerjax.convert.files import MODEL_FOLDER, read_config
-from layerjax.fileio import check_destination, check_not_inside
+from layerjax.fileio import LOCK, check_destination, check_not_inside, output_lock
 from layerjax.models.common import parameter_count
 
 DTYPES = {'float32': np.float32, 'float16': np.float16, 'bfloat16': jax.numpy.bfloat16}
@@ -53,30 +54,37 @@ def sources(src: Path, marker: str) -> list[tuple[str, Path]]:
   return found
 
 
+@contextlib.contextmanager
 def _plan(src: Path, dst: Path, marker: str, artifact, overwrite: bool):
-  """`sources`, once every destination is known to be writable."""
+  """`sources`, once every destination is known to be writable and is locked against a
+  second conversion into it (`.NAME.lock` beside it)."""
   check_not_inside(src, dst)
   plan = sources(src, marker)
-  for sub, _ in plan:
-    check_destination(dst / sub, artifact, overwrite)
-  return plan
+  with contextlib.ExitStack() as locks:
+    for sub, _ in plan:
+      out = (dst / sub) if sub else dst
+      locks.enter_context(output_lock(out.parent, name=f'.{out.name}{LOCK}'))
+      check_destination(out, artifact, overwrite)
+    yield plan
 
 
 def from_diffusers(src: Path, dst: Path, overwrite: bool = False) -> None:
-  for sub, folder in _plan(src, dst, 'config.json', checkpoint.CHECKPOINT, overwrite):
-    name = _kind_of(folder)
-    model = diffusers.load(diffusers.kind(name), folder)
-    checkpoint.save_checkpoint(model, name, dst / sub, overwrite)
-    print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
+  with _plan(src, dst, 'config.json', checkpoint.CHECKPOINT, overwrite) as plan:
+    for sub, folder in plan:
+      name = _kind_of(folder)
+      model = diffusers.load(diffusers.kind(name), folder)
+      checkpoint.save_checkpoint(model, name, dst / sub, overwrite)
+      print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
 
 
 def to_diffusers(src: Path, dst: Path, dtype, max_shard_size: int,
                  overwrite: bool = False) -> None:
-  for sub, folder in _plan(src, dst, checkpoint.META, MODEL_FOLDER, overwrite):
-    name, model = checkpoint.load_checkpoint(folder)
-    diffusers.save(model, dst / sub, dtype=dtype, max_shard_size=max_shard_size,
-                   overwrite=overwrite)
-    print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
+  with _plan(src, dst, checkpoint.META, MODEL_FOLDER, overwrite) as plan:
+    for sub, folder in plan:
+      name, model = checkpoint.load_checkpoint(folder)
+      diffusers.save(model, dst / sub, dtype=dtype, max_shard_size=max_shard_size,
+                     overwrite=overwrite)
+      print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
 
 
 def main(argv=None) -> int:
