@@ -17,6 +17,7 @@ from pathlib import Path
 from data_engine import core, stages, synthesis
 from data_engine.core import Decision, Drop
 from data_engine.runners import Result
+from layerjax.data import schema
 from layerjax.fileio import fingerprint, tree_stats
 
 PHOTO_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
@@ -127,8 +128,8 @@ def build_tfds(output: Path, data_dir: Path, fractions: dict, on_error: str,
                overwrite: bool = False) -> dict:
   """The samples of an engine output as the TFDS dataset, rebuilt only when they (or the
   options) changed since the last build (`tfds_builder.build`)."""
-  from layerjax.data.tfds_builder import build, sample_folders
-  folders = sample_folders(Path(output) / 'samples')
+  from layerjax.data.tfds_builder import build
+  folders = schema.sample_folders(Path(output) / 'samples')
   sources: dict[str, list[Path]] = {}
   for folder in folders:
     sources.setdefault(split_of(folder.name, fractions), []).append(folder)

@@ -49,8 +49,8 @@ def compare_outputs(agent, out_a, out_b, output, names=('a', 'b')) -> dict:
   for d in dirs:
     if not d.is_dir():
       raise FileNotFoundError(f'{d}: no such samples folder')
-  common = sorted({p.name for p in dirs[0].iterdir() if p.is_dir() and not p.name.startswith('.')}
-                  & {p.name for p in dirs[1].iterdir() if p.is_dir()})
+  common = sorted({p.name for p in schema.sample_folders(dirs[0])}
+                  & {p.name for p in schema.sample_folders(dirs[1])})
   done = {(r['photo'], r['a']['system'], r['b']['system']) for r in read_records(output)}
   counts = {'compared': 0, 'skipped': 0, 'failed': {}}
   for sid in common:

@@ -223,9 +223,8 @@ def collect_texts(samples) -> list[str]:
   """Every text training can condition on for `samples` (a folder of sample folders, or an
   iterable of sample folders / LayeredSamples), sorted, the empty text included."""
   from layerjax.data.pipeline import text_for
-  from layerjax.data.tfds_builder import sample_folders
   if isinstance(samples, (str, Path)):
-    folders = sample_folders(samples)
+    folders = schema.sample_folders(samples)
     if not folders:
       raise ValueError(f'{samples}: no sample folders')
     samples = folders

@@ -26,7 +26,6 @@ from data_engine.__main__ import main as engine_main
 from layerjax.convert import __main__ as convert_cli
 from layerjax.data import schema
 from layerjax.data.importers.__main__ import main as import_main
-from layerjax.data.tfds_builder import sample_folders
 from layerjax.fileio import (Artifact, OutputError, OutputLocked, atomic_dir, inside,
                              output_lock, safe_name, sweep)
 from test_importer_crello import RED, element, solid, template, write
@@ -267,7 +266,7 @@ def test_engine_samples_of_dotted_and_spaced_photos_land_inside_and_in_the_datas
   entries = runners.finished(out)
   ids = [sid for e in entries.values() for sid in e['samples']]
   assert len(ids) == 2, entries
-  folders = sample_folders(out / 'samples')
+  folders = schema.sample_folders(out / 'samples')
   assert sorted(f.name for f in folders) == sorted(safe_name(i) for i in ids)
   assert engine_main(['build-tfds', str(out)]) == 0
   import tensorflow_datasets as tfds
@@ -280,7 +279,7 @@ def test_a_dot_named_sample_folder_is_in_the_dataset_a_temporary_is_not(tmp_path
   schema.write_folder(make_sample(seed=0), tmp_path / 'src' / '.dotted')
   schema.write_folder(make_sample(seed=1), tmp_path / 'src' / 'plain')
   schema.write_folder(make_sample(seed=2), tmp_path / 'src' / '.plain.tmp~h~1~ab')
-  folders = sample_folders(tmp_path / 'src')
+  folders = schema.sample_folders(tmp_path / 'src')
   assert [f.name for f in folders] == ['.dotted', 'plain']
   assert build({'train': folders}, tmp_path / 'tfds')['splits'] == {'train': 2}
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from layerjax.fileio import Artifact, atomic_dir, inside, read_json, safe_name
+from layerjax.fileio import Artifact, atomic_dir, inside, is_temporary, read_json, safe_name
 
 KINDS = ('background', 'object', 'shadow')
 FORMAT = 'layerjax.layered/1'
@@ -291,6 +291,17 @@ def sample_folder(root, sample_id: str) -> Path:
   """Where the sample `sample_id` lives under `root`: a folder named by `safe_name`, so an id
   read from a dataset never leads out of `root` nor shares a folder with another id."""
   return Path(root) / safe_name(sample_id)
+
+
+def sample_folders(source) -> list[Path]:
+  """A directory of sample folders, or an iterable of folders, as a sorted list. Only
+  writers' temporaries are left out: a sample named '.x' is a sample like any other."""
+  if isinstance(source, (str, Path)):
+    root = Path(source)
+    if not root.is_dir():
+      raise FileNotFoundError(f'{root}: no such directory')
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_temporary(p.name))
+  return [Path(p) for p in source]
 
 
 def write_folder(sample: LayeredSample, path, overwrite: bool = False) -> Path:

@@ -31,8 +31,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from layerjax.data import schema
-from layerjax.fileio import (Artifact, OutputError, atomic_dir, fingerprint, is_temporary,
-                             output_lock, read_json, tree_stats)
+from layerjax.fileio import (Artifact, OutputError, atomic_dir, fingerprint, output_lock,
+                             read_json, tree_stats)
 from layerjax.data.schema import Layer, LayeredSample, Prompt, decode_png, encode_png
 
 _NO_BOX = (-1, -1, -1, -1)
@@ -139,17 +139,6 @@ def from_example(ex: dict) -> LayeredSample:
                        json.loads(_text(ex['provenance'])))
 
 
-def sample_folders(source) -> list[Path]:
-  """A directory of sample folders, or an iterable of folders, as a sorted list. Only
-  writers' temporaries are left out: a sample named '.x' is a sample like any other."""
-  if isinstance(source, (str, Path)):
-    root = Path(source)
-    if not root.is_dir():
-      raise FileNotFoundError(f'{root}: no such directory')
-    return sorted(p for p in root.iterdir() if p.is_dir() and not is_temporary(p.name))
-  return [Path(p) for p in source]
-
-
 class Layered(tfds.core.GeneratorBasedBuilder):
   """Packs layered samples from folders into train/validation/test array_record shards."""
 
@@ -175,7 +164,7 @@ class Layered(tfds.core.GeneratorBasedBuilder):
       raise ValueError('Layered: no sources given (sources={"train": DIR, ...})')
     splits = {}
     for split, source in self._sources.items():
-      folders = sample_folders(source)
+      folders = schema.sample_folders(source)
       if not folders:
         raise ValueError(f'Layered: split {split!r} is empty (source {source})')
       splits[split] = self._generate_examples(split, folders)
