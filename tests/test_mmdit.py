@@ -35,8 +35,8 @@ def torch_forward(model, x, c, p, t):
   it into fp32 (float64 in `torch_reference`) features itself."""
   dtype = next(model.parameters()).dtype
   with torch.no_grad():
-    out = model(*(torch.from_numpy(a).to(dtype) for a in (x, c, p)),
-                torch.from_numpy(t).double()).sample
+    out = model(*(torch.tensor(a, dtype=dtype) for a in (x, c, p)),
+                torch.tensor(t, dtype=torch.float64)).sample
   return nchw_to_nhwc(out.double().numpy())
 
 
