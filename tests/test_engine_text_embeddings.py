@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import assert_parity, torch_reference
 from data_engine import text_embeddings as te
 from layerjax.data import schema
 from layerjax.train.build import TextEmbeddings
@@ -85,32 +86,45 @@ def encoder(sd3):
   return te.SD3TextEncoder(sd3[0], device='cpu', max_sequence_length=L)
 
 
-def reference(pipe, texts):
+def reference(pipe, texts, precision):
+  """diffusers' `encode_prompt` (states, pooled) with the pipeline's text encoders in
+  `precision` ('float32', 'bfloat16' or 'float64')."""
   import torch
   with torch.no_grad():
-    states, _, pooled, _ = pipe.encode_prompt(
+    states, _, pooled, _ = torch_reference(pipe, precision).encode_prompt(
         prompt=texts, prompt_2=None, prompt_3=None, device=torch.device('cpu'),
         do_classifier_free_guidance=False, max_sequence_length=L)
-  return states.numpy(), pooled.numpy()
+  return states.double().numpy(), pooled.double().numpy()
+
+
+def assert_matches_encode_prompt(embeddings, pipe, texts, precision='float32'):
+  """The engine's (states, pooled) against diffusers' in float64, bounded by diffusers' own
+  error in `precision`."""
+  low, ref = reference(pipe, texts, precision), reference(pipe, texts, 'float64')
+  for ours, torch_low, ref64 in zip(embeddings, low, ref):
+    assert_parity(ours, torch_low, ref64, precision)
 
 
 def test_matches_diffusers_encode_prompt(sd3, encoder):
   states, pooled = encoder.encode(TEXTS, batch_size=2)
   assert states.shape == (5, 77 + L, 96) and pooled.shape == (5, 40)
   assert states.dtype == pooled.dtype == np.float32
-  want_states, want_pooled = reference(sd3[2], TEXTS)
-  np.testing.assert_allclose(states, want_states, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(pooled, want_pooled, rtol=1e-5, atol=1e-6)
+  assert_matches_encode_prompt((states, pooled), sd3[2], TEXTS)
   assert np.abs(states[:, 77:]).min(axis=-1).max() > 0  # T5 tokens are real, not zeros
   assert encoder.use_t5 and encoder.metadata['t5'] == 'true'
+
+
+def test_bf16_matches_diffusers_encode_prompt(sd3):
+  bf16 = te.SD3TextEncoder(sd3[0], device='cpu', dtype='bfloat16', max_sequence_length=L)
+  embeddings = bf16.encode(TEXTS, batch_size=2)
+  assert all(e.dtype == np.float32 for e in embeddings)
+  assert_matches_encode_prompt(embeddings, sd3[2], TEXTS, 'bfloat16')
 
 
 def test_without_t5_matches_diffusers(sd3, encoder):
   no_t5 = te.SD3TextEncoder(sd3[1], device='cpu', max_sequence_length=L)
   states, pooled = no_t5.encode(TEXTS[:3])
-  want_states, want_pooled = reference(sd3[3], TEXTS[:3])
-  np.testing.assert_allclose(states, want_states, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(pooled, want_pooled, rtol=1e-5, atol=1e-6)
+  assert_matches_encode_prompt((states, pooled), sd3[3], TEXTS[:3])
   assert not no_t5.use_t5 and states.shape == (3, 77 + L, 96)
   assert (states[:, 77:] == 0).all()
   # Skipping T5 in a folder that has it gives the same; requiring it where absent fails.

@@ -1,5 +1,7 @@
-"""Alpha / shadow decoder heads: shapes, initialisation from the VAE decoder, output range."""
+"""Alpha / shadow decoder heads: shapes, initialisation from the VAE decoder, parity with
+diffusers' VAE decoder, output range."""
 
+import copy
 import dataclasses
 
 import jax
@@ -8,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import assert_parity, nchw_to_nhwc, torch_reference
+from layerjax.convert.diffusers import load_vae
 from layerjax.models import common
 from layerjax.models.heads import (ALPHA_CHANNELS, SHADOW_CHANNELS, decoder_head,
                                    init_from_vae_decoder, to_unit)
@@ -51,6 +55,40 @@ def test_init_copies_all_but_conv_out(vae_decoder, channels):
   # Its own buffers: training donates the heads' parameters, the frozen VAE keeps its own.
   kernel = head.conv_in.kernel[...]
   assert kernel.unsafe_buffer_pointer() != vae_decoder.conv_in.kernel[...].unsafe_buffer_pointer()
+
+
+@pytest.fixture(scope='module')
+def diffusers_vae(tmp_path_factory):
+  """A random diffusers VAE of shape CFG and the folder it is saved in."""
+  from test_vae import saved
+  return saved(tmp_path_factory.mktemp('vae'), CFG, seed=4)
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('channels', [ALPHA_CHANNELS, SHADOW_CHANNELS])
+def test_head_computes_diffusers_decoder(diffusers_vae, channels, precision):
+  """A head initialised from a loaded VAE is diffusers' decoder of that VAE with the head's
+  `conv_out`, against its float64 reference."""
+  import torch
+  torch_vae, folder = diffusers_vae
+  cfg = dataclasses.replace(CFG, dtype=jnp.dtype(precision))
+  head = init_from_vae_decoder(decoder_head(cfg, channels, rngs=nnx.Rngs(3)),
+                               load_vae(folder).decoder)
+  torch_head = copy.deepcopy(torch_vae.decoder)
+  torch_head.conv_out = torch.nn.Conv2d(CFG.block_out_channels[0], channels, 3, padding=1)
+  with torch.no_grad():  # ours (kh, kw, in, out), torch (out, in, kh, kw)
+    torch_head.conv_out.weight.copy_(torch.tensor(
+        np.asarray(head.conv_out.kernel[...]).transpose(3, 2, 0, 1)))
+    torch_head.conv_out.bias.copy_(torch.tensor(np.asarray(head.conv_out.bias[...])))
+  z = torch.randn(2, CFG.latent_channels, 6, 10, generator=torch.Generator().manual_seed(5))
+  out = jax.jit(lambda m, z: m(z))(head, jnp.asarray(nchw_to_nhwc(z)))
+  assert out.shape == (2, 12, 20, channels) and out.dtype == cfg.dtype
+
+  def torch_out(p):
+    model = torch_reference(torch_head, p)
+    with torch.no_grad():
+      return nchw_to_nhwc(model(z.to(next(model.parameters()).dtype)).double())
+  assert_parity(out, torch_out(precision), torch_out('float64'), precision)
 
 
 def abstract_head(cfg, channels):
