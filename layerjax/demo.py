@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
+from layerjax import cli
 from layerjax.fileio import atomic_dir
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/liwi.py:demo', 'demo config')
@@ -97,18 +99,27 @@ def make_data(workdir: Path, demo, data_dir: Path) -> None:
               f'runner.workers={demo.workers}',
               "runner.splits={'train': 0.84, 'validation': 0.08, 'test': 0.08}"]
   sets = [a for s in settings for a in ('--set', s)]
-  engine(['synthesize', '--bank', str(bank), '--num', str(demo.scenes), '--output',
-          str(scenes), '--quiet', *sets])
+
+  def run(*argv):
+    code = engine([*argv, *sets])  # which printed its error, if any
+    if code:
+      sys.exit(code)
+  run('synthesize', '--bank', str(bank), '--num', str(demo.scenes), '--output', str(scenes),
+      '--quiet')
   if data_dir.exists():  # a build that was interrupted: TFDS would refuse to overwrite it
     shutil.rmtree(data_dir)
-  engine(['build-tfds', str(scenes), '--data-dir', str(data_dir), *sets])
+  run('build-tfds', str(scenes), '--data-dir', str(data_dir))
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   from layerjax.train import evaluate, trainer
   config = _CONFIG.value
+  if 'demo' not in config:
+    raise cli.UsageError('--config: no `demo` section (scenes, size, workers), as '
+                         'configs/liwi.py:demo has')
+  trainer.check_config(config)  # before minutes of making data
   workdir = Path(_WORKDIR.value)
   make_data(workdir, config.demo, Path(config.data.data_dir))
   if 'preempted_at' in trainer.train(config, workdir / 'train'):
@@ -124,4 +135,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main)

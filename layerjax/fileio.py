@@ -12,13 +12,25 @@ from typing import Any
 
 
 @contextlib.contextmanager
+def _naming(dst: Path):
+  """An OSError without a path (a write that found the disk full) names `dst`."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(dst)) from e
+    raise
+
+
+@contextlib.contextmanager
 def atomic_dir(dst: Path):
   """Yields a temporary sibling of `dst`; on success it replaces `dst`, on failure vanishes."""
   dst = Path(dst)
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.tmp-', dir=dst.parent))
   try:
-    yield tmp
+    with _naming(dst):
+      yield tmp
     if dst.exists():
       old = dst.with_name(f'.{dst.name}.old-{os.getpid()}')
       os.replace(dst, old)
@@ -38,7 +50,8 @@ def atomic_file(dst: Path):
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
   try:
-    yield tmp
+    with _naming(dst):
+      yield tmp
     os.replace(tmp, dst)
   except BaseException:
     tmp.unlink(missing_ok=True)
