@@ -9,8 +9,8 @@ An error prints `error: <file or key>: <problem>` on one line and exits 2 for ba
 (a bad argument, flag, config key or value, a missing or unreadable input: `ValueError` and
 the path errors of `OSError`), 1 for anything else (a disk that fills up, a training run
 stopped by a non-finite loss, a bug). The traceback is printed only with `--verbose` (absl
-apps: `-v 1` or higher), and so are the INFO logs of libraries (orbax, tfds, jax); this
-project's own progress and results always are.
+apps: `-v 1` or higher). An absl app logs this project's progress and results; the INFO logs
+of libraries (orbax, tfds, jax) only at `-v 1`.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def exit_code(e: BaseException) -> int:
   return BAD_INPUT if isinstance(e, (ValueError, *_PATH_ERRORS)) else FAILED
 
 
-def run(fn: Callable[[], int | None], verbose: bool) -> int:
-  """`fn()`'s exit code; an exception becomes one line on stderr and its exit code."""
+def run(fn: Callable[[], int | None], verbose: bool, how: str = '--verbose') -> int:
+  """`fn()`'s exit code; an exception becomes one line on stderr and its exit code (and
+  the traceback before it if `verbose`; an unexpected error says `how` to get it)."""
   try:
     return fn() or 0
   except Exception as e:  # pylint: disable=broad-except  # every error ends here, once
@@ -88,20 +89,18 @@ def run(fn: Callable[[], int | None], verbose: bool) -> int:
     code = exit_code(e)
     text = message(e)
     if code == FAILED and not isinstance(e, (OSError, FloatingPointError)):
-      text = f'{type(e).__name__}: {text} (--verbose prints the traceback)'
+      text = f'{type(e).__name__}: {text} ({how} prints the traceback)'
     print(f'error: {text}', file=sys.stderr)
     return code
 
 
 def entry(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
   """An argparse CLI's `main(argv)` with one-line errors; `--verbose` in argv adds the
-  traceback and the libraries' INFO logs."""
+  traceback."""
   @functools.wraps(main)
   def wrapped(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = '--verbose' in argv
-    _quiet_libraries(verbose)
-    return run(lambda: main(argv), verbose)
+    return run(lambda: main(argv), '--verbose' in argv)
   return wrapped
 
 
@@ -110,14 +109,6 @@ class _OwnInfo(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.pathname.startswith(_OWN)
-
-
-def _quiet_libraries(verbose: bool) -> None:
-  from absl import logging as absl_logging
-  handler = absl_logging.get_absl_handler()
-  handler.filters = [f for f in handler.filters if not isinstance(f, _OwnInfo)]
-  if not verbose:
-    handler.addFilter(_OwnInfo())
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:
@@ -177,6 +168,7 @@ def run_absl(main: Callable[[list[str]], int | None]) -> None:
 
   def wrapped(argv):
     verbose = absl_logging.get_verbosity() >= 1
-    _quiet_libraries(verbose)
-    return run(lambda: main(argv), verbose)
+    if not verbose:
+      absl_logging.get_absl_handler().addFilter(_OwnInfo())
+    return run(lambda: main(argv), verbose, how='-v 1')
   app.run(wrapped, flags_parser=_parse_flags)

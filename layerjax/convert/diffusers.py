@@ -90,7 +90,8 @@ def torch_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarr
   for path, var in _variables(model):
     x = np.asarray(jax.device_get(var[...]))
     if dtype is not None:
-      x = x.astype(dtype)
+      with np.errstate(over='ignore'):  # an overflow is an Inf, which `save` reports by name
+        x = x.astype(dtype)
     out[_torch_name(path)] = np.ascontiguousarray(_to_torch_layout(path, x))
   return out
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -200,10 +201,10 @@ class Checkpoints:
       earlier = [s for s in self.manager.all_steps() if s < step]
       back = f'step {max(earlier)}' if earlier else 'scratch'
       reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+      aside = shlex.join(['mv', str(folder), f'{folder}.unreadable'])
       raise UnreadableCheckpoint(
           f'checkpoint step {step}: {folder} cannot be read ({reason}); if it is corrupt or '
-          f'truncated, start from {back} by moving it aside: mv {folder} '
-          f'{folder}.unreadable') from e
+          f'truncated, start from {back} by moving it aside: {aside}') from e
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -284,7 +285,6 @@ def train(config, workdir, *, mesh=None) -> dict:
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
       bad = sorted(k for k, v in metrics.items() if k != 'finite' and not np.isfinite(v))
-      ckpt.manager.wait_until_finished()  # the last good step's save may be in flight
       # Numbered as the log numbers steps: the count of steps finished with this one.
       raise NonFiniteLoss(f'step {step + 1}/{total}: non-finite {bad}; training stopped, '
                           f'last good checkpoint: step {ckpt.latest()} in '
@@ -293,9 +293,9 @@ def train(config, workdir, *, mesh=None) -> dict:
 
   flops = None
   t_log, steps_since = time.perf_counter(), 0
-  # Closed however the loop ends: in-flight saves finish, loader workers stop.
+  # Closed however the loop ends (a NaN stop included): in-flight saves finish.
   with jax.set_mesh(setup.mesh), _Preemption() as preempt, contextlib.closing(ckpt), \
-      contextlib.closing(writer), contextlib.closing(iterator):
+      contextlib.closing(writer):
     for step in range(start, total):
       batch = next_batch()
       if flops is None:
