@@ -135,11 +135,15 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
     # a --config.key=value whose value does not parse as the key's type
     name = flag_text.group(1)
     root, *path = name[2:].split('.')
-    node = flags.FLAGS[root].value
-    for part in path:
-      node = node[part]
-    value = next(a.split('=', 1)[1] for a in argv if a.startswith(name + '='))
-    return f'{name}: expected {config_spec.type_name(node)}, got {value!r}'
+    try:
+      node = flags.FLAGS[root].value
+      for part in path:
+        node = node[part]
+      value = next(a.split('=', 1)[1] for a in argv if a.startswith(name + '='))
+    except (KeyError, AttributeError, TypeError, StopIteration):  # not a config field after all
+      pass
+    else:
+      return f'{name}: expected {config_spec.type_name(node)}, got {value!r}'
   return message(e).removeprefix('flag ')
 
 
