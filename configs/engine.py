@@ -19,7 +19,7 @@ Variants:
 """
 
 from data_engine.config import default_config
-from layerjax.train.config import parse_arg
+from layerjax.config_spec import parse_arg
 
 # Subfolders of `weights`, named after the checkpoints they hold.
 WEIGHTS = {'owlv2': 'owlv2-base-patch16-ensemble', 'grounding_dino': 'grounding-dino-base',

@@ -16,7 +16,8 @@ SD3 text embeddings, see `layerjax.train.build.TextEmbeddings`), data_dir, steps
 The SD3 variants need a local copy of the weights; they are never downloaded.
 """
 
-from layerjax.train.config import PRESETS, base, mmdit_arch, parse_arg
+from layerjax.config_spec import parse_arg
+from layerjax.train.config import PRESETS, base, mmdit_arch
 
 
 # Where `huggingface-cli download <repo> --local-dir ...` puts them by default here.

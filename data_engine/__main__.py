@@ -14,7 +14,8 @@ LayeredSample form), `DIR/engine_manifest.jsonl` (one line per input: its sample
 was dropped, and every stage's decision) and `DIR/engine_summary.json` (per-stage pass
 rates, drop reasons). A re-run continues where the last one stopped, and redoes the inputs
 whose photo, bank or config changed; build-tfds rebuilds only when the samples or its options
-changed. One run at a time per output folder.
+changed. One run at a time per output folder. The config is checked before any work; an
+error is one line on stderr (exit 2 for bad input), with the traceback under `--verbose`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from data_engine import config as engine_config
 from data_engine import core, gennval, jobs, preferences, refine, runners, text_embeddings
+from layerjax import cli
 
 
 def _run(args, config, keys, make_work, fingerprint) -> dict:
@@ -47,16 +49,17 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     print(f'  dropped: {n:>5}  {reason}', file=file)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m data_engine', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> int:
+  p = cli.ArgumentParser(prog='python -m data_engine', description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest='command', required=True)
   dec = sub.add_parser('decompose', help='photos -> layered samples')
   dec.add_argument('--input', required=True, type=Path, help='folder of photos (recursive)')
   syn = sub.add_parser('synthesize', help='a bank of backgrounds and objects -> new scenes')
   syn.add_argument('--bank', required=True, type=Path)
-  syn.add_argument('--num', required=True, type=int)
-  syn.add_argument('--start', type=int, default=0, help='first scene index')
+  syn.add_argument('--num', required=True, type=cli.int_at_least(1))
+  syn.add_argument('--start', type=cli.int_at_least(0), default=0, help='first scene index')
   for q in (dec, syn):
     q.add_argument('--output', required=True, type=Path)
     q.add_argument('--runner', choices=('local', 'beam'), default='local')
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
   if args.command == 'compare':
     names = tuple(args.names.split(','))
     if len(names) != 2:
-      raise SystemExit(f'--names: expected two names, got {args.names!r}')
+      raise cli.UsageError(f'--names: expected two names, got {args.names!r}')
     counts = preferences.compare_outputs(core.create('agent', config.agent), args.a, args.b,
                                          args.output, names)
     records = preferences.read_records(args.output)

@@ -2,16 +2,19 @@
 
 `default_config()` is the offline engine (no weights); `configs/engine.py` holds variants.
 `load(spec, overrides)` reads big_vision-style specs, `path/to/file.py[:arg]`, plus
-`key.sub=value` overrides (values parsed as Python literals, else kept as strings).
+`key.sub=value` overrides (values parsed as Python literals, else kept as strings), and
+checks the result (`check`) before any work.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from data_engine import core, gennval, synthesis
+from layerjax import config_spec
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -55,7 +58,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.refine = ml_collections.ConfigDict({'evaluator': None, 'optimiser': None, 'rounds': 3,
                                         'heldout_fraction': 0.5})
 
-  from data_engine import gennval, synthesis
   c.synthesize = synthesis.default_config()
   c.gennval = gennval.default_config()
 
@@ -66,11 +68,50 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _literal(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+TOOLS = ('quality', 'saliency', 'detector', 'segmenter', 'depth', 'inpainter', 'matting',
+         'shadow', 'captioner', 'text_check')
+
+
+def spec() -> config_spec.Rule:
+  """Every key of `default_config()` with its type and range; keys added there are typed
+  like their defaults."""
+  s, defaults = config_spec, default_config()
+  fraction = s.number(0, 1)
+  agent = core.spec_rule('agent')
+  return s.section({
+      'seed': s.integer(), 'tool_timeout': s.number(above=0),
+      'decompose': s.section({
+          'max_side': s.integer(lo=1), 'min_side': s.integer(lo=1),
+          'min_sharpness': s.number(lo=0), 'max_clipped': fraction,
+          'min_objects': s.integer(lo=0), 'max_objects': s.integer(lo=1),
+          'max_mask_iou': fraction, 'max_object_area': fraction,
+          'matting_band': s.integer(lo=0), 'inpaint_margin': s.integer(lo=0),
+          'min_judge_score': fraction}, defaults=defaults.decompose),
+      'tools': s.section({k: core.spec_rule(k, ('agent',) if k == 'captioner' else ())
+                          for k in TOOLS}, optional=('text_check',)),
+      'agent': agent,
+      'refine': s.section({'evaluator': s.maybe(agent), 'optimiser': s.maybe(agent),
+                           'rounds': s.integer(lo=1), 'heldout_fraction': fraction}),
+      'synthesize': synthesis.CONFIG,
+      'gennval': gennval.CONFIG,
+      'runner': s.section({'workers': s.integer(lo=0), 'beam_options': s.seq(s.string()),
+                           'splits': s.also(s.mapping(s.number(lo=0)), _positive_total)}),
+  })
+
+
+def _positive_total(fractions) -> None:
+  if sum(dict(fractions).values()) <= 0:
+    raise ValueError(f'some split needs a positive fraction, got {dict(fractions)}')
+
+
+def check(config) -> None:
+  """`config` against `spec()`, and the keys that bound each other; raises
+  `config_spec.ConfigError` naming the key."""
+  config_spec.check(config, spec())
+  d = config.decompose
+  for lo, hi in (('min_side', 'max_side'), ('min_objects', 'max_objects')):
+    if d[lo] > d[hi]:
+      raise config_spec.ConfigError(f'decompose.{lo}={d[lo]} is above decompose.{hi}={d[hi]}')
 
 
 def load(spec: str | None = None, overrides=()) -> ml_collections.ConfigDict:
@@ -89,14 +130,18 @@ def load(spec: str | None = None, overrides=()) -> ml_collections.ConfigDict:
     config = module.get_config(arg) if arg else module.get_config()
   for item in overrides:
     key, eq, value = item.partition('=')
-    *parents, leaf = key.split('.')
-    node = config
-    for part in parents:
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if not eq or node is None or leaf not in node:
-      raise ValueError(f'override {item!r}: expected key=value with an existing key')
+    if not eq:
+      raise config_spec.ConfigError(f'--set {item!r}: expected key=value')
+    node, path = config, ''
+    for part in key.split('.'):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = node.keys() if isinstance(node, ml_collections.ConfigDict) else ()
+        raise config_spec.unknown(f'--set {path}' if path else '--set', part, known)
+      parent, node, path = node, node[part], f'{path}.{part}' if path else part
     try:
-      node[leaf] = _literal(value)
-    except TypeError as e:
-      raise ValueError(f'override {item!r}: {e}') from None
+      parent[part] = config_spec.typed(value, node, path)
+    except TypeError:  # a ConfigDict field keeps its type
+      raise config_spec.ConfigError(f'{path}: expected {config_spec.type_name(node)}, got '
+                                    f'{value!r}') from None
+  check(config)
   return config

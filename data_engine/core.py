@@ -17,7 +17,10 @@ import threading
 import time
 from typing import Any, Callable
 
+import ml_collections
 import numpy as np
+
+from layerjax import config_spec
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
 
@@ -36,6 +39,24 @@ def register(kind: str, name: str):
 def names(kind: str) -> list[str]:
   _import_backends()
   return sorted(_REGISTRY.get(kind, {}))
+
+
+def spec_rule(kind: str, extra: tuple[str, ...] = ()) -> config_spec.Rule:
+  """The config rule for a spec `create(kind, spec)` takes: a registered name (or one of
+  `extra`), or a mapping with 'name', options and maybe a 'fallback' spec. The options are
+  checked when the tool is built."""
+  name_rule = config_spec.string(lambda: [*names(kind), *extra])
+
+  def rule(value, key):
+    if isinstance(value, str):
+      return name_rule(value, key)
+    if not isinstance(value, (dict, ml_collections.ConfigDict)) or 'name' not in value:
+      raise config_spec.ConfigError(f"{key}: expected a {kind} name or a mapping with 'name', "
+                                    f'got {value!r}')
+    name_rule(value['name'], f'{key}.name')
+    if value.get('fallback') is not None:
+      rule(value['fallback'], f'{key}.fallback')
+  return rule
 
 
 def create(kind: str, spec, fallbacks: list | None = None) -> Any:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from data_engine import core, synthesis
 from data_engine.core import Drop
+from layerjax import config_spec as spec
 from layerjax.fileio import append_lines, atomic_file, read_json
 
 GENERATED = Path('objects') / 'generated'
@@ -60,7 +61,15 @@ def attempt_seed(seed: int, category: str, attempt: int) -> int:
 
 def _check_kernel(kernel: int) -> None:
   if kernel < 1 or kernel % 2 == 0:
-    raise ValueError(f'gennval.median_kernel must be an odd size >= 1, got {kernel}')
+    raise ValueError(f'the median kernel must be an odd size >= 1, got {kernel}')
+
+
+# The config's keys (`default_config`).
+CONFIG = spec.section({
+    'generator': core.spec_rule('generator'), 'minimum': spec.mapping(spec.integer(lo=0)),
+    'prompts_per_call': spec.integer(lo=1), 'max_attempts': spec.integer(lo=1),
+    'median_kernel': spec.also(spec.integer(lo=1), _check_kernel),
+    'min_alpha_pixels': spec.integer(lo=0)})
 
 
 def median_alpha(rgba: np.ndarray, kernel: int) -> np.ndarray:

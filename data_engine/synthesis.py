@@ -69,12 +69,34 @@ import cv2
 import ml_collections
 import numpy as np
 
+from layerjax import config_spec as spec
 from layerjax.data import images, schema
 from layerjax.fileio import read_json
 
 BACKGROUND_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
 _EMPTY = 0.5 / 255  # alpha below this vanishes in 8-bit storage; zeroing it keeps boxes exact
 _BANDS = 3          # blur levels blended for contact hardening
+
+
+# The config's keys (`default_config`); pairs are ranges (lo, hi) to draw from.
+CONFIG = spec.section({
+    'seed': spec.integer(), 'size': spec.seq(spec.integer(lo=1), 2),
+    'num_objects': spec.ordered(spec.integer(lo=1)),
+    'object_height': spec.ordered(spec.number(lo=0)),
+    'perspective': spec.ordered(spec.number(0, 1)), 'horizon': spec.ordered(spec.number(0, 1)),
+    'focal_length': spec.number(above=0), 'max_overlap': spec.number(0, 1),
+    'placement_tries': spec.integer(lo=1), 'hflip_prob': spec.number(0, 1),
+    'light_azimuth': spec.ordered(spec.number()),
+    'light_elevation': spec.ordered(spec.number(1, 90)),
+    'shadow_opacity': spec.ordered(spec.number(0, 1)),
+    'shadow_blur': spec.ordered(spec.number(lo=0)), 'shadow_fade': spec.number(0, 1),
+    'shadow_tint': spec.seq(spec.number(0, 1), 3), 'shadow_tint_jitter': spec.number(lo=0),
+    'object_depth': spec.number(lo=0), 'prob_no_shadow': spec.number(0, 1),
+    'balance_categories': spec.boolean()})
+
+
+def check_config(config) -> None:
+  spec.check(config, CONFIG, 'synthesize')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -272,19 +294,18 @@ def synthesize(bank: Bank, index: int, config) -> schema.LayeredSample:
   """Scene `index`: [background, shadow_1, object_1, shadow_2, object_2, ...] back to front."""
   if not bank.backgrounds or not bank.objects:
     raise ValueError('synthesize: the bank needs at least one background and one object')
-  h, w = (int(v) for v in config.size)
-  if h < 1 or w < 1:
-    raise ValueError(f'config.size must be positive (H, W), got {config.size!r}')
-  lo, hi = (int(v) for v in _floats(config, 'num_objects', lo=1))
+  check_config(config)
+  h, w = config.size
+  lo, hi = config.num_objects
   rng = np.random.default_rng([int(config.seed), index])
 
   background = int(rng.integers(len(bank.backgrounds)))
-  horizon = float(rng.uniform(*_floats(config, 'horizon', lo=0, hi=1))) * h
-  light = {'azimuth': float(rng.uniform(*_floats(config, 'light_azimuth'))),
-           'elevation': float(rng.uniform(*_floats(config, 'light_elevation', lo=1, hi=90)))}
-  opacity = float(rng.uniform(*_floats(config, 'shadow_opacity', lo=0, hi=1)))
-  jitter = _floats(config, 'shadow_tint_jitter', 1, lo=0)
-  tint = np.clip(np.float32(_floats(config, 'shadow_tint', 3, lo=0, hi=1))
+  horizon = float(rng.uniform(*config.horizon)) * h
+  light = {'azimuth': float(rng.uniform(*config.light_azimuth)),
+           'elevation': float(rng.uniform(*config.light_elevation))}
+  opacity = float(rng.uniform(*config.shadow_opacity))
+  jitter = config.shadow_tint_jitter
+  tint = np.clip(np.float32(config.shadow_tint)
                  + rng.uniform(-jitter, jitter, 3).astype(np.float32), 0, 1)
 
   placed: list[_Placed] = []
@@ -298,7 +319,7 @@ def synthesize(bank: Bank, index: int, config) -> schema.LayeredSample:
   layers = [schema.Layer('background', 'background',
                          np.dstack([bank.background(background, (h, w)),
                                     np.ones((h, w), np.float32)]))]
-  no_shadow = _floats(config, 'prob_no_shadow', 1, lo=0, hi=1)
+  no_shadow = config.prob_no_shadow
   for k, obj in enumerate(placed, 1):
     casts = rng.random() >= no_shadow
     shadow = _cast_shadow(obj, light, opacity, horizon, (h, w), config) if casts else None
@@ -324,10 +345,10 @@ def _place(bank: Bank, rng: np.random.Generator, config, placed: list[_Placed],
            size: tuple[int, int], horizon: float) -> _Placed | None:
   """One more object whose box, and those of the objects behind it, stay visible enough."""
   h, w = size
-  max_overlap = _floats(config, 'max_overlap', 1, lo=0, hi=1)
-  flip_prob = _floats(config, 'hflip_prob', 1, lo=0, hi=1)
-  heights = _floats(config, 'object_height', lo=0)
-  perspectives = _floats(config, 'perspective', lo=0, hi=1)
+  max_overlap = config.max_overlap
+  flip_prob = config.hflip_prob
+  heights = config.object_height
+  perspectives = config.perspective
 
   def fits(box: tuple[int, int, int, int]) -> bool:
     scene = [(o.box, o.depth_key) for o in placed] + [(box, (box[3], len(placed)))]
@@ -397,7 +418,7 @@ def _cast_shadow(obj: _Placed, light: dict, opacity: float, horizon: float,
   x0, _, _, base = obj.box
   base -= 1
   az, el = math.radians(light['azimuth']), math.radians(light['elevation'])
-  squash = max(base - horizon, 0.0) / (_floats(config, 'focal_length', 1, lo=1e-3) * size[1])
+  squash = max(base - horizon, 0.0) / (config.focal_length * size[1])
   dx = math.cos(az) / math.tan(el)           # ground offset per pixel of height
   dy = squash * math.sin(az) / math.tan(el)
 
@@ -421,14 +442,14 @@ def _cast_shadow(obj: _Placed, light: dict, opacity: float, horizon: float,
     ground = ground[::-1]
   top = base if dy > 0 else base - rows + 1
   # The object's depth: its slices farther back cast the same shadow further up the image.
-  sweep = round(squash * _floats(config, 'object_depth', 1, lo=0) * aw)
+  sweep = round(squash * config.object_depth * aw)
   if sweep:
     ground = cv2.dilate(np.pad(ground, ((sweep, 0), (0, 0), (0, 0))),
                         np.ones((sweep + 1, 1), np.uint8), anchor=(0, 0))
     top -= sweep
 
   p = obj.record['perspective']
-  contact, far = (p * s for s in _floats(config, 'shadow_blur', lo=0))
+  contact, far = (p * s for s in config.shadow_blur)
   r = math.ceil(3 * far)
   ground = np.pad(ground, ((r, r), (r, r), (0, 0)))
   x, y = x0 + left - r, top - r
@@ -441,7 +462,7 @@ def _cast_shadow(obj: _Placed, light: dict, opacity: float, horizon: float,
     sigma = contact + (far - contact) * i / (_BANDS - 1)
     level = cv2.GaussianBlur(ground[..., 0], kernel, sigma) if sigma > 0 else ground[..., 0]
     shadow += np.clip(1 - np.abs(t * (_BANDS - 1) - i), 0, 1) * level
-  shadow *= opacity * (1 - _floats(config, 'shadow_fade', 1, lo=0, hi=1) * t)
+  shadow *= opacity * (1 - config.shadow_fade * t)
   shadow[:max(0, math.ceil(horizon) - y)] = 0  # the ground ends at the horizon
   shadow = np.clip(shadow, 0, 1)
   shadow[shadow < _EMPTY] = 0
@@ -458,17 +479,3 @@ def _on_canvas(rgba: np.ndarray, x: int, y: int, size: tuple[int, int]) -> np.nd
   out = np.zeros((*size, 4), np.float32)
   out[y:y + rgba.shape[0], x:x + rgba.shape[1]] = rgba
   return out
-
-
-def _floats(config, key: str, n: int = 2, lo: float = -math.inf, hi: float = math.inf):
-  """config[key] as n floats in [lo, hi] (a pair must be ordered); a float for n = 1."""
-  value = getattr(config, key)
-  try:
-    values = tuple(float(v) for v in (value if n > 1 else (value,)))
-  except (TypeError, ValueError):
-    values = ()
-  if len(values) != n or not all(lo <= v <= hi for v in values) or (
-      n == 2 and values[0] > values[1]):
-    shape = {1: 'a number', 2: 'an ordered pair (lo, hi)'}.get(n, f'{n} numbers')
-    raise ValueError(f'config.{key} must be {shape} in [{lo}, {hi}], got {value!r}')
-  return values if n > 1 else values[0]

@@ -28,6 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from data_engine.tools import hf
+from layerjax import cli
 from layerjax.data import schema
 from layerjax.fileio import atomic_file, read_json
 
@@ -282,10 +283,11 @@ def add_subcommand(subparsers) -> None:
   p.add_argument('--weights', required=True, type=Path, help='a local SD3 diffusers folder')
   p.add_argument('--out', required=True, type=Path,
                  help='the safetensors table (training: model.text.embeddings)')
-  p.add_argument('--batch-size', type=int, default=16)
+  p.add_argument('--batch-size', type=cli.int_at_least(1), default=16)
   p.add_argument('--device', default='auto', help="'auto' (CUDA when available), 'cpu', ...")
   p.add_argument('--dtype', choices=DTYPES, default='float32', help='compute dtype')
-  p.add_argument('--max-sequence-length', type=int, default=256, help='T5 tokens')
+  p.add_argument('--max-sequence-length', type=cli.int_at_least(1), default=256,
+                 help='T5 tokens')
   p.add_argument('--no-t5', action='store_true', help='zeros for the T5 tokens')
 
 

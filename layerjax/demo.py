@@ -19,10 +19,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from layerjax import cli
 from layerjax.fileio import Artifact, atomic_dir, atomic_file
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/liwi.py:demo', 'demo config')
@@ -109,9 +110,13 @@ def make_data(workdir: Path, demo, data_dir: Path) -> None:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   from layerjax.train import evaluate, trainer
   config = _CONFIG.value
+  if 'demo' not in config:
+    raise cli.UsageError('--config: no `demo` section (scenes, size, workers), as '
+                         'configs/liwi.py:demo has')
+  trainer.check_config(config)  # before minutes of making data
   workdir = Path(_WORKDIR.value)
   make_data(workdir, config.demo, Path(config.data.data_dir))
   if 'preempted_at' in trainer.train(config, workdir / 'train'):
@@ -128,4 +133,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main)

@@ -149,6 +149,17 @@ def _mkdir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def _naming(dst: Path):
+  """An OSError without a path (a write that found the disk full) names `dst`."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(dst)) from e
+    raise
+
+
+@contextlib.contextmanager
 def atomic_dir(dst, artifact: Artifact, overwrite: bool = False, flag: str = '--overwrite'):
   """Yields a temporary sibling of `dst` to fill; on success it becomes `dst`, on failure it
   vanishes. `dst` may be absent or an empty folder; an `artifact` of the same kind is replaced
@@ -161,7 +172,8 @@ def atomic_dir(dst, artifact: Artifact, overwrite: bool = False, flag: str = '--
   tmp = dst.parent / _temp_name(dst.name, 'tmp')
   tmp.mkdir()
   try:
-    yield tmp
+    with _naming(dst):
+      yield tmp
     check_destination(dst, artifact, overwrite, flag)
     if dst.exists() and any(dst.iterdir()):
       old = dst.parent / _temp_name(dst.name, 'old')
@@ -184,7 +196,8 @@ def atomic_file(dst):
   _mkdir(dst.parent)
   tmp = dst.parent / _temp_name(dst.name, 'tmp')
   try:
-    yield tmp
+    with _naming(dst):
+      yield tmp
     os.replace(tmp, dst)
   except BaseException:
     tmp.unlink(missing_ok=True)

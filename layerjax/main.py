@@ -7,6 +7,8 @@
 The workdir holds `checkpoints/` (Orbax; a rerun resumes), `tensorboard/`, `eval/*.json`
 and `samples/*.png`. `--distributed` initialises multi-host JAX from the environment (Cloud
 TPU pods, Slurm); the explicit coordinator flags serve several processes on one machine.
+The config is checked before anything else; an error is one line on stderr (exit 2 for a
+bad flag or config), with the traceback and the libraries' INFO logs at `-v 1`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from layerjax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]',
                                           lock_config=True)
@@ -35,7 +39,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def initialize_distributed() -> None:
   if _COORDINATOR.value is not None:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-      raise app.UsageError('--coordinator_address needs --num_processes and --process_id')
+      raise cli.UsageError('--coordinator_address needs --num_processes and --process_id')
     # CPU processes (tests, laptops) need a collectives backend; GPUs and TPUs ignore it.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -45,10 +49,12 @@ def initialize_distributed() -> None:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  from layerjax.train import config as train_config
+  train_config.check(config)  # before distributed initialisation, on every process alike
   initialize_distributed()
   from layerjax.train import evaluate, trainer  # after distributed initialisation
-  config = _CONFIG.value
   logging.info('process %d/%d, %d devices (%s)', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.default_backend())
   if _MODE.value == 'train':
@@ -63,4 +69,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main)

@@ -29,21 +29,28 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def check_mesh_shape(shape: Sequence[int]) -> None:
+  """One entry per axis of `MESH_AXES`, each >= 1 or -1 (the remaining devices), once."""
+  shape = tuple(shape)
+  if (len(shape) != len(MESH_AXES) or shape.count(-1) > 1
+      or any(s != -1 and s < 1 for s in shape)):
+    raise ValueError(f'mesh shape {shape} must give {len(MESH_AXES)} sizes {MESH_AXES}, each '
+                     '>= 1 or -1 (the remaining devices) at most once')
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with axes (data, fsdp, tensor); use -1 once to take the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = list(shape)
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f'mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}')
-  if shape.count(-1) > 1:
-    raise ValueError(f'mesh shape {shape}: at most one -1')
-  if -1 in shape:
-    rest = int(np.prod([s for s in shape if s != -1]))
-    shape[shape.index(-1)] = len(devices) // rest
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f'mesh shape {shape} needs {int(np.prod(shape))} devices, '
-                     f'{len(devices)} available')
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  check_mesh_shape(shape)
+  sizes = list(shape)
+  rest = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes and len(devices) % rest == 0:
+    sizes[sizes.index(-1)] = len(devices) // rest
+  if int(np.prod(sizes)) != len(devices):
+    need = (f'a multiple of {rest} devices' if -1 in sizes
+            else f'{int(np.prod(sizes))} devices')
+    raise ValueError(f'mesh shape {tuple(shape)} needs {need}, {len(devices)} available')
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

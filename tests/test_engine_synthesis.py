@@ -283,7 +283,7 @@ def test_bad_banks(tmp_path, bank_dir):
 
   with pytest.raises(ValueError, match='on_error'):
     synthesis.load_bank(bank_dir, on_error='ignore')
-  with pytest.raises(ValueError, match='config.light_elevation'):
+  with pytest.raises(ValueError, match=r'synthesize.light_elevation: expected an ordered pair'):
     synthesis.synthesize(bank, 0, _config(light_elevation=(50, 10)))
 
 

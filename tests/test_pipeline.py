@@ -131,10 +131,11 @@ def test_workers_give_the_same_batches(data_dir):
 
 
 @pytest.mark.parametrize('change,message', [
-    (dict(prompt_probs={'scribble': 1.0}), "bad entry 'scribble'"),
+    (dict(prompt_probs={'scribble': 1.0}), "data.prompt_probs: 'scribble' is not a"),
     (dict(global_batch_size=3), 'not divisible'),
-    (dict(scale_range=(0.5, 1.0)), 'scale_range'),
-    (dict(degradations={'smudge': {'prob': 1.0, 'strength': (0, 1)}}), "unknown 'smudge'"),
+    (dict(scale_range=(0.5, 1.0)), r'data.scale_range\[0\]: expected a number >= 1'),
+    (dict(degradations={'smudge': {'prob': 1.0, 'strength': (0, 1)}}),
+     "data.degradations: unknown key 'smudge'"),
 ])
 def test_bad_config(data_dir, change, message):
   with pytest.raises(ValueError, match=message):

@@ -6,7 +6,9 @@
 A pipeline folder (with transformer/ and vae/) converts each model into the same-named
 subfolder of DST. A destination must be new or empty; one of the same kind (an Orbax
 conversion, a diffusers model folder) is replaced only with `--overwrite`, and DST may not be,
-contain or lie inside SRC. Nothing is read before these checks pass.
+contain or lie inside SRC; nothing is read before these checks pass. A NaN or Inf in a tensor
+read or written is an error naming it (a warning with `--allow-nonfinite`). An error is one
+line on stderr (exit 2 for bad input), with the traceback under `--verbose`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from layerjax import cli
 from layerjax.convert import checkpoint, diffusers
 from layerjax.convert.files import MODEL_FOLDER, read_config
 from layerjax.fileio import LOCK, check_destination, check_not_inside, output_lock
@@ -29,11 +32,20 @@ KINDS = ('transformer', 'vae')
 
 
 def _size(text: str) -> int:
+  """'10GB', '500MB', '64KB' or a number of bytes, > 0."""
   units = {'KB': 2**10, 'MB': 2**20, 'GB': 2**30}
-  for unit, factor in units.items():
+  number, factor = text, 1
+  for unit, f in units.items():
     if text.upper().endswith(unit):
-      return int(float(text[:-2]) * factor)
-  return int(text)
+      number, factor = text[:-2], f
+  try:
+    size = int(float(number) * factor)
+  except ValueError:
+    size = 0
+  if size <= 0:
+    raise argparse.ArgumentTypeError(f'expected a size > 0 such as 5GB, 500MB or 1024, '
+                                     f'got {text!r}')
+  return size
 
 
 def _kind_of(folder: Path) -> str:
@@ -68,28 +80,30 @@ def _plan(src: Path, dst: Path, marker: str, artifact, overwrite: bool):
     yield plan
 
 
-def from_diffusers(src: Path, dst: Path, overwrite: bool = False) -> None:
+def from_diffusers(src: Path, dst: Path, overwrite: bool = False,
+                   allow_nonfinite: bool = False) -> None:
   with _plan(src, dst, 'config.json', checkpoint.CHECKPOINT, overwrite) as plan:
     for sub, folder in plan:
       name = _kind_of(folder)
-      model = diffusers.load(diffusers.kind(name), folder)
+      model = diffusers.load(diffusers.kind(name), folder, allow_nonfinite=allow_nonfinite)
       checkpoint.save_checkpoint(model, name, dst / sub, overwrite)
       print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
 
 
-def to_diffusers(src: Path, dst: Path, dtype, max_shard_size: int,
-                 overwrite: bool = False) -> None:
+def to_diffusers(src: Path, dst: Path, dtype, max_shard_size: int, overwrite: bool = False,
+                 allow_nonfinite: bool = False) -> None:
   with _plan(src, dst, checkpoint.META, MODEL_FOLDER, overwrite) as plan:
     for sub, folder in plan:
       name, model = checkpoint.load_checkpoint(folder)
       diffusers.save(model, dst / sub, dtype=dtype, max_shard_size=max_shard_size,
-                     overwrite=overwrite)
+                     overwrite=overwrite, allow_nonfinite=allow_nonfinite)
       print(f'{name}: {parameter_count(model):,} parameters  {folder} -> {dst / sub}')
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m layerjax.convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> int:
+  parser = cli.ArgumentParser(prog='python -m layerjax.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('from-diffusers', help='diffusers model/pipeline folder -> Orbax')
   p.add_argument('src', type=Path)
@@ -104,16 +118,14 @@ def main(argv=None) -> int:
   for p in sub.choices.values():
     p.add_argument('--overwrite', action='store_true',
                    help='replace a conversion of the same kind already at DST')
+    p.add_argument('--allow-nonfinite', action='store_true',
+                   help='warn about NaN / Inf tensors (naming them) instead of refusing them')
   args = parser.parse_args(argv)
-  try:
-    if args.command == 'from-diffusers':
-      from_diffusers(args.src, args.dst, args.overwrite)
-    else:
-      to_diffusers(args.src, args.dst, DTYPES.get(args.dtype), args.max_shard_size,
-                   args.overwrite)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  if args.command == 'from-diffusers':
+    from_diffusers(args.src, args.dst, args.overwrite, args.allow_nonfinite)
+  else:
+    to_diffusers(args.src, args.dst, DTYPES.get(args.dtype), args.max_shard_size,
+                 args.overwrite, args.allow_nonfinite)
   return 0
 
 

@@ -10,6 +10,7 @@ Needs the [torch] extra.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-from layerjax.convert import __main__ as cli
+from layerjax import cli
+from layerjax.convert import __main__ as convert_cli
 from layerjax.convert.diffusers import load_transformer, load_vae
 
 TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=4,
@@ -40,7 +42,12 @@ def _rel_err(a, b) -> float:
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def main(out: Path) -> int:
+@cli.entry
+def main(argv: list[str]) -> int:
+  p = cli.ArgumentParser(prog='python -m layerjax.convert.demo', description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('out', type=Path, help='where the random pipeline and its conversions go')
+  out = p.parse_args(argv).out
   torch.manual_seed(0)
   src = out / 'diffusers'
   transformer = SD3Transformer2DModel(**TRANSFORMER).eval()
@@ -56,8 +63,9 @@ def main(out: Path) -> int:
   for argv in (['from-diffusers', str(src), str(out / 'orbax'), '--overwrite'],
                ['to-diffusers', str(out / 'orbax'), str(out / 'export'), '--overwrite']):
     print('$ python -m layerjax.convert', ' '.join(argv))
-    if cli.main(argv):
-      return 1
+    code = convert_cli.main(argv)  # which printed its error, if any
+    if code:
+      return code
 
   g = torch.Generator().manual_seed(1)
   latents = torch.randn(2, 16, 12, 20, generator=g)
@@ -88,7 +96,4 @@ def main(out: Path) -> int:
 
 
 if __name__ == '__main__':
-  if len(sys.argv) != 2:
-    print(__doc__)
-    sys.exit(2)
-  sys.exit(main(Path(sys.argv[1])))
+  sys.exit(main())

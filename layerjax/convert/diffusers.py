@@ -10,7 +10,9 @@ mapping is the leaf rename below plus the layout change of each tensor:
 
 Loading uses every source tensor and fills every parameter, or fails listing what is
 missing/unexpected; exporting writes a folder that diffusers' `from_pretrained` loads with
-empty `missing_keys` / `unexpected_keys`, sharded above `max_shard_size` bytes.
+empty `missing_keys` / `unexpected_keys`, sharded above `max_shard_size` bytes. A tensor
+with NaN or Inf values, read or about to be written (after any cast), is refused naming it,
+or only logged with `allow_nonfinite`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from layerjax.convert.files import read_config, read_tensors, write_folder
@@ -87,13 +90,32 @@ def torch_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarr
   for path, var in _variables(model):
     x = np.asarray(jax.device_get(var[...]))
     if dtype is not None:
-      x = x.astype(dtype)
+      with np.errstate(over='ignore'):  # an overflow is an Inf, which `save` reports by name
+        x = x.astype(dtype)
     out[_torch_name(path)] = np.ascontiguousarray(_to_torch_layout(path, x))
   return out
 
 
 class CheckpointMismatch(ValueError):
   """Raised when a checkpoint and a model do not correspond tensor for tensor."""
+
+
+class NonFiniteWeights(ValueError):
+  """Raised for a tensor with NaN or Inf values."""
+
+
+def check_finite(name: str, x: np.ndarray, where: str, allow: bool) -> None:
+  """Refuses (or with `allow`, logs) a floating-point tensor with NaN or Inf values."""
+  if x.dtype.kind in 'biu':
+    return
+  nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+  if not nan and not inf:
+    return
+  problem = f'{where}: tensor {name!r} has {nan} NaN and {inf} Inf of {x.size} values'
+  if not allow:
+    raise NonFiniteWeights(f'{problem} (allow_nonfinite / --allow-nonfinite converts it '
+                           'anyway)')
+  logging.warning('%s; converted anyway (allow_nonfinite)', problem)
 
 
 def torch_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
@@ -103,7 +125,7 @@ def torch_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
 
 
 def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: str,
-                         param_dtype: Any) -> nnx.Module:
+                         param_dtype: Any, allow_nonfinite: bool = False) -> nnx.Module:
   """Builds the model from `tensors` (name -> array-like in PyTorch layout), strictly."""
   expected = {_torch_name(p): (p, v) for p, v in _variables(abstract_state)}
   shapes = torch_shapes(abstract_state)
@@ -120,6 +142,7 @@ def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: s
     if tuple(x.shape) != want:
       raise CheckpointMismatch(f'{source}: shape mismatch for {name!r}: checkpoint has '
                                f'{tuple(x.shape)}, model expects {want}')
+    check_finite(name, x, source, allow_nonfinite)
     var.set_value(jnp.asarray(_from_torch_layout(path, x), dtype=param_dtype))
   return nnx.merge(graphdef, abstract_state)
 
@@ -147,8 +170,8 @@ def model_folder(path: str | os.PathLike, model_kind: ModelKind) -> Path:
       f'folder with a {model_kind.subfolder}/ subfolder')
 
 
-def load(model_kind: ModelKind, path, *, dtype: Any = jnp.float32,
-         param_dtype: Any = jnp.float32, **compute) -> nnx.Module:
+def model_config(model_kind: ModelKind, path, **compute):
+  """The model's config from the folder's config.json (nothing else is read)."""
   folder = model_folder(path, model_kind)
   config = read_config(folder)
   cls = config.get('_class_name')
@@ -156,37 +179,50 @@ def load(model_kind: ModelKind, path, *, dtype: Any = jnp.float32,
     raise CheckpointMismatch(f'{folder}/config.json: _class_name is {cls!r}, expected '
                              f'{model_kind.diffusers_class!r}')
   try:
-    cfg = model_kind.config_from_diffusers(config, dtype=dtype, param_dtype=param_dtype,
-                                           **compute)
+    return model_kind.config_from_diffusers(config, **compute)
   except (TypeError, ValueError) as e:
     raise CheckpointMismatch(f'{folder}/config.json: {e}') from e
+
+
+def load(model_kind: ModelKind, path, *, dtype: Any = jnp.float32,
+         param_dtype: Any = jnp.float32, allow_nonfinite: bool = False,
+         **compute) -> nnx.Module:
+  folder = model_folder(path, model_kind)
+  cfg = model_config(model_kind, folder, dtype=dtype, param_dtype=param_dtype, **compute)
   graphdef, state = abstract_model(model_kind, cfg)
   with read_tensors(folder) as tensors:
-    return fill_from_state_dict(graphdef, state, tensors, str(folder), param_dtype)
+    return fill_from_state_dict(graphdef, state, tensors, str(folder), param_dtype,
+                                allow_nonfinite)
 
 
 def save(model: nnx.Module, path, *, dtype: Any = None, max_shard_size: int = 10 * 2**30,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
   """Writes a diffusers model folder (atomically); `dtype` casts the saved tensors. An
   existing model folder at `path` is replaced only with `overwrite`."""
   config = model.config.to_diffusers()
-  return write_folder(Path(path), config, torch_state_dict(model, dtype), max_shard_size,
-                      overwrite)
+  tensors = torch_state_dict(model, dtype)
+  for name, x in tensors.items():  # a cast to float16 can overflow to Inf
+    check_finite(name, x, f'export to {path}', allow_nonfinite)
+  return write_folder(Path(path), config, tensors, max_shard_size, overwrite)
 
 
 def load_transformer(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                     remat: bool = False) -> SD3Transformer2DModel:
+                     remat: bool = False, allow_nonfinite: bool = False
+                     ) -> SD3Transformer2DModel:
   """SD3/SD3.5 transformer from a diffusers model folder or pipeline folder."""
-  return load(TRANSFORMER, path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  return load(TRANSFORMER, path, dtype=dtype, param_dtype=param_dtype, remat=remat,
+              allow_nonfinite=allow_nonfinite)
 
 
 def save_transformer(model: SD3Transformer2DModel, path, **kw) -> Path:
   return save(model, path, **kw)
 
 
-def load_vae(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+def load_vae(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+             allow_nonfinite: bool = False):
   """SD3 AutoencoderKL from a diffusers model folder or pipeline folder."""
-  return load(kind('vae'), path, dtype=dtype, param_dtype=param_dtype)
+  return load(kind('vae'), path, dtype=dtype, param_dtype=param_dtype,
+              allow_nonfinite=allow_nonfinite)
 
 
 def save_vae(vae, path, **kw) -> Path:

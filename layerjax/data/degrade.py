@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from layerjax import config_spec as spec
+
 
 def boundary_band(alpha: np.ndarray, band: int) -> np.ndarray:
   """[H, W] bool: pixels within `band` of where the alpha matte crosses 0.5 or is fractional."""
@@ -68,13 +70,10 @@ DEGRADATIONS = {'erode': _erode, 'dilate': _dilate, 'blur': _blur, 'halo': _halo
                 'spill': _spill, 'jpeg': _jpeg}
 
 
-def check_config(degradations) -> None:
-  for name, spec in dict(degradations).items():
-    if name not in DEGRADATIONS:
-      raise ValueError(f'degradations: unknown {name!r}; known: {sorted(DEGRADATIONS)}')
-    lo, hi = spec['strength']
-    if not 0 <= spec['prob'] <= 1 or lo > hi:
-      raise ValueError(f'degradations.{name}: need 0 <= prob <= 1 and lo <= hi, got {spec}')
+# `config.degradations` (see above), for `config_spec.check`.
+CONFIG = spec.mapping(spec.section({'prob': spec.number(0, 1),
+                                    'strength': spec.ordered(spec.number(lo=0))}),
+                      keys=DEGRADATIONS)
 
 
 def degrade(rgba: np.ndarray, background: np.ndarray, band: np.ndarray, degradations,

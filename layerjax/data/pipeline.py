@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from layerjax import config_spec as spec
 from layerjax.data import degrade, examples
 from layerjax.data.schema import LayeredSample, Prompt, composite, over
 from layerjax.data.tfds_builder import from_example
@@ -41,14 +42,13 @@ def _parse_prompt_probs(probs) -> tuple[list[frozenset], np.ndarray]:
   combos, weights = [], []
   for key, p in dict(probs).items():
     kinds = frozenset(key.split('+'))
-    unknown = kinds - set(PROMPT_KINDS)
-    if unknown or p < 0:
-      raise ValueError(f'prompt_probs: bad entry {key!r}: {p} (kinds are {PROMPT_KINDS})')
+    if kinds - set(PROMPT_KINDS):
+      raise ValueError(f'{key!r} is not a +-joined combination of the kinds {PROMPT_KINDS}')
     combos.append(kinds)
     weights.append(float(p))
   total = sum(weights)
   if not combos or total <= 0:
-    raise ValueError(f'prompt_probs must give some kind a positive probability, got {probs}')
+    raise ValueError(f'some kind needs a positive probability, got {dict(probs)}')
   return combos, np.asarray(weights) / total
 
 
@@ -105,13 +105,6 @@ def _degraded_input(sample: LayeredSample, target, band, rng, config):
   return composite(layers)[..., :3].astype(np.float32), applied
 
 
-def check_geometry(config) -> None:
-  lo, hi = config.scale_range
-  if not 1 <= lo <= hi:
-    raise ValueError(f'scale_range must satisfy 1 <= lo <= hi (a crop never leaves the image), '
-                     f'got {tuple(config.scale_range)}')
-
-
 def _resized_crop(m: np.ndarray, box: tuple[float, ...], size: tuple[int, int]) -> np.ndarray:
   """Bilinear resample of the source window `box` (x0, y0, x1, y1) of [H, W, C] to `size`.
 
@@ -163,6 +156,25 @@ def _collate(items: list[dict]) -> dict[str, np.ndarray]:
           else np.asarray([it[k] for it in items], dtype=object) for k in items[0]}
 
 
+# {'+'-joined kinds: probability}, normalised.
+PROMPT_PROBS = spec.also(spec.mapping(spec.number(lo=0)), _parse_prompt_probs)
+# The config keys (see above). scale_range >= 1: a crop never leaves the sample; a
+# checkerboard_jitter <= 0.2 keeps the light squares (0.8 +- jitter) above the dark (0.4).
+CONFIG = spec.section({
+    'name': spec.string(), 'data_dir': spec.string(), 'seed': spec.integer(),
+    'global_batch_size': spec.integer(lo=1), 'image_size': spec.seq(spec.integer(lo=1), 2),
+    'num_workers': spec.integer(lo=0), 'scale_range': spec.ordered(spec.number(lo=1)),
+    'prompt_probs': PROMPT_PROBS,
+    'point_sigma': spec.number(above=0), 'hflip_prob': spec.number(0, 1),
+    'checkerboard_cell': spec.integer(lo=1), 'checkerboard_jitter': spec.number(0, 0.2),
+    'degradations': degrade.CONFIG, 'boundary_band': spec.integer(lo=0)})
+
+
+def check_config(config) -> None:
+  """The loader's config: every key there, in range (`layerjax.config_spec`)."""
+  spec.check(config, CONFIG, 'data')
+
+
 def _tfds_split(name: str, data_dir, split: str):
   """The built dataset's split; a clear error (and nothing written) when it is not there:
   `tfds.data_source` would otherwise try to build the dataset in `data_dir`."""
@@ -173,7 +185,35 @@ def _tfds_split(name: str, data_dir, split: str):
   splits = tfds.data_source(name, data_dir=data_dir)
   if split not in splits:
     raise ValueError(f'{root}: no split {split!r} (splits: {sorted(splits)})')
-  return splits[split]
+  source = splits[split]
+  return NamedShards(source, source.dataset_info.splits[split].file_instructions)
+
+
+class CorruptShard(ValueError):
+  """A record of a dataset shard that cannot be read."""
+
+
+class NamedShards:
+  """A TFDS data source whose read errors name the shard file and the record in it."""
+
+  def __init__(self, source, file_instructions):
+    self.source = source
+    self.files = [(f.filename, f.skip) for f in file_instructions]
+    self.ends = np.cumsum([f.take for f in file_instructions])
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    try:
+      return self.source[index]
+    except Exception as e:  # pylint: disable=broad-except  # whatever the reader raises
+      k = int(np.searchsorted(self.ends, index, side='right'))
+      filename, skip = self.files[k]
+      record = skip + index - (int(self.ends[k - 1]) if k else 0)
+      raise CorruptShard(f'{filename}: record {record} cannot be read ({e}); the shard is '
+                         'corrupt or truncated: rebuild the dataset (python -m data_engine '
+                         'build-tfds)') from e
 
 
 def make_loader(config, split: str, *, process_index: int | None = None,
@@ -187,9 +227,7 @@ def make_loader(config, split: str, *, process_index: int | None = None,
   if config.global_batch_size % process_count:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by '
                      f'{process_count} processes')
-  _parse_prompt_probs(config.prompt_probs)  # fail fast on a malformed config
-  degrade.check_config(config.degradations)
-  check_geometry(config)
+  check_config(config)
   if source is None:
     source = _tfds_split(config.name, config.data_dir, split)
   if len(source) == 0:

@@ -27,14 +27,8 @@ from layerjax.models.vae import VAEConfig
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
-def _dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f'unknown dtype {name!r} (one of {sorted(DTYPES)})')
-  return DTYPES[name]
-
-
 def _compute(m) -> dict:
-  return dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), remat=bool(m.remat))
+  return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=bool(m.remat))
 
 
 def _pretrained_folder(config) -> Path | None:
@@ -68,14 +62,11 @@ def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None =
     mmdit = dataclasses.replace(pretrained[0], **widths)
   else:
     mmdit = MMDiTConfig(**{**dict(m.mmdit), **widths}, **_compute(m))
-  text = None
+  text = None  # 'precomputed' SD3 embeddings
   if m.text.encoder == 'bytes':
     text = TextEncoderConfig(max_len=m.text.max_len, width=m.text.width, depth=m.text.depth,
                              heads=m.text.heads, out_dim=mmdit.joint_attention_dim,
                              pooled_dim=mmdit.pooled_projection_dim)
-  elif m.text.encoder != 'precomputed':
-    raise ValueError(f"model.text.encoder must be 'bytes' or 'precomputed', got "
-                     f'{m.text.encoder!r}')
   return DecomposerConfig(mmdit=mmdit, layers=tuple(m.layers), conditions=tuple(m.conditions),
                           latents=latents, vae=vae, factor=m.latents.get('factor', 8),
                           text=text, head=m.head.kind, head_width=m.head.get('width', 64),
@@ -83,14 +74,12 @@ def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None =
                           long_skip=bool(m.long_skip), prediction=m.prediction)
 
 
-def build_model(config, seed: int | nnx.Rngs) -> LayerDecomposer:
-  """The decomposer, from `init.pretrained` when set (extra channels and layer embedding
-  zero, heads from the VAE decoder), else randomly initialised from `seed` (or the given
-  `nnx.Rngs`, e.g. `common.abstract`'s for shapes only)."""
-  rngs = nnx.Rngs(seed) if isinstance(seed, int) else seed
+def model_config(config) -> DecomposerConfig:
+  """`decomposer_config` with `init.pretrained`'s architecture read from its config.json
+  files (no weights loaded), so that every model error comes before any work."""
   folder = _pretrained_folder(config)
   if folder is None:
-    return LayerDecomposer(decomposer_config(config), rngs=rngs)
+    return decomposer_config(config)
   m = config.model
   if m.latents.kind != 'vae':
     raise ValueError("init.pretrained needs model.latents.kind='vae' (SD3's latent space)")
@@ -98,9 +87,24 @@ def build_model(config, seed: int | nnx.Rngs) -> LayerDecomposer:
     raise ValueError("init.pretrained needs model.prediction='velocity' and no long_skip: "
                      'SD3 predicts velocity, and starts unchanged only so')
   compute = _compute(m)
+  transformer = convert.model_config(convert.TRANSFORMER, folder, **compute)
+  vae = convert.model_config(convert.kind('vae'), folder, dtype=compute['dtype'],
+                             param_dtype=compute['param_dtype'])
+  return decomposer_config(config, (transformer, vae))
+
+
+def build_model(config, seed: int | nnx.Rngs) -> LayerDecomposer:
+  """The decomposer, from `init.pretrained` when set (extra channels and layer embedding
+  zero, heads from the VAE decoder), else randomly initialised from `seed` (or the given
+  `nnx.Rngs`, e.g. `common.abstract`'s for shapes only)."""
+  rngs = nnx.Rngs(seed) if isinstance(seed, int) else seed
+  cfg = model_config(config)
+  folder = _pretrained_folder(config)
+  if folder is None:
+    return LayerDecomposer(cfg, rngs=rngs)
+  compute = _compute(config.model)
   transformer = convert.load_transformer(folder, **compute)
   vae = convert.load_vae(folder, dtype=compute['dtype'], param_dtype=compute['param_dtype'])
-  cfg = decomposer_config(config, (transformer.config, vae.config))
   model = LayerDecomposer(cfg, rngs=rngs, vae=vae,
                           transformer=widen_input(transformer, cfg.mmdit.in_channels))
   for name in ('alpha_head', 'shadow_head'):

@@ -1,42 +1,29 @@
 """Shared pieces of the experiment configs in `configs/` (big_vision style: one file is one
-experiment, `get_config('variant,key=value,...')`, and `--config.x=y` overrides on top).
+experiment, `get_config('variant,key=value,...')` read by `config_spec.parse_arg`, and
+`--config.x=y` overrides on top).
 
 `base()` holds every key the trainer reads, with the defaults of a small CPU run; configs
-replace what their experiment changes. The MMDiT presets are the official SD3 / SD3.5
-shapes (`layerjax.models.mmdit`).
+replace what their experiment changes. `SPEC` states each key's type and range and `check`
+runs it, with the checks that need the model's shape, before any data or model work. The
+MMDiT presets are the official SD3 / SD3.5 shapes (`layerjax.models.mmdit`).
 """
 
 from __future__ import annotations
 
-import ast
+import re
+from pathlib import Path
 
 import ml_collections
 
+from layerjax import config_spec as spec
+from layerjax import parallel
+from layerjax.data import pipeline
 from layerjax.models import mmdit
+from layerjax.models.decomposer import CONDITIONS, LAYERS
+from layerjax.models.vae import VAEConfig
+from layerjax.train import build, objectives
 
 ConfigDict = ml_collections.ConfigDict
-
-
-def parse_arg(arg: str | None, *, variant: str, **defaults) -> ConfigDict:
-  """'demo,total_steps=10' -> {variant: 'demo', total_steps: 10}; values are Python literals
-  (strings may be bare), typed like their defaults; unknown keys are errors."""
-  out = ConfigDict({'variant': variant, **defaults})
-  for i, part in enumerate(p for p in (arg or '').split(',') if p):
-    key, eq, value = part.partition('=')
-    if not eq:
-      if i:
-        raise ValueError(f'config argument {arg!r}: only the first item may be a bare variant')
-      out.variant = part
-      continue
-    if key not in out:
-      raise ValueError(f'config argument {arg!r}: unknown key {key!r} (known: {sorted(out)})')
-    try:
-      parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      parsed = value
-    out[key] = type(defaults[key])(parsed) if key in defaults and defaults[key] is not None \
-        else parsed
-  return out
 
 
 def mmdit_arch(preset: mmdit.MMDiTConfig, **changes) -> dict:
@@ -102,3 +89,85 @@ def base() -> ConfigDict:
       split='validation', batch_size=8, num_batches=4, sample_steps=28, seed=1234,
       use_ema=True, prompt_probs={'box': 1.0}, grid_rows=4))
   return c
+
+
+def _lr_mult(rule) -> None:
+  pattern, mult = rule
+  if not isinstance(pattern, str) or isinstance(mult, bool) or not isinstance(mult,
+                                                                             (int, float)):
+    raise ValueError(f'expected (regex, multiplier), got {rule!r}')
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'bad regex {pattern!r}: {e}') from None
+
+
+_POSITIVE = spec.integer(lo=1)
+_MMDIT = {k: _POSITIVE for k in mmdit.MMDiTConfig.ARCH_FIELDS}
+_MMDIT.update(dual_attention_layers=spec.seq(spec.integer(lo=0)),
+              qk_norm=spec.maybe(spec.string(('rms_norm',))))
+
+# Every key of `base()` (and the optional `demo`, read by `layerjax.demo`).
+SPEC = spec.section({
+    'seed': spec.integer(), 'total_steps': _POSITIVE, 'log_every': _POSITIVE,
+    'eval_every': spec.integer(lo=0), 'checkpoint_every': _POSITIVE,
+    'keep_checkpoints': _POSITIVE, 'async_checkpoints': spec.boolean(),
+    'mesh': spec.also(spec.seq(spec.integer(), 3), parallel.check_mesh_shape),
+    'ema_decay': spec.number(0, 1),
+    'data': pipeline.CONFIG,
+    'model': spec.section({
+        'layers': spec.seq(spec.string(LAYERS)),
+        'conditions': spec.seq(spec.string(CONDITIONS)),
+        'latents': spec.section({'kind': spec.string(('vae', 'space_to_depth')),
+                                 'factor': _POSITIVE,
+                                 'vae': spec.mapping(spec.anything(), VAEConfig.ARCH_FIELDS)},
+                                optional=('factor', 'vae')),
+        'head': spec.section({'kind': spec.string(('vae_decoder', 'conv')), 'width': _POSITIVE,
+                              'conditions': spec.seq(spec.string(CONDITIONS))},
+                             optional=('width', 'conditions')),
+        'text': spec.section({'encoder': spec.string(('bytes', 'precomputed')),
+                              'embeddings': spec.string(), 'max_len': _POSITIVE,
+                              'width': _POSITIVE, 'depth': _POSITIVE, 'heads': _POSITIVE}),
+        'mmdit': spec.section(_MMDIT, optional=('in_channels', 'out_channels')),
+        'long_skip': spec.boolean(), 'prediction': spec.string(('velocity', 'sample')),
+        'dtype': spec.string(build.DTYPES), 'param_dtype': spec.string(build.DTYPES),
+        'remat': spec.boolean()}),
+    'init': spec.section({'pretrained': spec.string()}),
+    'loss': spec.section({
+        'logit_mean': spec.number(), 'logit_std': spec.number(above=0),
+        'shift': spec.number(above=0), 'estimate_every': _POSITIVE,
+        'weights': spec.mapping(spec.number(lo=0), objectives.TERMS)}),
+    'optimizer': spec.section({
+        'name': spec.string(('adamw',)), 'lr': spec.number(above=0), 'b1': spec.number(0, 1),
+        'b2': spec.number(0, 1), 'eps': spec.number(lo=0), 'weight_decay': spec.number(lo=0),
+        'clip_norm': spec.number(above=0), 'warmup_steps': spec.integer(lo=0),
+        'decay_steps': spec.integer(lo=0), 'final_lr_fraction': spec.number(0, 1),
+        'lr_mults': spec.seq(spec.also(spec.seq(spec.anything(), 2), _lr_mult))}),
+    'eval': spec.section({
+        'split': spec.string(), 'batch_size': _POSITIVE, 'num_batches': _POSITIVE,
+        'sample_steps': _POSITIVE, 'seed': spec.integer(), 'use_ema': spec.boolean(),
+        'prompt_probs': pipeline.PROMPT_PROBS, 'grid_rows': _POSITIVE}),
+    'demo': spec.section({'scenes': _POSITIVE, 'size': _POSITIVE,
+                          'workers': spec.integer(lo=0)}),
+}, optional=('demo',))
+
+
+def check(config) -> None:
+  """`config` against `SPEC`, then what the keys imply together: the model they describe
+  (with `init.pretrained`'s architecture, read from its config.json files), image sizes its
+  latents and patches divide, loss terms its layers have, the text embeddings file. Raises
+  `config_spec.ConfigError` (or the model's own ValueError) naming the key."""
+  spec.check(config, SPEC)
+  m = config.model
+  if m.latents.kind == 'space_to_depth' and 'factor' not in m.latents:
+    raise spec.ConfigError("model.latents.factor: missing (latents 'space_to_depth' need it)")
+  cfg = build.model_config(config)
+  step = cfg.latent_factor * cfg.mmdit.patch_size
+  if any(s % step for s in config.data.image_size):
+    raise spec.ConfigError(f'data.image_size: {tuple(config.data.image_size)} must be '
+                           f'divisible by latent factor x patch size = {step}')
+  objectives.check_weights(dict(config.loss.weights), m.layers)
+  if m.text.encoder == 'precomputed' and not Path(m.text.embeddings).is_file():
+    raise spec.ConfigError(f'model.text.embeddings: {m.text.embeddings!r}: no such file '
+                           '(precomputed SD3 text embeddings: python -m data_engine '
+                           'embed-texts)')

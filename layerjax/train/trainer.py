@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from layerjax.fileio import OutputLocked, atomic_file, output_lock, read_json, s
 from layerjax.data.pipeline import make_loader
 from layerjax.models.decomposer import TRAINABLE
 from layerjax.train import build, evaluate, objectives
+from layerjax.train import config as train_config
 from layerjax.train.writers import create_writer
 
 
@@ -63,8 +65,6 @@ def lr_multipliers(params, rules) -> Any:
 def make_optimizer(opt, params) -> optax.GradientTransformation:
   """AdamW with linear warmup and cosine decay to `lr * final_lr_fraction`, clipped by norm;
   `opt.lr_mults` scales the steps of the parameters they name."""
-  if opt.name != 'adamw':
-    raise ValueError(f"optimizer.name must be 'adamw', got {opt.name!r}")
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, opt.lr, max(opt.warmup_steps, 1), max(opt.decay_steps, opt.warmup_steps + 1),
       end_value=opt.lr * opt.final_lr_fraction)
@@ -78,8 +78,12 @@ def make_optimizer(opt, params) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def check_config(config, mesh) -> None:
-  """Errors that would otherwise surface after minutes of compiling, or never."""
+def check_config(config, mesh: jax.sharding.Mesh | None = None) -> jax.sharding.Mesh:
+  """The config's checks (`layerjax.train.config.check`), then those that need the mesh
+  (made from `config.mesh` unless given, and returned): errors that would otherwise surface
+  after minutes of loading and compiling, or never."""
+  train_config.check(config)
+  mesh = mesh or parallel.make_mesh(tuple(config.mesh))
   n = mesh.shape['data'] * mesh.shape['fsdp']
   for name, size in (('data.global_batch_size', config.data.global_batch_size),
                      ('eval.batch_size', config.eval.batch_size)):
@@ -92,14 +96,7 @@ def check_config(config, mesh) -> None:
     raise ValueError(f'loss.estimate_every={k} must divide the per-device batch {per_device} '
                      f'(data.global_batch_size / data-parallel mesh size {n}), so that every '
                      'device keeps its own examples')
-  objectives.check_weights(dict(config.loss.weights), config.model.layers)
-
-
-def _check_image_size(size, cfg) -> None:
-  step = cfg.latent_factor * cfg.mmdit.patch_size
-  if any(s % step for s in size):
-    raise ValueError(f'data.image_size {tuple(size)} must be divisible by latent factor x '
-                     f'patch size = {step}')
+  return mesh
 
 
 @dataclasses.dataclass
@@ -115,10 +112,8 @@ class Setup:
 
 
 def create(config, mesh=None) -> Setup:
-  mesh = mesh or parallel.make_mesh(tuple(config.mesh))
-  check_config(config, mesh)
+  mesh = check_config(config, mesh)
   model = build.build_model(config, config.seed)
-  _check_image_size(config.data.image_size, model.config)
   shardings = parallel.model_shardings(model, mesh)
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
   params = jax.device_put(params, _shardings_for(params, shardings))
@@ -173,8 +168,9 @@ class Checkpoints:
   """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
 
   def __init__(self, directory: Path, keep: int, async_save: bool = True):
+    self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        Path(directory).absolute(),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True),
@@ -191,12 +187,26 @@ class Checkpoints:
       self.manager.wait_until_finished()
 
   def restore(self, step: int, state: dict, iterator=None) -> dict:
-    """The state saved at `step` (shaped like `state`); also restores `iterator` if given."""
+    """The state saved at `step` (shaped like `state`); also restores `iterator` if given.
+    A step that cannot be read raises `UnreadableCheckpoint`, saying how to go back."""
     items = {'state': ocp.args.StandardRestore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, state))}
     if iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+    except Exception as e:  # pylint: disable=broad-except  # whatever Orbax or Grain raise
+      cause = e
+      while cause.__cause__ or cause.__context__:
+        cause = cause.__cause__ or cause.__context__
+      folder = self.directory / str(step)
+      earlier = [s for s in self.manager.all_steps() if s < step]
+      back = f'step {max(earlier)}' if earlier else 'scratch'
+      reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+      aside = shlex.join(['mv', str(folder), f'{folder}.unreadable'])
+      raise UnreadableCheckpoint(
+          f'checkpoint step {step}: {folder} cannot be read ({reason}); if it is corrupt or '
+          f'truncated, start from {back} by moving it aside: {aside}') from e
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -226,6 +236,10 @@ class _Preemption:
 
 
 class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+class UnreadableCheckpoint(ValueError):
   pass
 
 
@@ -269,6 +283,7 @@ def train(config, workdir, *, mesh=None) -> dict:
   terms that were not finite; the last good checkpoint is kept.
   """
   workdir = Path(workdir)
+  mesh = check_config(config, mesh)
   # Data first: a missing dataset or split is an error before minutes of model building.
   loader = make_loader(config.data, 'train')
   if config.eval_every:
@@ -309,13 +324,17 @@ def _train(config, workdir: Path, loader, mesh) -> dict:
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
       bad = sorted(k for k, v in metrics.items() if k != 'finite' and not np.isfinite(v))
-      raise NonFiniteLoss(f'step {step}: non-finite {bad}; training stopped, last good '
-                          f'checkpoint: step {ckpt.latest()} in {workdir / "checkpoints"}')
+      # Numbered as the log numbers steps: the count of steps finished with this one.
+      raise NonFiniteLoss(f'step {step + 1}/{total}: non-finite {bad}; training stopped, '
+                          f'last good checkpoint: step {ckpt.latest()} in '
+                          f'{workdir / "checkpoints"}')
     return metrics
 
   flops = None
   t_log, steps_since = time.perf_counter(), 0
-  with jax.set_mesh(setup.mesh), _Preemption() as preempt:
+  # Closed however the loop ends (a NaN stop included): in-flight saves finish.
+  with jax.set_mesh(setup.mesh), _Preemption() as preempt, contextlib.closing(ckpt), \
+      contextlib.closing(writer):
     for step in range(start, total):
       batch = next_batch()
       if flops is None:
@@ -358,8 +377,6 @@ def _train(config, workdir: Path, loader, mesh) -> dict:
         logging.warning('SIGTERM: saved step %d, exiting', done)
         result['preempted_at'] = done
         break
-  ckpt.close()
-  writer.close()
   result['step'] = int(state['step'])
   if jax.process_index() == 0:
     with atomic_file(workdir / 'train_result.json') as tmp:

@@ -9,7 +9,8 @@ options is not rewritten; one imported otherwise is. Sample folders are named by
 `fileio.safe_name` of the record's id, so no id leads out of `--output`. A bad record is
 skipped and counted with its reason (`--on-error raise` stops instead). One import at a time
 per output folder. The output is a TFDS source:
-`Layered(sources={'train': DIR}).download_and_prepare()`.
+`Layered(sources={'train': DIR}).download_and_prepare()`. An error is one line on stderr
+(exit 2 for bad input), with the traceback under `--verbose`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
+from layerjax import cli
 from layerjax.data.schema import SampleError, sample_folder, write_folder
 from layerjax.fileio import OutputError, fingerprint, output_lock, sweep, tree_stats
 
@@ -67,14 +69,16 @@ def import_rows(rows: Iterable[dict], to_sample: Callable[[dict], object], outpu
   return {'counts': dict(counts), 'errors': errors}
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m layerjax.data.importers', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry
+def main(argv: list[str]) -> int:
+  p = cli.ArgumentParser(prog='python -m layerjax.data.importers', description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest='dataset', required=True)
   crello = sub.add_parser('crello', help='Crello parquet files (cyberagent/crello)')
   crello.add_argument('paths', nargs='+', help='parquet files or folders of them')
   crello.add_argument('--layout', default='auto', choices=('auto', 'v5', 'normalized'))
-  crello.add_argument('--max-size', type=int, default=1024, help='longest side in pixels')
+  crello.add_argument('--max-size', type=cli.int_at_least(1), default=1024,
+                      help='longest side in pixels')
   mulan = sub.add_parser('mulan', help='MuLAn annotations plus their base images')
   mulan.add_argument('--annotations', help='folder of .p.zip / .p annotation files')
   mulan.add_argument('--images', help='folder of the base images, matched by file stem')
@@ -82,7 +86,8 @@ def main(argv=None) -> int:
   for q in (crello, mulan):
     q.add_argument('--output', required=True, type=Path)
     q.add_argument('--on-error', default='skip', choices=('skip', 'raise'))
-    q.add_argument('--limit', type=int, default=None, help='stop after this many records')
+    q.add_argument('--limit', type=cli.int_at_least(0), default=None,
+                   help='stop after this many records')
   args = p.parse_args(argv)
 
   if args.dataset == 'crello':
