@@ -12,6 +12,7 @@ and config, and a re-run redoes exactly what changed. A catalogue:
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ from data_engine.__main__ import main as engine_main
 from layerjax.data import schema
 from layerjax.data.importers.__main__ import main as import_main
 from layerjax.data.tfds_builder import build
-from layerjax.fileio import OutputError, OutputLocked
+from layerjax.fileio import OutputLocked
 from layerjax.train import trainer
 from test_importer_crello import RED, element, solid, template, write
 from test_outputs import HOLDER, tree
@@ -69,9 +70,12 @@ def test_build_replaces_a_dataset_of_other_samples_only_with_overwrite(tmp_path,
   assert engine_main(['build-tfds', str(tmp_path / 'a'), '--data-dir',
                       str(tmp_path / 'tfds')]) == 0
   before = stats(tmp_path / 'tfds')
-  with pytest.raises(OutputError, match=r'holds a dataset built from .*a/samples, not from '
-                                        r'.*b/samples; pass --overwrite'):
-    engine_main(['build-tfds', str(tmp_path / 'b'), '--data-dir', str(tmp_path / 'tfds')])
+  capsys.readouterr()
+  assert engine_main(['build-tfds', str(tmp_path / 'b'), '--data-dir',
+                      str(tmp_path / 'tfds')]) == 2
+  assert re.fullmatch(r'error: .*tfds/layered/1.0.0: holds a dataset built from .*a/samples, '
+                      r'not from .*b/samples; pass --overwrite to replace it\n',
+                      capsys.readouterr().err)
   assert stats(tmp_path / 'tfds') == before
   assert engine_main(['build-tfds', str(tmp_path / 'b'), '--data-dir', str(tmp_path / 'tfds'),
                       '--overwrite']) == 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -92,7 +93,7 @@ def load_image(source, *, alpha: str = 'refuse', background=(1.0, 1.0, 1.0),
   except ImageError:
     raise
   except _DECODE_ERRORS as e:
-    raise ImageError(f'{name}: not a readable image ({" ".join(str(e).split())})') from None
+    raise ImageError(f'{name}: not a readable image ({_reason(e)})') from None
   if orient:
     orientation = left
   else:
@@ -112,7 +113,7 @@ def check_image(source, *, name: str | None = None) -> None:
     with _open(source) as im:
       im.verify()
   except _DECODE_ERRORS as e:
-    raise ImageError(f'{name}: not a readable image ({" ".join(str(e).split())})') from None
+    raise ImageError(f'{name}: not a readable image ({_reason(e)})') from None
 
 
 def scale_to_fit(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -156,6 +157,11 @@ def _check_size(size) -> tuple[int, int]:
       or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size)):
     raise ValueError(f'cover must be (height, width), two positive integers, got {size!r}')
   return int(size[0]), int(size[1])
+
+
+def _reason(e: Exception) -> str:
+  """Pillow's message on one line, without the repr of the buffer it read bytes from."""
+  return re.sub(r'\s*<_io\.BytesIO object at 0x[0-9a-f]+>', '', ' '.join(str(e).split()))
 
 
 def _name(source, name: str | None) -> str:
