@@ -212,17 +212,6 @@ def test_precomputed_embeddings_and_vae_latents_train_and_evaluate(tmp_path, dat
     build.TextEmbeddings(emb)(['never seen'])
 
 
-def test_baselines_and_ground_truth():
-  b, h, w = 1, 4, 6
-  image = np.full((b, h, w, 3), 0.5, np.float32)
-  prompt = np.zeros((b, h, w, 3), np.float32)
-  prompt[..., 2] = 1
-  prompt[:, 1:3, 2:5] = (0, 1, 0)  # a green box
-  out = evaluate.baselines({'image': image, 'prompt': prompt})
-  assert out['foreground'][0, ..., 3].sum() == 6 and (out['background'][..., 3] == 1).all()
-  assert (out['shadow'] == 0).all()
-
-
 @pytest.mark.slow
 def test_sigterm_saves_and_exits(tmp_path, data_dir):
   """Preemption: SIGTERM mid-run writes a checkpoint at the current step and exits 0."""
