@@ -101,13 +101,13 @@ def photo_of(layers):
 
 
 def layered_item(layers):
-  """The engine's item just before `layer`: each object's alpha, its visible mask (where it
-  shows, front objects owning their pixels), its completed colour (the true colour where a
-  nearer object covers it, grey elsewhere: the solve must find it there), its shadow, and the
-  shadow-free background."""
+  """The engine's item just before `layer`: each object's alpha, its visible mask (alpha > .5,
+  as a segmenter's mask is narrower than the matte; front objects own their pixels), its
+  completed colour (the true colour where a nearer object's mask covers it, grey elsewhere:
+  the solve must find it there), its shadow, and the shadow-free background."""
   bg, sh1, obj1, sh2, obj2 = layers
-  mask2 = obj2[..., 3] > 0
-  mask1 = (obj1[..., 3] > 0) & ~mask2
+  mask2 = obj2[..., 3] > 0.5
+  mask1 = (obj1[..., 3] > 0.5) & ~mask2
   colour1 = np.where(mask2[..., None], obj1[..., :3], 0.5)
   objects = [stages.Obj((1, 1, 5, 5), 1.0, mask1, 'orange', colour=colour1.astype(np.float32),
                         alpha=obj1[..., 3].astype(np.float32), shadow=sh1.astype(np.float32)),

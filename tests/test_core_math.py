@@ -224,12 +224,11 @@ class FakeDecomposer:
 
 
 def loss_batch():
-  """Two 4x4 examples. Backgrounds .2 and .6; the foreground opaque on the top-left 2x2 block
-  of example 0 (0 elsewhere) and .5 everywhere in example 1; black shadows of opacity .5 on
-  the bottom half of example 0 and .25 everywhere in example 1; both layers seen over the
-  (constant .4) board as .5; boundary band on pixel (1, 1) of example 0 and on (0, 2) and
-  (3, 3) of example 1."""
-  f32 = lambda x: np.asarray(x, np.float32)
+  """Two 4x4 examples, then the same two again (so every 2nd example is always example 0).
+  Backgrounds .2 and .6; the foreground opaque on the top-left 2x2 block of example 0 (0
+  elsewhere) and .5 everywhere in example 1; black shadows of opacity .5 on the bottom half
+  of example 0 and .25 everywhere in example 1; both layers seen over the (constant .4) board
+  as .5; boundary band on pixel (1, 1) of example 0 and on (0, 2) and (3, 3) of example 1."""
   fg = np.zeros((2, 4, 4, 4))
   fg[..., :3] = 0.8
   fg[0, :2, :2, 3] = 1
@@ -239,17 +238,18 @@ def loss_batch():
   shadow[1, ..., 3] = 0.25
   band = np.zeros((2, 4, 4, 1))
   band[0, 1, 1] = band[1, 0, 2] = band[1, 3, 3] = 1
-  return {'background': f32(np.array([0.2, 0.6])[:, None, None, None] * np.ones((2, 4, 4, 3))),
-          'foreground': f32(fg), 'shadow': f32(shadow), 'boundary': f32(band),
-          'checkerboard': f32(np.full((2, 4, 4, 3), 0.4)),
-          'foreground_on_checkerboard': f32(np.full((2, 4, 4, 3), 0.5)),
-          'shadow_on_checkerboard': f32(np.full((2, 4, 4, 3), 0.5))}
+  two = {'background': np.array([0.2, 0.6])[:, None, None, None] * np.ones((2, 4, 4, 3)),
+         'foreground': fg, 'shadow': shadow, 'boundary': band,
+         'checkerboard': np.full((2, 4, 4, 3), 0.4),
+         'foreground_on_checkerboard': np.full((2, 4, 4, 3), 0.5),
+         'shadow_on_checkerboard': np.full((2, 4, 4, 3), 0.5)}
+  return {k: np.concatenate([v, v]).astype(np.float32) for k, v in two.items()}
 
 
 def known_errors():
-  """[B, K, 2, 2, C]: background .1 everywhere; foreground .2 on latent cell (0, 0) and .4 on
-  the others; shadow .3 everywhere (every channel alike)."""
-  e = np.zeros((2, 3, 2, 2, 3), np.float32)
+  """[4, K, 2, 2, C]: background .1 everywhere; foreground .2 on latent cell (0, 0) and .4 on
+  the others; shadow .3 everywhere (every channel and example alike)."""
+  e = np.zeros((4, 3, 2, 2, 3), np.float32)
   e[:, 0] = 0.1
   e[:, 1] = 0.4
   e[:, 1, 0, 0] = 0.2
@@ -271,7 +271,9 @@ def recompose_reference(bg, shadow_rgba, fg_on_board, fg_alpha, board):
 @pytest.mark.parametrize('estimate_every', [1, 2])
 def test_loss_terms_on_a_fake_model_with_known_errors(estimate_every):
   """logit_std = 0 makes every sigma shift(sigmoid(0)) = 3 * .5 / (1 + 2 * .5) = .75, so the
-  one-step estimate is x0 - .75 * error and its weight 1 - sigma is .25."""
+  one-step estimate is x0 - .75 * error and its weight 1 - sigma is .25. Values below are per
+  distinct example (0, 1); the terms on the estimate read both with k = 1, example 0 alone
+  with k = 2."""
   batch = loss_batch()
   enc = FakeLatents().encode
   x0 = np.stack([enc(batch['background']), enc(batch['foreground_on_checkerboard']),
@@ -281,7 +283,7 @@ def test_loss_terms_on_a_fake_model_with_known_errors(estimate_every):
                                        estimate_every=estimate_every, weights=WEIGHTS))
   loss, terms = objectives.loss_fn(model, batch, jax.random.PRNGKey(0), cfg)
   jax.effects_barrier()
-  np.testing.assert_allclose(np.concatenate(model.sigmas), [0.75, 0.75], rtol=1e-6)
+  np.testing.assert_allclose(np.concatenate(model.sigmas), [0.75] * 4, rtol=1e-6)
   terms = {k: float(v) for k, v in terms.items()}
 
   # flow: squared error (mean over channels) over background and foreground latents:
@@ -309,8 +311,8 @@ def test_loss_terms_on_a_fake_model_with_known_errors(estimate_every):
   bg_est = np.array([0.2, 0.6])[:, None, None, None] - 0.75 * 0.1
   recon = recompose_reference(bg_est, np.full((2, 4, 4, 4), to_unit(0.275)), fg_est,
                               to_unit(fg_est), 0.4)
-  clean = recompose_reference(batch['background'], batch['shadow'], 0.5,
-                              batch['foreground'][..., 3:], 0.4)
+  clean = recompose_reference(batch['background'][:2], batch['shadow'][:2], 0.5,
+                              batch['foreground'][:2, ..., 3:], 0.4)
   per_example = np.abs(recon - clean).mean(axis=(1, 2, 3))
   recompose = 0.25 * per_example[::estimate_every].mean()
 
