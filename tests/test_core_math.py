@@ -107,7 +107,7 @@ def coloured_stack(k: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize('as_jax', [False, True])
-@pytest.mark.parametrize('k', [2, 4])
+@pytest.mark.parametrize('k', [3, 5])
 def test_composite_and_over_follow_porter_duff(k, as_jax):
   stack = coloured_stack(k, seed=k)
   want = porter_duff_stack(stack)
@@ -174,8 +174,8 @@ def test_sigma_distribution_is_shifted_logit_normal(mean, std, shift):
     return stats.norm.cdf((np.log(u / (1 - u)) - mean) / std)
   assert stats.kstest(draws, cdf).pvalue > 1e-3
   # and the median is the shifted sigmoid of the mean
-  median = shift * (1 / (1 + np.exp(-mean))) / (1 + (shift - 1) / (1 + np.exp(-mean)))
-  assert np.median(draws) == pytest.approx(median, abs=0.01)
+  u = 1 / (1 + np.exp(-mean))
+  assert np.median(draws) == pytest.approx(shift * u / (1 + (shift - 1) * u), abs=0.01)
 
 
 # --- the loss -------------------------------------------------------------------------------
@@ -227,8 +227,9 @@ def loss_batch():
   """Two 4x4 examples, then the same two again (so every 2nd example is always example 0).
   Backgrounds .2 and .6; the foreground opaque on the top-left 2x2 block of example 0 (0
   elsewhere) and .5 everywhere in example 1; black shadows of opacity .5 on the bottom half
-  of example 0 and .25 everywhere in example 1; both layers seen over the (constant .4) board
-  as .5; boundary band on pixel (1, 1) of example 0 and on (0, 2) and (3, 3) of example 1."""
+  of example 0 and .25 everywhere in example 1; over the (constant .4) board the foreground
+  is seen as .5, the shadow as .7; boundary band on pixel (1, 1) of example 0 and on (0, 2),
+  (0, 3) and (3, 3) of example 1."""
   fg = np.zeros((2, 4, 4, 4))
   fg[..., :3] = 0.8
   fg[0, :2, :2, 3] = 1
@@ -237,12 +238,12 @@ def loss_batch():
   shadow[0, 2:, :, 3] = 0.5
   shadow[1, ..., 3] = 0.25
   band = np.zeros((2, 4, 4, 1))
-  band[0, 1, 1] = band[1, 0, 2] = band[1, 3, 3] = 1
+  band[0, 1, 1] = band[1, 0, 2] = band[1, 0, 3] = band[1, 3, 3] = 1
   two = {'background': np.array([0.2, 0.6])[:, None, None, None] * np.ones((2, 4, 4, 3)),
          'foreground': fg, 'shadow': shadow, 'boundary': band,
          'checkerboard': np.full((2, 4, 4, 3), 0.4),
          'foreground_on_checkerboard': np.full((2, 4, 4, 3), 0.5),
-         'shadow_on_checkerboard': np.full((2, 4, 4, 3), 0.5)}
+         'shadow_on_checkerboard': np.full((2, 4, 4, 3), 0.7)}
   return {k: np.concatenate([v, v]).astype(np.float32) for k, v in two.items()}
 
 
@@ -289,8 +290,9 @@ def test_loss_terms_on_a_fake_model_with_known_errors(estimate_every):
   # flow: squared error (mean over channels) over background and foreground latents:
   # (4 * .01 + .04 + 3 * .16) / 8
   flow = (4 * 0.01 + 0.04 + 3 * 0.16) / 8
-  # restoration: the foreground's error on the latent cells the band reaches:
-  # cell (0, 0) of example 0 (.04), cells (0, 1) and (1, 1) of example 1 (.16 each)
+  # restoration: the foreground's error on the latent cells the band reaches, however many
+  # of their pixels: cell (0, 0) of example 0 (.04), cells (0, 1) and (1, 1) of example 1
+  # (.16 each)
   restoration = (0.04 + 0.16 + 0.16) / 3
   # alpha: |raw - (2 alpha - 1)| per pixel. Clean raw .5: example 0 has 4 pixels of target 1
   # and 12 of -1, example 1 16 of 0. On the estimate raw is .5 - .75 * .2 = .35 on the
@@ -298,18 +300,18 @@ def test_loss_terms_on_a_fake_model_with_known_errors(estimate_every):
   alpha_clean = ((4 * 0.5 + 12 * 1.5) / 16 + 0.5) / 2
   alpha_est = [(4 * 0.65 + 12 * 1.2) / 16, (4 * 0.35 + 12 * 0.2) / 16]
   alpha = alpha_clean + 0.25 * np.mean(alpha_est[::estimate_every])
-  # shadow: .09 flow, then |raw_a - (2 s - 1)| + s |raw_rgb + 1| (black shadow). Clean raw .5:
-  # example 0 half pixels s = .5 (.5 + .5 * 1.5) and half s = 0 (1.5); example 1 s = .25
-  # (1 + .25 * 1.5). Estimate raw .5 - .75 * .3 = .275.
-  shadow_clean = ((1.25 + 1.5) / 2 + (1 + 0.375)) / 2
-  shadow_est = [(0.275 + 0.5 * 1.275 + 1.275) / 2, 0.775 + 0.25 * 1.275]
+  # shadow: .09 flow, then |raw_a - (2 s - 1)| + s |raw_rgb + 1| (black shadow). Clean raw .7:
+  # example 0 half pixels s = .5 (.7 + .5 * 1.7) and half s = 0 (1.7); example 1 s = .25
+  # (1.2 + .25 * 1.7). Estimate raw .7 - .75 * .3 = .475.
+  shadow_clean = ((0.7 + 0.5 * 1.7 + 1.7) / 2 + (1.2 + 0.25 * 1.7)) / 2
+  shadow_est = [(0.475 + 0.5 * 1.475 + 1.475) / 2, 0.975 + 0.25 * 1.475]
   shadow = 0.09 + shadow_clean + 0.25 * np.mean(shadow_est[::estimate_every])
   # recompose: the layers decoded from the estimate against the clean ones, weight .25.
   to_unit = lambda x: np.clip(x / 2 + 0.5, 0, 1)
   fg_est = np.full((2, 4, 4, 1), 0.2)
   fg_est[:, :2, :2] = 0.35
   bg_est = np.array([0.2, 0.6])[:, None, None, None] - 0.75 * 0.1
-  recon = recompose_reference(bg_est, np.full((2, 4, 4, 4), to_unit(0.275)), fg_est,
+  recon = recompose_reference(bg_est, np.full((2, 4, 4, 4), to_unit(0.475)), fg_est,
                               to_unit(fg_est), 0.4)
   clean = recompose_reference(batch['background'][:2], batch['shadow'][:2], 0.5,
                               batch['foreground'][:2, ..., 3:], 0.4)
