@@ -65,8 +65,8 @@ def test_loss_and_grads_match_one_device(reference, shape):
   q = lambda tree: jax.tree.leaves(
       tree['transformer']['transformer_blocks'][0]['attn']['to_q']['kernel'])[0]
   for sh in (q(setup.state_shardings['params']), q(setup.state_shardings['opt_state'][1][0].mu)):
-    assert sh.spec == P('fsdp', 'tensor') and sh.shard_shape((32, 32)) == (32 // fsdp,
-                                                                          32 // tensor)
+    assert sh.spec == P('fsdp', 'tensor'), sh.spec
+    assert sh.shard_shape((32, 32)) == (32 // fsdp, 32 // tensor)
   for k, v in terms.items():
     np.testing.assert_allclose(got_terms[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
   flat, got = jax.tree.leaves_with_path(grads), jax.tree.leaves(got_grads)
