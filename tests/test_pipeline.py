@@ -168,7 +168,10 @@ def test_batches_become_sharded_global_arrays(data_dir):
   mesh = parallel.make_mesh((2, 4, 1))
   batch = parallel.global_batch(local, mesh)
   assert batch['image'].shape == (8, 16, 24, 3)
-  assert len(batch['image'].sharding.device_set) == 8
-  assert batch['image'].addressable_shards[0].data.shape == (1, 16, 24, 3)
-  np.testing.assert_array_equal(np.asarray(batch['image']), local['image'])
+  # rows over data, then fsdp: the device at mesh position (d, f) holds row 4 d + f
+  assert batch['image'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'), None,
+                                                                    None, None)
+  for shard in batch['image'].addressable_shards:
+    (d, f, _), = np.argwhere(mesh.devices == shard.device)
+    np.testing.assert_array_equal(shard.data, local['image'][4 * d + f:4 * d + f + 1])
   assert batch['text'] is local['text']

@@ -1,8 +1,8 @@
-"""The layered-sample schema: compositing, validation, and the PNG + manifest folder form."""
+"""The layered-sample schema: validation and the PNG + manifest folder form (compositing
+against Porter-Duff: tests/test_core_math.py)."""
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,31 +34,9 @@ def make_sample(h=24, w=32, seed=0) -> LayeredSample:
                        provenance={'source': 'test', 'seed': seed})
 
 
-def premultiplied_over(front, back):
-  """Porter & Duff (1984) over on premultiplied colour: C = Cf + Cb (1 - af), a likewise."""
-  pf = np.concatenate([front[..., :3] * front[..., 3:], front[..., 3:]], -1)
-  pb = np.concatenate([back[..., :3] * back[..., 3:], back[..., 3:]], -1)
-  return pf + pb * (1 - front[..., 3:])
-
-
-def test_over_matches_porter_duff_definition():
-  rng = np.random.default_rng(1)
-  front, back = rng.uniform(0, 1, (2, 5, 7, 4))
-  out = schema.over(front, back)
-  premult = premultiplied_over(front, back)
-  np.testing.assert_allclose(out[..., 3], premult[..., 3], rtol=1e-12)
-  np.testing.assert_allclose(out[..., :3] * out[..., 3:], premult[..., :3], rtol=1e-12)
-
-
 def test_over_of_transparent_pixels_is_defined():
   out = schema.over(np.zeros((2, 2, 4)), np.zeros((2, 2, 4)))
   assert np.isfinite(out).all() and (out == 0).all()
-
-
-def test_composite_is_the_same_in_jax():
-  layers = make_sample().layers
-  np.testing.assert_allclose(schema.composite([jnp.asarray(l.rgba) for l in layers]),
-                             schema.composite(layers), atol=1e-6)
 
 
 def test_valid_sample_passes_and_round_trips(tmp_path):
