@@ -149,8 +149,6 @@ def test_sharded_forward_equals_single_device(pair, mesh_shape):
 
   mesh = parallel.make_mesh(mesh_shape)
   sharded = parallel.shard_model(load_transformer(folder), mesh)
-  kernel = sharded.transformer_blocks[0].attn.to_q.kernel[...]
-  assert len(kernel.sharding.device_set) == 8
   args = [jax.device_put(a, parallel.batch_sharding(mesh, np.ndim(a))) for a in (x, c, p, t)]
   with jax.set_mesh(mesh):
     out = nnx.jit(lambda m, *a: m(*a))(sharded, *args)

@@ -1,6 +1,7 @@
 """The training job: configs, the decomposer's zero-initialised start, learning, exact resume,
 preemption, NaN handling and bad-input errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -136,6 +137,14 @@ def test_loss_falls(tmp_path, data_dir):
   assert len(losses) == 40
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert last < 0.7 * first, (first, last)
+  # A re-run of the finished run returns what it recorded and writes nothing.
+  files = lambda: {p: (p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in (tmp_path / 'run').rglob('*') if p.is_file()}
+  before = files()
+  recorded = json.loads((tmp_path / 'run' / 'train_result.json').read_text())
+  assert recorded['step'] == 40 and recorded['train']['loss'] == pytest.approx(losses[-1])
+  assert trainer.train(c, tmp_path / 'run') == recorded
+  assert files() == before
 
 
 def _params(workdir, config):
