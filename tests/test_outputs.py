@@ -116,8 +116,11 @@ def test_converters_refuse_a_foreign_folder_the_source_and_a_folder_inside_it(
   mine = tmp_path / 'mine'
   mine.mkdir()
   (mine / 'thesis.tex').write_text('years of work')
+  (tmp_path / 'notes.txt').write_text('a file')
   capsys.readouterr()
   for argv in (['to-diffusers', str(ckpt), str(mine), '--overwrite'],
+               ['to-diffusers', str(ckpt), str(tmp_path / 'notes.txt'), '--overwrite'],
+               ['from-diffusers', str(diffusers_folder), str(tmp_path / 'notes.txt')],
                ['to-diffusers', str(ckpt), str(ckpt)],
                ['to-diffusers', str(ckpt), str(ckpt / 'inside')],
                ['from-diffusers', str(diffusers_folder), str(diffusers_folder)],
