@@ -56,7 +56,7 @@ def _temp_name(name: str, what: str) -> str:
 
 
 _TEMP = re.compile(r'^\.(?P<name>.+)\.(?P<what>tmp|old)~(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]+$')
-# Names earlier versions used (mkdtemp's `.NAME.tmp-XXXX`, `.NAME.old-PID`): never data.
+# Names earlier versions used (mkdtemp's `.NAME.tmp-<random>`, `.NAME.old-PID`): never data.
 _LEGACY = re.compile(r'^\..+\.(tmp|old)-[^/]+$')
 
 
