@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
 
   if args.command == 'build-tfds':
     result = jobs.build_tfds(args.output, args.data_dir or args.output / 'tfds',
-                        dict(config.runner.splits), args.on_error, args.overwrite)
+                             dict(config.runner.splits), args.on_error, args.overwrite)
     print(json.dumps(result, indent=2))
     return 0
   if args.command == 'generate-objects':

@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from layerjax.data import schema
+from layerjax.data.schema import Layer, LayeredSample, Prompt, decode_png, encode_png
 from layerjax.fileio import (Artifact, OutputError, atomic_dir, fingerprint, output_lock,
                              read_json, tree_stats)
-from layerjax.data.schema import Layer, LayeredSample, Prompt, decode_png, encode_png
 
 _NO_BOX = (-1, -1, -1, -1)
 

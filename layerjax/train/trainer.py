@@ -112,7 +112,11 @@ class Setup:
 
 
 def create(config, mesh=None) -> Setup:
-  mesh = check_config(config, mesh)
+  """The checked config's state, placed on `mesh` (made from `config.mesh` unless given)."""
+  return _place(config, check_config(config, mesh))
+
+
+def _place(config, mesh: jax.sharding.Mesh) -> Setup:
   model = build.build_model(config, config.seed)
   shardings = parallel.model_shardings(model, mesh)
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
@@ -301,7 +305,7 @@ def _train(config, workdir: Path, loader, mesh) -> dict:
     return _finished_result(workdir, start, total)
   for folder in (workdir, workdir / 'eval', workdir / 'samples'):
     sweep(folder)  # what a killed run's `atomic_file`s left
-  setup = create(config, mesh)
+  setup = _place(config, mesh)  # `train` checked the config
   text_fn = build.text_inputs(config)
   iterator = iter(loader)
   state = setup.state
