@@ -82,6 +82,9 @@ def spec() -> config_spec.Rule:
       'seed': s.integer(), 'tool_timeout': s.number(above=0),
       'decompose': s.section({
           'max_side': s.integer(lo=1), 'min_side': s.integer(lo=1),
+          # 'keep' is the loader's third mode, but the stages need opaque RGB photos.
+          'transparent': s.string(('composite', 'refuse')),
+          'composite_over': s.seq(fraction, 3),
           'min_sharpness': s.number(lo=0), 'max_clipped': fraction,
           'min_objects': s.integer(lo=0), 'max_objects': s.integer(lo=1),
           'max_mask_iou': fraction, 'max_object_area': fraction,

@@ -161,6 +161,9 @@ def test_config_arguments_name_the_key_and_type():
     ('decompose.shadows=no', "decompose.shadows: expected True or False, got 'no'"),
     ('decompose.max_side', "--set 'decompose.max_side': expected key=value"),
     ('decompose.max_clipped=1.5', r'decompose.max_clipped: expected a number in \[0, 1\]'),
+    ("decompose.transparent='keep'", "decompose.transparent: 'keep' is not one of"),
+    ('decompose.composite_over=(1, 1, 2)', r'decompose.composite_over\[2\]: expected a number '
+                                           r'in \[0, 1\]'),
     ('decompose.min_side=600', 'decompose.min_side=600 is above decompose.max_side=512'),
     ('tool_timeout=0', 'tool_timeout: expected a number > 0, got 0'),
     ('runner.workers=-2', 'runner.workers: expected an int >= 0, got -2'),
