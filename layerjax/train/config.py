@@ -199,3 +199,28 @@ def _check_weights(pretrained: str) -> None:
       files.weight_files(convert.model_folder(Path(pretrained).expanduser(), kind))
     except (OSError, ValueError) as e:
       raise spec.ConfigError(f'init.pretrained: {e}') from None
+
+
+def host_needs(config) -> tuple[int, int]:
+  """(CPU cores, GiB of memory) one training process (one per host or node) needs: a core
+  for each of `data.num_workers` loader processes and 4 for the training process (its
+  prefetch and checkpoint threads); 4 GiB per loader process (a 512 px sample's maps are
+  ~30 MB, a worker buffers a few batches) and 64 GiB for the training process, which holds
+  a pretrained model in float32 while it is placed (SD3.5 large: 32 GB) and stages
+  checkpoints on the host."""
+  workers = config.data.num_workers
+  return workers + 4, 4 * workers + 64
+
+
+def _print_host_needs(_) -> None:
+  spec.check(_CONFIG.value, SPEC)
+  print(*host_needs(_CONFIG.value))
+
+
+if __name__ == '__main__':
+  # `python -m layerjax.train.config --config=FILE[:ARG] [--config.KEY=VALUE ...]` prints
+  # host_needs' "CORES GIB" (launch/slurm.sh reads it).
+  from ml_collections import config_flags
+  from layerjax import cli
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]')
+  cli.run_absl(_print_host_needs)
