@@ -246,7 +246,7 @@ def test_tpu_pod_round_trip(stubs, tmp_path):
 TRAINER = r"""#!/bin/bash
 trap 'echo saved > "$RECORD_DIR/saved"; exit 0' TERM
 [[ -n ${HANG:-} ]] && trap '' TERM
-echo $$ > "$RECORD_DIR/trainer"
+echo $$ > "$RECORD_DIR/trainer.tmp" && mv "$RECORD_DIR/trainer.tmp" "$RECORD_DIR/trainer"
 while :; do sleep 0.1; done
 """
 
@@ -275,7 +275,9 @@ def test_tpu_pod_stop_and_logs(stubs, tmp_path, hang):
     _, logs = remote(dry_run('tpu_pod.sh', *args, '--logs', '--lines=1'))
     host = subprocess.run(['hostname'], capture_output=True, text=True).stdout.strip()
     assert run_shell(logs, **env).stdout == f'{host}: step 2\n'
-    _, stop = remote(dry_run('tpu_pod.sh', *args, '--stop', '--grace', '2'))
+    # Long enough for a loaded machine; --stop returns as soon as the run has exited.
+    grace = 2 if hang else 30
+    _, stop = remote(dry_run('tpu_pod.sh', *args, '--stop', '--grace', str(grace)))
     assert run_shell(stop, **env).stdout == f'{host}: ' + (
         'killed after 2 s\n' if hang else 'stopped\n')
     assert (record_dir / 'saved').exists() != hang
