@@ -133,7 +133,8 @@ done
 [[ -n $tpu || -n $queued ]] || die '--tpu NAME or --queued NAME is required'
 [[ -z $tpu || -z $queued ]] || die '--tpu and --queued name different targets: give one'
 [[ -n $zone ]] || die '--zone ZONE is required'
-((slices == 1)) || [[ -n $queued ]] || die '--slices needs --queued (multislice runs on a queued resource)'
+((slices == 1)) || [[ -n $queued ]] ||
+  die '--slices needs --queued (multislice runs on a queued resource)'
 if [[ $action == create ]]; then
   [[ -n $queued ]] || die '--create makes a queued resource: give --queued NAME'
   [[ -n $accelerator && -n $runtime ]] ||
@@ -193,8 +194,9 @@ else
     commit=$(git -C "${BASH_SOURCE[0]%/*}" rev-parse HEAD 2>/dev/null) ||
       die 'not in a git checkout: give the commit to run with --commit'
   fi
-  cd_repo="cd $(quote_path "$repo_dir")"
-  checkout="$cd_repo && git fetch --quiet origin && git checkout --quiet --detach $(printf %q "$commit")"
+  repo=$(quote_path "$repo_dir")
+  checkout="cd $repo && git fetch --quiet origin"
+  checkout+=" && git checkout --quiet --detach $(printf %q "$commit")"
   if ((setup)); then
     if [[ -z $repo_url ]]; then
       repo_url=$(git -C "${BASH_SOURCE[0]%/*}" remote get-url origin 2>/dev/null) ||
@@ -202,7 +204,7 @@ else
     fi
     add "${target[@]}" "--command=set -e
 export PATH=\"\$HOME/.local/bin:\$PATH\"
-[ -d $(quote_path "$repo_dir")/.git ] || git clone --quiet $(printf %q "$repo_url") $(quote_path "$repo_dir")
+[ -d $repo/.git ] || git clone --quiet $(printf %q "$repo_url") $repo
 $checkout
 command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
 uv venv --clear --python 3.11 .venv
@@ -213,6 +215,7 @@ uv pip install --python .venv/bin/python -e '.[tpu,gcs]'"
       forwarded+=("--config.mesh_dcn=($slices, 1, 1)")
     fi
     printf -v main_args ' %q' "${forwarded[@]}"
+    main="$(quote_path "$python") -m layerjax.main --distributed$main_args"
     sync=''
     for s in "${syncs[@]}"; do
       # Split at the last ':' (the one in gs:// comes first).
@@ -224,7 +227,7 @@ ${sync}mkdir -p $logs
 if [ -e $pidfile ] && kill -0 \"\$(cat $pidfile)\" 2>/dev/null; then
   echo $host: a run is going \(pid \$(cat $pidfile)\): stop it first with --stop >&2; exit 1
 fi
-setsid nohup $(quote_path "$python") -m layerjax.main --distributed$main_args >> $logs/layerjax.log 2>&1 < /dev/null &
+setsid nohup $main >> $logs/layerjax.log 2>&1 < /dev/null &
 echo \$! > $pidfile
 echo $host: started pid \$!, log $logs/layerjax.log"
   fi

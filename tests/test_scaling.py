@@ -124,7 +124,8 @@ def test_batch_errors_name_the_fix(tmp_path):
                      r'data-parallel size 8 .*set --config.data.global_batch_size=16 '
                      r'\(a multiple of 8\)'):
     trainer.check_config(c)
-  c = tiny(tmp_path, mesh=(2, 1, 1))
+  c = tiny(tmp_path, mesh=(8, 1, 1))
+  c.data.global_batch_size = 32
   c.loss.estimate_every = 3  # the per-device batch is 4
   with pytest.raises(ValueError, match='set --config.loss.estimate_every=1$'):
     trainer.check_config(c)
