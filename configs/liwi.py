@@ -10,10 +10,26 @@ Variants:
                 trains on a CPU in minutes (`make demo`)
   sd3_medium    SD3 medium (2B) finetuned at 512 px from `init.pretrained`
   sd35_medium   SD3.5 medium (2.5B, dual attention, qk RMSNorm)
-  sd35_large    SD3.5 large (8B), FSDP over 8 devices by default
+  sd35_large    SD3.5 large (8B), FSDP over up to 8 devices
 Keys: pretrained (a local diffusers folder, transformer/ + vae/), embeddings (precomputed
 SD3 text embeddings, see `layerjax.train.build.TextEmbeddings`), data_dir, steps, batch.
-The SD3 variants need a local copy of the weights; they are never downloaded.
+The SD3 variants need a local copy of the weights and the embeddings (both checked before
+anything is loaded); they are never downloaded.
+
+Scaling: one SD3 config runs on 1 device, a GPU node, a 4x8-GPU cluster or a 256-chip pod.
+  - `data.global_batch_size` (key `batch`, 64) is the optimisation's batch, as LiWi states
+    it; it does not change with the device count. On a pod, raise it (and the learning
+    rate) yourself, e.g. `batch=256` on 256 devices.
+  - The mesh is `(-1, F, 1)` (F = 8 for sd35_large, else 1): FSDP over F devices (fewer if
+    there are fewer), data parallelism over as many of the others as divide the global
+    batch, tensor parallelism over the rest (`layerjax.parallel.fit_shape`). With batch 64:
+    sd3_medium on 1 / 8 / 32 / 256 devices is data x fsdp x tensor = 1x1x1 / 8x1x1 / 32x1x1
+    / 64x1x4; sd35_large 1x1x1 / 1x8x1 / 4x8x1 / 8x8x4. Give `--config.mesh=(D, F, T)`
+    to fix it instead.
+  - `eval.batch_per_device` (1) examples per data-parallel device and batch: the global eval
+    batch follows the mesh, so an evaluation takes the same time on any mesh.
+  - `mesh_dcn`: on several TPU slices (multislice), how many slices each axis spans, e.g.
+    `--config.mesh_dcn=(2, 1, 1)` for data parallelism across 2 slices.
 """
 
 from layerjax.config_spec import parse_arg
@@ -81,7 +97,7 @@ def demo(c):
   c.optimizer.lr_mults = (('alpha_head|shadow_head', 10.0),)
   c.optimizer.warmup_steps = 100
   c.optimizer.decay_steps = c.total_steps
-  c.eval.batch_size = 16
+  c.eval.batch_per_device = 16
   c.eval.num_batches = 4
   c.eval.sample_steps = 25  # 10 steps: foreground Alpha IoU 0.727 instead of 0.738
   c.eval.grid_rows = 6
@@ -106,6 +122,8 @@ def sd3(c, name: str):
   c.eval_every = 2500
   c.checkpoint_every = 1000
   c.mesh = (-1, 8, 1) if name == 'sd35_large' else (-1, 1, 1)
+  # Every data-parallel device samples one example per eval batch: 4 x data x fsdp examples.
+  c.eval.batch_per_device = 1
 
 
 def get_config(arg: str | None = None):

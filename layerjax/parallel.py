@@ -7,12 +7,14 @@ is replicated rather than padded, so any config runs on any mesh shape.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -38,19 +40,97 @@ def check_mesh_shape(shape: Sequence[int]) -> None:
                      '>= 1 or -1 (the remaining devices) at most once')
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor); use -1 once to take the remaining devices."""
-  devices = list(jax.devices() if devices is None else devices)
+def check_dcn_shape(dcn: Sequence[int]) -> None:
+  """One entry per axis of `MESH_AXES`, each >= 1: how many slices the axis spans."""
+  dcn = tuple(dcn)
+  if len(dcn) != len(MESH_AXES) or any(s < 1 for s in dcn):
+    raise ValueError(f'mesh_dcn {dcn} must give {len(MESH_AXES)} sizes {MESH_AXES}, each >= 1 '
+                     '(the number of slices the axis spans)')
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """`shape` with its -1 replaced by the remaining devices; an error if they do not fit."""
   check_mesh_shape(shape)
   sizes = list(shape)
-  rest = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes and len(devices) % rest == 0:
-    sizes[sizes.index(-1)] = len(devices) // rest
-  if int(np.prod(sizes)) != len(devices):
-    need = (f'a multiple of {rest} devices' if -1 in sizes
-            else f'{int(np.prod(sizes))} devices')
-    raise ValueError(f'mesh shape {tuple(shape)} needs {need}, {len(devices)} available')
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  rest = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes and num_devices % rest == 0:
+    sizes[sizes.index(-1)] = num_devices // rest
+  if math.prod(sizes) != num_devices:
+    need = f'a multiple of {rest} devices' if -1 in sizes else f'{math.prod(sizes)} devices'
+    raise ValueError(f'mesh shape {tuple(shape)} needs {need}, {num_devices} available')
+  return tuple(sizes)
+
+
+def fit_shape(shape: Sequence[int], num_devices: int, batch: int,
+              dcn: Sequence[int] = (1, 1, 1)) -> tuple[int, ...]:
+  """A mesh shape for `num_devices` that splits a global batch of `batch` examples.
+
+  A shape with a fixed data size is only resolved (`resolve_shape`). With data -1, fsdp and
+  tensor are the most the shape asks for (cut to their greatest common divisor with the
+  devices there are), data takes as many of the remaining devices as keep data x fsdp (the
+  batch axes) a divisor of `batch`, and any devices left over join the tensor axis: they
+  split each example's work instead of the batch. Data stays a multiple of `dcn`'s data
+  entry (data parallelism across slices). A batch that no data size divides is left to the
+  caller's divisibility check, which names the fix.
+  """
+  check_mesh_shape(shape)
+  if shape[0] != -1:
+    return resolve_shape(shape, num_devices)
+  fsdp = math.gcd(shape[1], num_devices)
+  tensor = math.gcd(shape[2], num_devices // fsdp)
+  rest = num_devices // (fsdp * tensor)
+  fits = [d for d in range(rest, 0, -1)
+          if rest % d == 0 and d % dcn[0] == 0 and batch % (d * fsdp) == 0]
+  data = fits[0] if fits else rest
+  return data, fsdp, tensor * rest // data
+
+
+# TPU kinds whose slices need their physical axes split for most mesh shapes (as in
+# `jax.make_mesh`).
+_SPLIT_PHYSICAL_AXES = ('TPU v5 lite', 'TPU v5e')
+
+
+def check_slices(shape: Sequence[int], devices: Sequence, dcn: Sequence[int]) -> int:
+  """The number of slices of `devices`, which `dcn` (how many slices each axis of the mesh
+  `shape` spans) must match and divide `shape` by; returns it."""
+  check_dcn_shape(dcn)
+  shape, dcn = tuple(shape), tuple(dcn)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices != math.prod(dcn):
+    raise ValueError(f'the devices span {slices} slice(s) but mesh_dcn {dcn} asks for '
+                     f'{math.prod(dcn)}: set mesh_dcn so that its product is {slices}, e.g. '
+                     f'({slices}, 1, 1) (data parallel across slices)')
+  if any(s % n for s, n in zip(shape, dcn)):
+    raise ValueError(f'mesh_dcn {dcn}: each entry must divide the mesh shape {shape}')
+  return slices
+
+
+def multislice_grid(shape: Sequence[int], devices: Sequence, dcn: Sequence[int]) -> np.ndarray:
+  """`devices` of several slices arranged as the mesh `shape` (no -1): each slice a block of
+  shape `shape / dcn` in its interconnect's order, the blocks laid out as `dcn`
+  (`mesh_utils.create_hybrid_device_mesh`)."""
+  check_slices(shape, devices, dcn)
+  ici = tuple(s // n for s, n in zip(shape, dcn))
+  return mesh_utils.create_hybrid_device_mesh(
+      ici, tuple(dcn), devices,
+      allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
+              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor); use -1 once to take the remaining devices.
+
+  On one slice `jax.make_mesh` orders the devices for the interconnect's topology; `dcn`
+  gives how many slices (multislice: slices joined by the data-centre network) each axis
+  spans (`multislice_grid`). Axes are `Auto`, as with a plain `Mesh`: XLA propagates the
+  shardings.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_shape(shape, len(devices))
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  if check_slices(sizes, devices, dcn) == 1:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+  return Mesh(multislice_grid(sizes, devices, dcn), MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

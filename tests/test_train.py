@@ -74,6 +74,22 @@ def test_missing_pretrained_folder_fails_before_training(tmp_path):
     trainer.create(c)
 
 
+def test_missing_weights_or_embeddings_fail_before_loading(tmp_path, monkeypatch):
+  """A weights folder without a weight file, or an SD3 config without its text embeddings,
+  is refused by the config check, naming the key and the path, with nothing loaded."""
+  _tiny_pipeline(tmp_path / 'sd3')
+  (tmp_path / 'sd3' / 'vae' / 'diffusion_pytorch_model.safetensors').unlink()
+  monkeypatch.setattr(convert, 'load_transformer', None)  # loading would fail differently
+  c = load_config_file('liwi', f'sd3_medium,pretrained={tmp_path}/sd3,embeddings=e')
+  with pytest.raises(ValueError, match=r'^init.pretrained: .*sd3/vae: no '
+                     r'diffusion_pytorch_model.safetensors'):
+    trainer.check_config(c)
+  _tiny_pipeline(tmp_path / 'whole')
+  c = load_config_file('liwi', f'sd3_medium,pretrained={tmp_path}/whole')
+  with pytest.raises(ValueError, match=r'^model.text.embeddings: not set, .*embed-texts'):
+    trainer.check_config(c)
+
+
 def _tiny_pipeline(path, in_channels=4):
   """A random tiny SD3 'pipeline folder' (transformer/ + vae/) saved by our converter."""
   t = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(

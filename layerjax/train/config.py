@@ -17,6 +17,8 @@ import ml_collections
 
 from layerjax import config_spec as spec
 from layerjax import parallel
+from layerjax.convert import diffusers as convert
+from layerjax.convert import files
 from layerjax.data import pipeline
 from layerjax.models import mmdit
 from layerjax.models.decomposer import CONDITIONS, LAYERS
@@ -46,7 +48,14 @@ def base() -> ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpoints = True
-  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # (data, fsdp, tensor). -1 takes the remaining devices; on the data axis it takes as many
+  # as divide data.global_batch_size and the rest join the tensor axis, with fsdp and tensor
+  # cut to what the device count allows (`parallel.fit_shape`): one config runs on 1 device
+  # or a pod. Explicit sizes (no -1 on data) are used as given.
+  c.mesh = (-1, 1, 1)
+  # Multislice: how many slices (joined by the data-centre network) each mesh axis spans;
+  # its product is the number of slices, e.g. (2, 1, 1) for data parallelism over 2 slices.
+  c.mesh_dcn = (1, 1, 1)
   c.ema_decay = 0.999
 
   c.data = ConfigDict(dict(
@@ -86,7 +95,10 @@ def base() -> ConfigDict:
       lr_mults=()))  # ((regex on the parameter path, multiplier), ...)
 
   c.eval = ConfigDict(dict(
-      split='validation', batch_size=8, num_batches=4, sample_steps=28, seed=1234,
+      # The global eval batch is batch_per_device x the data-parallel size (data x fsdp):
+      # every device samples the same number of examples whatever the mesh, so an evaluation
+      # takes the same time on a pod as on one device and sees more examples there.
+      split='validation', batch_per_device=8, num_batches=4, sample_steps=28, seed=1234,
       use_ema=True, prompt_probs={'box': 1.0}, grid_rows=4))
   return c
 
@@ -113,6 +125,7 @@ SPEC = spec.section({
     'eval_every': spec.integer(lo=0), 'checkpoint_every': _POSITIVE,
     'keep_checkpoints': _POSITIVE, 'async_checkpoints': spec.boolean(),
     'mesh': spec.also(spec.seq(spec.integer(), 3), parallel.check_mesh_shape),
+    'mesh_dcn': spec.also(spec.seq(spec.integer(), 3), parallel.check_dcn_shape),
     'ema_decay': spec.number(0, 1),
     'data': pipeline.CONFIG,
     'model': spec.section({
@@ -144,7 +157,7 @@ SPEC = spec.section({
         'decay_steps': spec.integer(lo=0), 'final_lr_fraction': spec.number(0, 1),
         'lr_mults': spec.seq(spec.also(spec.seq(spec.anything(), 2), _lr_mult))}),
     'eval': spec.section({
-        'split': spec.string(), 'batch_size': _POSITIVE, 'num_batches': _POSITIVE,
+        'split': spec.string(), 'batch_per_device': _POSITIVE, 'num_batches': _POSITIVE,
         'sample_steps': _POSITIVE, 'seed': spec.integer(), 'use_ema': spec.boolean(),
         'prompt_probs': pipeline.PROMPT_PROBS, 'grid_rows': _POSITIVE}),
     'demo': spec.section({'scenes': _POSITIVE, 'size': _POSITIVE,
@@ -153,21 +166,61 @@ SPEC = spec.section({
 
 
 def check(config) -> None:
-  """`config` against `SPEC`, then what the keys imply together: the model they describe
-  (with `init.pretrained`'s architecture, read from its config.json files), image sizes its
-  latents and patches divide, loss terms its layers have, the text embeddings file. Raises
-  `config_spec.ConfigError` (or the model's own ValueError) naming the key."""
+  """`config` against `SPEC`, then what the keys imply together, all before anything is
+  loaded: the model they describe (with `init.pretrained`'s architecture, read from its
+  config.json files, and its weight files present), image sizes its latents and patches
+  divide, loss terms its layers have, the text embeddings file. Raises
+  `config_spec.ConfigError` (or the model's own ValueError) naming the key. The checks that
+  need the devices are `trainer.check_config`'s."""
   spec.check(config, SPEC)
   m = config.model
   if m.latents.kind == 'space_to_depth' and 'factor' not in m.latents:
     raise spec.ConfigError("model.latents.factor: missing (latents 'space_to_depth' need it)")
   cfg = build.model_config(config)
+  _check_weights(config.init.pretrained)
   step = cfg.latent_factor * cfg.mmdit.patch_size
   if any(s % step for s in config.data.image_size):
     raise spec.ConfigError(f'data.image_size: {tuple(config.data.image_size)} must be '
                            f'divisible by latent factor x patch size = {step}')
   objectives.check_weights(dict(config.loss.weights), m.layers)
   if m.text.encoder == 'precomputed' and not Path(m.text.embeddings).is_file():
-    raise spec.ConfigError(f'model.text.embeddings: {m.text.embeddings!r}: no such file '
-                           '(precomputed SD3 text embeddings: python -m data_engine '
-                           'embed-texts)')
+    what = (f'{m.text.embeddings!r}: no such file' if m.text.embeddings
+            else 'not set, and this model reads precomputed SD3 text embeddings')
+    raise spec.ConfigError(f'model.text.embeddings: {what} (make them with `python -m '
+                           'data_engine embed-texts`, then give embeddings=PATH)')
+
+
+def _check_weights(pretrained: str) -> None:
+  """The transformer's and the VAE's weight files are in `pretrained` (headers only read)."""
+  if not pretrained:
+    return
+  for kind in (convert.TRANSFORMER, convert.kind('vae')):
+    try:
+      files.weight_files(convert.model_folder(Path(pretrained).expanduser(), kind))
+    except (OSError, ValueError) as e:
+      raise spec.ConfigError(f'init.pretrained: {e}') from None
+
+
+def host_needs(config) -> tuple[int, int]:
+  """(CPU cores, GiB of memory) one training process (one per host or node) needs: a core
+  for each of `data.num_workers` loader processes and 4 for the training process (its
+  prefetch and checkpoint threads); 4 GiB per loader process (a 512 px sample's maps are
+  ~30 MB, a worker buffers a few batches) and 64 GiB for the training process, which holds
+  a pretrained model in float32 while it is placed (SD3.5 large: 32 GB) and stages
+  checkpoints on the host."""
+  workers = config.data.num_workers
+  return workers + 4, 4 * workers + 64
+
+
+def _print_host_needs(_) -> None:
+  spec.check(_CONFIG.value, SPEC)
+  print(*host_needs(_CONFIG.value))
+
+
+if __name__ == '__main__':
+  # `python -m layerjax.train.config --config=FILE[:ARG] [--config.KEY=VALUE ...]` prints
+  # host_needs' "CORES GIB" (launch/slurm.sh reads it).
+  from ml_collections import config_flags
+  from layerjax import cli
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]')
+  cli.run_absl(_print_host_needs)

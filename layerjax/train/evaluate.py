@@ -33,9 +33,11 @@ from layerjax.train import build, sampler
 LAYERS = ('background', 'foreground', 'shadow')
 
 
-def eval_data_config(config) -> ml_collections.ConfigDict:
+def eval_data_config(config, mesh) -> ml_collections.ConfigDict:
+  """The loader config of evaluation on `mesh`: `eval.batch_per_device` examples per
+  data-parallel device."""
   d = ml_collections.ConfigDict(config.data.to_dict())
-  d.global_batch_size = config.eval.batch_size
+  d.global_batch_size = config.eval.batch_per_device * mesh.shape['data'] * mesh.shape['fsdp']
   d.prompt_probs = dict(config.eval.prompt_probs)
   d.degradations = {}
   d.hflip_prob = 0.0
@@ -108,7 +110,7 @@ def run(setup, state: dict, config, split: str, workdir, step: int, writer=None)
     return sampler.decompose(model, batch, rng, ev.sample_steps, config.loss.shift)
 
   text_fn = build.text_inputs(config)
-  it = iter(make_loader(eval_data_config(config), split))
+  it = iter(make_loader(eval_data_config(config, setup.mesh), split))
   scores = {'model': defaultdict(list), 'baseline': defaultdict(list)}
   picture = None
   with jax.set_mesh(setup.mesh):

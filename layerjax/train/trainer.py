@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import shlex
 import signal
@@ -78,24 +79,39 @@ def make_optimizer(opt, params) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+def config_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The mesh `config.mesh` asks for on `devices` (default: all), fitted to their number
+  and the global batch (`parallel.fit_shape`), across `config.mesh_dcn` slices."""
+  devices = list(jax.devices() if devices is None else devices)
+  batch = config.data.global_batch_size
+  shape = parallel.fit_shape(tuple(config.mesh), len(devices), batch, tuple(config.mesh_dcn))
+  if config.mesh[0] == -1 and shape[2] > config.mesh[2]:
+    logging.info('mesh %s on %d devices: data.global_batch_size=%d allows data x fsdp = %d, '
+                 'the tensor axis takes the other devices; a larger global batch would use '
+                 'them for data parallelism', shape, len(devices), batch, shape[0] * shape[1])
+  return parallel.make_mesh(shape, devices, tuple(config.mesh_dcn))
+
+
 def check_config(config, mesh: jax.sharding.Mesh | None = None) -> jax.sharding.Mesh:
   """The config's checks (`layerjax.train.config.check`), then those that need the mesh
-  (made from `config.mesh` unless given, and returned): errors that would otherwise surface
-  after minutes of loading and compiling, or never."""
+  (`config_mesh` unless given, and returned): errors that would otherwise surface after
+  minutes of loading and compiling, or never. Nothing is loaded."""
   train_config.check(config)
-  mesh = mesh or parallel.make_mesh(tuple(config.mesh))
+  mesh = mesh or config_mesh(config)
   n = mesh.shape['data'] * mesh.shape['fsdp']
-  for name, size in (('data.global_batch_size', config.data.global_batch_size),
-                     ('eval.batch_size', config.eval.batch_size)):
-    if size % n:
-      raise ValueError(f'{name}={size} is not divisible by the data-parallel mesh size '
-                       f'{n} (mesh {dict(mesh.shape)})')
+  batch = config.data.global_batch_size
+  if batch % n:
+    raise ValueError(
+        f'data.global_batch_size={batch} is not divisible by the data-parallel size {n} '
+        f'(data x fsdp of mesh {dict(mesh.shape)}): set --config.data.global_batch_size='
+        f'{n * -(-batch // n)} (a multiple of {n}), or a mesh whose data x fsdp divides {batch}')
   k = config.loss.estimate_every
-  per_device = config.data.global_batch_size // n
-  if k < 1 or per_device % k:
+  per_device = batch // n
+  if per_device % k:
     raise ValueError(f'loss.estimate_every={k} must divide the per-device batch {per_device} '
-                     f'(data.global_batch_size / data-parallel mesh size {n}), so that every '
-                     'device keeps its own examples')
+                     f'(data.global_batch_size / data-parallel size {n}), so that every '
+                     f'device keeps its own examples: set --config.loss.estimate_every='
+                     f'{math.gcd(k, per_device)}')
   return mesh
 
 
@@ -291,7 +307,7 @@ def train(config, workdir, *, mesh=None) -> dict:
   # Data first: a missing dataset or split is an error before minutes of model building.
   loader = make_loader(config.data, 'train')
   if config.eval_every:
-    make_loader(evaluate.eval_data_config(config), config.eval.split)
+    make_loader(evaluate.eval_data_config(config, mesh), config.eval.split)
   with _workdir_lock(workdir):
     return _train(config, workdir, loader, mesh)
 
