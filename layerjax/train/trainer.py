@@ -289,9 +289,9 @@ def train(config, workdir, *, mesh=None) -> dict:
   workdir = Path(workdir)
   mesh = check_config(config, mesh)
   # Data first: a missing dataset or split is an error before minutes of model building.
-  loader = make_loader(config.data, 'train')
+  loader = make_loader(config.data, 'train', mesh)
   if config.eval_every:
-    make_loader(evaluate.eval_data_config(config), config.eval.split)
+    make_loader(evaluate.eval_data_config(config), config.eval.split, mesh)
   with _workdir_lock(workdir):
     return _train(config, workdir, loader, mesh)
 
