@@ -122,10 +122,10 @@ def test_tensor_axis_across_processes_gives_the_one_process_loss(tmp_path, data_
   """mesh (1, 1, 2) over two processes of one device each: both hold every row, so both load
   the whole batch, and both log the loss one process logs on the same mesh."""
   logs = finish(launch(tmp_path / 'two', data_dir, 1, total_steps=2, mesh=(1, 1, 2)))
+  assert len(losses(logs[0], 2)) == 2 and losses(logs[0], 2) == losses(logs[1], 2)
   config = demo_config(data_dir, total_steps=2, mesh=(1, 1, 2))
   result = trainer.train(config, tmp_path / 'one',
                          mesh=parallel.make_mesh((1, 1, 2), jax.devices()[:2]))
-  assert len(losses(logs[0], 2)) == 2 and losses(logs[0], 2) == losses(logs[1], 2)
   assert losses(logs[0], 2)[-1] == f'{result["train"]["loss"]:.4f}'
 
 
