@@ -143,10 +143,11 @@ def test_processes_load_the_rows_of_the_one_process_batch(data_dir, shape, owner
 def test_a_process_resumes_its_rows_exactly(data_dir):
   cfg = config(data_dir, global_batch_size=4)
   whole = take(iter(make_loader(cfg, 'train', None)), 5)
-  it = iter(make_loader(cfg, 'train', fake_mesh((1, 4, 1), [0, 1, 0, 1]), process_index=1))
+  mesh = fake_mesh((1, 4, 1), [0, 1, 0, 1])
+  it = iter(make_loader(cfg, 'train', mesh, process_index=1))
   take(it, 2)
   state = it.get_state()
-  resumed = iter(make_loader(cfg, 'train', fake_mesh((1, 4, 1), [0, 1, 0, 1]), process_index=1))
+  resumed = iter(make_loader(cfg, 'train', mesh, process_index=1))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 3), [{k: v[[1, 3]] for k, v in b.items()} for b in whole[2:]])
 
