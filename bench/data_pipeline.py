@@ -100,7 +100,7 @@ def main() -> None:
           point_sigma=args.size / 64, hflip_prob=0.5, checkerboard_cell=args.size // 16,
           checkerboard_jitter=0.1, degradations=degradations, boundary_band=args.size // 64,
           scale_range=(1.0, 1.25)))
-      it = iter(make_loader(config, 'train'))
+      it = iter(make_loader(config, 'train', None))
       for _ in range(args.warmup):
         next(it)
       t0 = time.perf_counter()

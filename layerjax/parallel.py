@@ -170,6 +170,35 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, P(dict(rules)['batch'], *([None] * (ndim - 1))))
 
 
+def process_rows(mesh: Mesh, batch_size: int, process: int | None = None,
+                 rules=DEFAULT_RULES) -> list[int]:
+  """The rows of a global batch of `batch_size` that `process`'s devices hold (this process
+  by default), ascending: what its loader yields, so that `global_batch` assembles the batch
+  one process would see. Processes whose devices differ only along non-batch mesh axes hold
+  (and so load) the same rows.
+
+  Refused, naming the mesh: a batch the data-parallel axes do not divide, and a mesh whose
+  processes hold different numbers of rows or rows that partly overlap, which
+  `jax.make_array_from_process_local_data` cannot assemble.
+  """
+  axes = dict(rules)['batch']
+  n = int(np.prod([mesh.shape[a] for a in axes]))
+  if batch_size % n:
+    raise ValueError(f'global batch {batch_size} is not divisible by the data-parallel size {n} '
+                     f'of mesh {dict(mesh.shape)}')
+  held: dict[int, set[int]] = {}
+  for device, (index, *_) in batch_sharding(mesh, 1, rules).devices_indices_map(
+      (batch_size,)).items():
+    held.setdefault(device.process_index, set()).update(range(batch_size)[index])
+  distinct = {frozenset(rows) for rows in held.values()}
+  if len({len(rows) for rows in distinct}) > 1 or sum(map(len, distinct)) != batch_size:
+    layout = {p: sorted(rows) for p, rows in sorted(held.items())}
+    raise ValueError(f'mesh {dict(mesh.shape)}: its processes hold uneven or partly shared '
+                     f'rows of the batch (process: rows {layout}); order the mesh devices so '
+                     'that each process holds whole data-parallel slices (e.g. jax.make_mesh)')
+  return sorted(held[jax.process_index() if process is None else process])
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
   """Pins an activation's sharding by logical axes under an active mesh; a no-op without one.
 
@@ -185,8 +214,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> 
 def global_batch(local: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
   """This process's numpy batch -> global `jax.Array`s split over the batch mesh axes.
 
-  Every process passes its own slice (as the data loader yields it); the global batch is
-  the concatenation over processes. Non-numeric entries (texts) are left as they are.
+  Every process passes the rows its devices hold (`process_rows`, as the data loader yields
+  them); processes that hold the same rows pass the same data. Non-numeric entries (texts)
+  are left as they are.
   """
   out = {}
   for key, x in local.items():

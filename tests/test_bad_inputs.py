@@ -298,7 +298,7 @@ def checkpointed(tmp_path_factory, data_dir):
   c = tiny(data_dir, total_steps=4)
   c.model.mmdit.num_layers = 1
   setup = trainer.create(c, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
-  iterator = iter(pipeline.make_loader(c.data, 'train'))
+  iterator = iter(pipeline.make_loader(c.data, 'train', None))
   workdir = tmp_path_factory.mktemp('checkpointed')
   ckpt = trainer.Checkpoints(workdir / 'checkpoints', 3, async_save=False)
   for step in (1, 2):
@@ -354,7 +354,7 @@ def test_truncated_shard_is_named(data_dir, tmp_path):
   shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
   c = tiny(copy)
   with pytest.raises(pipeline.CorruptShard) as e:
-    next(iter(pipeline.make_loader(c.data, 'train')))
+    next(iter(pipeline.make_loader(c.data, 'train', None)))
   assert str(e.value).startswith(f'{shard}: record ')
   assert 'the shard is corrupt or truncated' in str(e.value)
   assert cli.exit_code(e.value) == 2 and '\n' not in cli.message(e.value)

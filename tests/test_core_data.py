@@ -12,6 +12,7 @@ from data_engine import stages
 from layerjax.data import schema
 from layerjax.data.pipeline import make_loader
 from layerjax.data.tfds_builder import Layered
+from test_pipeline import fake_mesh
 from test_schema import make_sample
 
 # --- the loader's shuffle -------------------------------------------------------------------
@@ -51,7 +52,8 @@ def sample_order(it, images, n_batches) -> list[int]:
 
 def test_every_epoch_is_a_new_permutation(dataset):
   data_dir, images = dataset
-  order = sample_order(iter(make_loader(loader_config(data_dir, 2), 'train')), images, 3 * N // 2)
+  it = iter(make_loader(loader_config(data_dir, 2), 'train', None))
+  order = sample_order(it, images, 3 * N // 2)
   epochs = [order[i:i + N] for i in range(0, 3 * N, N)]
   for epoch in epochs:
     assert sorted(epoch) == list(range(N)), epochs
@@ -62,8 +64,9 @@ def test_every_epoch_is_a_new_permutation(dataset):
 def test_processes_share_each_epoch(dataset):
   """Two processes read alternate examples of one global order: together, every epoch."""
   data_dir, images = dataset
-  orders = [sample_order(iter(make_loader(loader_config(data_dir, 2), 'train', process_index=p,
-                                          process_count=2)), images, N)
+  mesh = fake_mesh((2, 1, 1), [0, 1])
+  orders = [sample_order(iter(make_loader(loader_config(data_dir, 2), 'train', mesh,
+                                          process_index=p)), images, N)
             for p in range(2)]
   for e in range(2):
     epoch = orders[0][e * N // 2:(e + 1) * N // 2] + orders[1][e * N // 2:(e + 1) * N // 2]

@@ -1,9 +1,11 @@
 """The Grain loader: determinism, exact resume, per-process sharding, prompt sampling."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from layerjax import parallel
 from layerjax.data import examples, schema
 from layerjax.data.pipeline import make_loader
 from layerjax.data.tfds_builder import Layered
@@ -41,7 +43,7 @@ def assert_batches_equal(a, b):
 
 
 def test_batch_layout(data_dir):
-  batch = next(iter(make_loader(config(data_dir), 'train')))
+  batch = next(iter(make_loader(config(data_dir), 'train', None)))
   assert batch['image'].shape == (2, 16, 24, 3) and batch['image'].dtype == np.float32
   for k in ('prompt', 'background', 'checkerboard', 'foreground_on_checkerboard',
             'shadow_on_checkerboard'):
@@ -65,7 +67,7 @@ def test_batch_layout(data_dir):
 def test_targets_recompose_the_transformed_input(data_dir, image_size, scale_range, max_err,
                                                  mean_err):
   cfg = config(data_dir, image_size=image_size, scale_range=scale_range, global_batch_size=6)
-  batch = next(iter(make_loader(cfg, 'train')))
+  batch = next(iter(make_loader(cfg, 'train', None)))
   assert batch['image'].shape == (6, *image_size, 3)
   bg = np.concatenate([batch['background'], np.ones((6, *image_size, 1), np.float32)], -1)
   rec = schema.over(batch['foreground'], schema.over(batch['shadow'], bg))[..., :3]
@@ -79,54 +81,104 @@ def test_zoom_shows_less_of_the_sample(data_dir):
   for zoom in (1.0, 2.0):
     cfg = config(data_dir, image_size=(16, 24), scale_range=(zoom, zoom), hflip_prob=0.0,
                  global_batch_size=6)
-    fg = next(iter(make_loader(cfg, 'train')))['foreground'][..., 3]
+    fg = next(iter(make_loader(cfg, 'train', None)))['foreground'][..., 3]
     covered.append(fg.sum() / fg.size)
   assert covered[1] > 1.5 * covered[0]
 
 
 def test_same_seed_same_batches_other_seed_differs(data_dir):
-  a = take(iter(make_loader(config(data_dir), 'train')), 4)
-  b = take(iter(make_loader(config(data_dir), 'train')), 4)
-  c = take(iter(make_loader(config(data_dir, seed=4), 'train')), 4)
+  a = take(iter(make_loader(config(data_dir), 'train', None)), 4)
+  b = take(iter(make_loader(config(data_dir), 'train', None)), 4)
+  c = take(iter(make_loader(config(data_dir, seed=4), 'train', None)), 4)
   assert_batches_equal(a, b)
   assert not all(np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
 
 
 def test_resumed_iterator_continues_exactly(data_dir):
-  it = iter(make_loader(config(data_dir), 'train'))
+  it = iter(make_loader(config(data_dir), 'train', None))
   take(it, 3)
   state = it.get_state()
   expected = take(it, 4)  # crosses the epoch boundary (6 samples, batch 2)
-  resumed = iter(make_loader(config(data_dir), 'train'))
+  resumed = iter(make_loader(config(data_dir), 'train', None))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 4), expected)
 
 
-def test_processes_read_disjoint_halves(data_dir):
-  cfg = config(data_dir, global_batch_size=2, hflip_prob=0.0)
-  ids = []
-  for p in range(2):
-    it = iter(make_loader(cfg, 'train', process_index=p, process_count=2))
-    ids.append({b['image'][0].tobytes() for b in take(it, N // 2)})
-  assert not ids[0] & ids[1]
+class FakeDevice:
+  """A device of some process: all a mesh's layout (`devices_indices_map`) reads."""
+
+  def __init__(self, id, process_index):
+    self.id, self.process_index, self.platform = id, process_index, 'cpu'
+
+  def __repr__(self):
+    return f'FakeDevice({self.id}, process {self.process_index})'
+
+
+def fake_mesh(shape, owners):
+  """A (data, fsdp, tensor) mesh whose i-th device (row-major) belongs to process owners[i]."""
+  devices = np.array([FakeDevice(i, p) for i, p in enumerate(owners)], dtype=object)
+  return jax.sharding.Mesh(devices.reshape(shape), parallel.MESH_AXES)
+
+
+@pytest.mark.parametrize('shape,owners,rows', [
+    ((2, 1, 1), [0, 1], [[0, 1], [2, 3]]),
+    ((2, 2, 2), [0, 0, 0, 0, 1, 1, 1, 1], [[0, 1], [2, 3]]),  # fsdp, tensor within a process
+    ((1, 4, 1), [0, 1, 0, 1], [[0, 2], [1, 3]]),  # fsdp devices alternate between processes
+    ((1, 1, 2), [0, 1], [[0, 1, 2, 3]] * 2),  # tensor spans the processes: replicas
+    ((2, 1, 2), [0, 1, 0, 1], [[0, 1, 2, 3]] * 2),
+])
+def test_processes_load_the_rows_of_the_one_process_batch(data_dir, shape, owners, rows):
+  """Each process yields, batch by batch, the rows of the one-process global batch that its
+  devices hold: the same examples and the same random draws (prompts, crops, flips, boards),
+  so P processes train on exactly what one would."""
+  cfg = config(data_dir, global_batch_size=4)
+  whole = take(iter(make_loader(cfg, 'train', None)), 4)  # crosses an epoch (6 samples)
+  mesh = fake_mesh(shape, owners)
+  for p, mine in enumerate(rows):
+    assert parallel.process_rows(mesh, 4, p) == mine
+    got = take(iter(make_loader(cfg, 'train', mesh, process_index=p)), 4)
+    assert_batches_equal(got, [{k: v[mine] for k, v in b.items()} for b in whole])
+
+
+def test_a_process_resumes_its_rows_exactly(data_dir):
+  cfg = config(data_dir, global_batch_size=4)
+  whole = take(iter(make_loader(cfg, 'train', None)), 5)
+  mesh = fake_mesh((1, 4, 1), [0, 1, 0, 1])
+  it = iter(make_loader(cfg, 'train', mesh, process_index=1))
+  take(it, 2)
+  state = it.get_state()
+  resumed = iter(make_loader(cfg, 'train', mesh, process_index=1))
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), [{k: v[[1, 3]] for k, v in b.items()} for b in whole[2:]])
+
+
+@pytest.mark.parametrize('owners', [[0, 0, 0, 1], [0, 1, 1, 1]])
+def test_a_mesh_that_splits_rows_unevenly_is_refused(data_dir, owners):
+  """(4, 1, 1) with 3 devices on one process and 1 on the other; (2, 1, 2) whose second
+  data slice is split between the processes: process 0 would hold rows 0-3, process 1 2-3."""
+  for shape in ((4, 1, 1), (2, 1, 2)):
+    with pytest.raises(ValueError, match=r'mesh .* uneven or partly shared rows .* '
+                       'jax.make_mesh'):
+      make_loader(config(data_dir, global_batch_size=4), 'train', fake_mesh(shape, owners))
 
 
 def test_prompt_kinds_follow_the_config(data_dir):
   # at scale 1 (no resampling), so the colour codes stay pure
-  it = iter(make_loader(config(data_dir, prompt_probs={'box': 1.0}, image_size=(24, 24)), 'train'))
+  cfg = config(data_dir, prompt_probs={'box': 1.0}, image_size=(24, 24))
+  it = iter(make_loader(cfg, 'train', None))
   for batch in take(it, 3):
     assert set(batch['prompt_kinds']) == {'box'}
     colours = np.unique(batch['prompt'].reshape(-1, 3), axis=0)
     assert {tuple(c) for c in colours} <= {examples.BLUE, examples.GREEN}
     assert set(batch['text']) == {''}
-  it = iter(make_loader(config(data_dir, prompt_probs={'mask+text': 1.0}), 'train'))
+  it = iter(make_loader(config(data_dir, prompt_probs={'mask+text': 1.0}), 'train', None))
   batch = next(it)
   assert set(batch['text']) == {'the ball on the right'}
 
 
 def test_workers_give_the_same_batches(data_dir):
-  a = take(iter(make_loader(config(data_dir), 'train')), 2)
-  b = take(iter(make_loader(config(data_dir, num_workers=2), 'train')), 2)
+  a = take(iter(make_loader(config(data_dir), 'train', None)), 2)
+  b = take(iter(make_loader(config(data_dir, num_workers=2), 'train', None)), 2)
   assert_batches_equal(a, b)
 
 
@@ -139,7 +191,7 @@ def test_workers_give_the_same_batches(data_dir):
 ])
 def test_bad_config(data_dir, change, message):
   with pytest.raises(ValueError, match=message):
-    make_loader(config(data_dir, **change), 'train', process_count=2, process_index=0)
+    make_loader(config(data_dir, **change), 'train', fake_mesh((2, 1, 1), [0, 1]))
 
 
 DEGRADE_ALL = {name: {'prob': 1.0, 'strength': strength} for name, strength in [
@@ -148,8 +200,8 @@ DEGRADE_ALL = {name: {'prob': 1.0, 'strength': strength} for name, strength in [
 
 
 def test_degraded_input_clean_targets(data_dir):
-  clean = next(iter(make_loader(config(data_dir), 'train')))
-  dirty = next(iter(make_loader(config(data_dir, degradations=DEGRADE_ALL), 'train')))
+  clean = next(iter(make_loader(config(data_dir), 'train', None)))
+  dirty = next(iter(make_loader(config(data_dir, degradations=DEGRADE_ALL), 'train', None)))
   assert set(dirty['degradations']) == {'blur+dilate+erode+halo+jpeg+spill'}
   for k in ('background', 'foreground', 'shadow', 'prompt', 'boundary'):
     np.testing.assert_array_equal(dirty[k], clean[k], err_msg=k)
@@ -160,11 +212,9 @@ def test_degraded_input_clean_targets(data_dir):
 
 
 def test_batches_become_sharded_global_arrays(data_dir):
-  import jax
-  from layerjax import parallel
   if jax.device_count() < 8:
     pytest.skip('needs 8 devices')
-  local = next(iter(make_loader(config(data_dir, global_batch_size=8), 'train')))
+  local = next(iter(make_loader(config(data_dir, global_batch_size=8), 'train', None)))
   mesh = parallel.make_mesh((2, 4, 1))
   batch = parallel.global_batch(local, mesh)
   assert batch['image'].shape == (8, 16, 24, 3)

@@ -46,7 +46,7 @@ def _loss_and_grads(config, mesh, batch):
 def reference(data_dir):
   config = tiny(data_dir)
   config.model.mmdit.num_attention_heads = 4  # 'heads' and 'mlp' split over tensor = 2
-  batch = build.model_batch(next(iter(make_loader(config.data, 'train'))),
+  batch = build.model_batch(next(iter(make_loader(config.data, 'train', None))),
                             build.text_inputs(config))
   one = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
   terms, grads, _ = _loss_and_grads(config, one, batch)

@@ -5,9 +5,10 @@ choice of an example (target object, prompt kinds, scale, crop, flip, checkerboa
 from Grain's per-element generator derived from the same seed and the element's index, so
 the same config gives the same batches with any number of workers, and the iterator's state
 (`iterator.get_state()` / `set_state`) resumes exactly at the next batch.
-Multi-host: each process reads the slice `process_index::process_count` and yields
-`global_batch_size // process_count` examples per batch, laid out to be assembled into a
-global `jax.Array` sharded over the batch axis.
+Multi-host: example `i` of the global stream is drawn from its own generator (seed, i)
+whichever process reads it, and each process yields the rows of every global batch that its
+devices hold on the mesh (`parallel.process_rows`), to be assembled into a global
+`jax.Array` by `parallel.global_batch`: P processes see exactly the batches one would.
 
 Config keys (an `ml_collections.ConfigDict` or any object with these attributes):
   name, data_dir, seed, global_batch_size, image_size (H, W), num_workers,
@@ -30,6 +31,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from layerjax import config_spec as spec
+from layerjax import parallel
 from layerjax.data import degrade, examples
 from layerjax.data.schema import LayeredSample, Prompt, composite, over
 from layerjax.data.tfds_builder import from_example
@@ -216,27 +218,47 @@ class NamedShards:
                          'build-tfds)') from e
 
 
-def make_loader(config, split: str, *, process_index: int | None = None,
-                process_count: int | None = None, source=None) -> grain.IterDataset:
+class _Rows(grain.MapDataset):
+  """The elements `rows` (ascending) of each consecutive run of `batch_size` of `parent`."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, rows: list[int]):
+    super().__init__(parent)
+    self._batch_size, self._rows = batch_size, rows
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch_size * len(self._rows)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, len(self._rows))
+    return self._parent[batch * self._batch_size + self._rows[row]]
+
+  def __str__(self) -> str:
+    return f'_Rows({self._rows} of {self._batch_size})'
+
+
+def make_loader(config, split: str, mesh: jax.sharding.Mesh | None, *,
+                process_index: int | None = None, source=None) -> grain.IterDataset:
   """An iterable of numpy batches for `split`; `iter(...)` gives a checkpointable iterator.
 
-  `source` overrides the TFDS data source (any random-access sequence of records).
+  Each batch holds the rows of the global batch that process `process_index`'s devices hold
+  on `mesh` (this process by default; `parallel.process_rows`); `mesh=None`: the whole global
+  batch. `source` overrides the TFDS data source (any random-access sequence of records).
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if config.global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by '
-                     f'{process_count} processes')
   check_config(config)
+  size = config.global_batch_size
+  rows = list(range(size)) if mesh is None else parallel.process_rows(mesh, size, process_index)
   if source is None:
     source = _tfds_split(config.name, config.data_dir, split)
   if len(source) == 0:
     raise ValueError(f'{config.name}: split {split!r} is empty')
   ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
-  ds = ds[process_index::process_count]
+  # Drawn before the per-process selection: an example's draws follow its global index.
   ds = ds.random_map(_decode_and_build(config), seed=config.seed)
-  ds = ds.batch(config.global_batch_size // process_count, drop_remainder=True,
-                batch_fn=_collate)
+  if len(rows) < size:
+    ds = _Rows(ds, size, rows)
+  ds = ds.batch(len(rows), drop_remainder=True, batch_fn=_collate)
   it = ds.to_iter_dataset()
   if config.num_workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an app, defaults

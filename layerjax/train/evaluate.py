@@ -110,7 +110,7 @@ def run(setup, state: dict, config, split: str, workdir, step: int, writer=None)
     return sampler.decompose(model, batch, rng, ev.sample_steps, config.loss.shift)
 
   text_fn = build.text_inputs(config)
-  it = iter(make_loader(eval_data_config(config, setup.mesh), split))
+  it = iter(make_loader(eval_data_config(config, setup.mesh), split, setup.mesh))
   scores = {'model': defaultdict(list), 'baseline': defaultdict(list)}
   picture = None
   with jax.set_mesh(setup.mesh):

@@ -6,8 +6,10 @@ EMA params, optimizer state and the base PRNG key; the step's key is `fold_in(ke
 so a resumed run draws exactly what an uninterrupted one would. The Grain iterator's state
 is saved next to it (`data`), so the loader resumes at the next batch. Checkpoints are
 async (Orbax `CheckpointManager`), keep the last `keep_checkpoints`, and are written on
-SIGTERM before exiting (preemption). One run at a time trains in a workdir (its `.lock`);
-a re-run of a finished run changes nothing.
+SIGTERM before exiting (preemption; a SIGTERM to any one process of a multi-process run stops
+all of them after the same step). Processes first check that they run the same code and
+config (`agreement`). One run at a time trains in a workdir (its `.lock`); a re-run of a
+finished run changes nothing.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from layerjax import parallel
 from layerjax.fileio import OutputLocked, atomic_file, output_lock, read_json, sweep
 from layerjax.data.pipeline import make_loader
 from layerjax.models.decomposer import TRAINABLE
-from layerjax.train import build, evaluate, objectives
+from layerjax.train import agreement, build, evaluate, objectives
 from layerjax.train import config as train_config
 from layerjax.train.writers import create_writer
 
@@ -234,21 +237,36 @@ class Checkpoints:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and exits."""
+  """Whether to save and exit after a step, decided at the same step on every process.
+
+  Several processes: the preemption sync manager that `jax.distributed.initialize` starts
+  catches a SIGTERM to any of them, tells the others and agrees on a step (the latest any of
+  them has reached, plus one) at which `reached_preemption_sync_point` answers True on all;
+  asking it each step communicates nothing. A SIGTERM handler of our own would replace its
+  handler and let the signalled process stop alone, the others hanging in the next step's
+  collectives. One process: SIGTERM sets a flag, read at the next step boundary.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: preemption is the caller's business
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: preemption is the caller's business
+        self._previous = None
     return self
 
   def _handle(self, *_):
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`; asked for every step, in order, on every process."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *_):
     if self._previous is not None:
@@ -303,11 +321,12 @@ def train(config, workdir, *, mesh=None) -> dict:
   terms that were not finite; the last good checkpoint is kept.
   """
   workdir = Path(workdir)
+  agreement.check(config)  # first: processes with other configs would check other things
   mesh = check_config(config, mesh)
   # Data first: a missing dataset or split is an error before minutes of model building.
-  loader = make_loader(config.data, 'train')
+  loader = make_loader(config.data, 'train', mesh)
   if config.eval_every:
-    make_loader(evaluate.eval_data_config(config, mesh), config.eval.split)
+    make_loader(evaluate.eval_data_config(config, mesh), config.eval.split, mesh)
   with _workdir_lock(workdir):
     return _train(config, workdir, loader, mesh)
 
@@ -369,7 +388,7 @@ def _train(config, workdir: Path, loader, mesh) -> dict:
       run_eval = config.eval_every and (done % config.eval_every == 0 or done == total)
       # Read once: a SIGTERM arriving later in this step is handled at the next one, so a
       # stop is never logged as saved without the save.
-      stop = preempt.requested
+      stop = preempt.reached(step)
       save = done % config.checkpoint_every == 0 or done == total or stop
       if not (log or run_eval or save):
         continue
@@ -416,6 +435,7 @@ def _flops(step_fn, state, frozen, batch) -> float | None:
 
 def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
   """The latest checkpoint's state in `workdir` (for `--mode=eval`)."""
+  agreement.check(config)
   setup = create(config, mesh)
   ckpt = Checkpoints(Path(workdir) / 'checkpoints', config.keep_checkpoints, False)
   step = ckpt.latest()
