@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from layerjax import fileio
+from layerjax.data import tfds_builder
 from layerjax.train import trainer
-from train_utils import ROOT, load_config_file, make_dataset
+from train_utils import ROOT, load_config_file, make_dataset, tiny
 
 BUCKET = 'layerjax-test'
 
@@ -149,18 +150,27 @@ def test_object_lock_admits_one_run(gcs):
           pass
 
 
-# The demo config, shrunk: a few seconds a step on a CPU, evaluating one batch at steps 2 and 4.
-SMALL = {'model.mmdit.num_layers': 1, 'data.global_batch_size': 8, 'data.num_workers': 0,
-         'eval.batch_size': 8, 'eval.num_batches': 1, 'eval.sample_steps': 2,
-         'eval.grid_rows': 1, 'eval_every': 2, 'checkpoint_every': 2, 'log_every': 1,
-         'optimizer.warmup_steps': 2, 'optimizer.decay_steps': 4}
+def _tiny(data_dir: str, total_steps: int, eval_every: int = 0):
+  """The training tests' tiny model, one block; evaluating one batch if `eval_every`."""
+  c = tiny(data_dir, total_steps=total_steps, eval_every=eval_every)
+  c.model.mmdit.num_layers = 1
+  c.optimizer.decay_steps = 4
+  return c
 
 
-def _demo(data_dir: str, total_steps: int):
+# The demo config, shrunk; evaluating one batch if `eval_every`.
+DEMO = {'model.mmdit.num_layers': 1, 'data.global_batch_size': 8, 'data.num_workers': 0,
+        'eval.batch_size': 8, 'eval.num_batches': 1, 'eval.sample_steps': 2,
+        'eval.grid_rows': 1, 'checkpoint_every': 2, 'log_every': 1,
+        'optimizer.warmup_steps': 2, 'optimizer.decay_steps': 4}
+
+
+def _demo(data_dir: str, total_steps: int, eval_every: int = 0):
   c = load_config_file('liwi', 'demo')
   c.data.data_dir = data_dir
   c.total_steps = total_steps
-  for key, value in SMALL.items():
+  c.eval_every = eval_every
+  for key, value in DEMO.items():
     *parents, last = key.split('.')
     section = c
     for p in parents:
@@ -169,46 +179,81 @@ def _demo(data_dir: str, total_steps: int):
   return c
 
 
+def _main_to_step_2(data_dir: str, workdir: str) -> None:
+  """`python -m layerjax.main` as documented, with `_demo`'s config to step 2, evaluating."""
+  flags = [f'--config.{k}={v}' for k, v in {**DEMO, 'total_steps': 2, 'eval_every': 2}.items()]
+  proc = subprocess.run(
+      [sys.executable, '-m', 'layerjax.main', '--config=configs/liwi.py:demo',
+       f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout[proc.stdout.index('{'):])['step'] == 2
+
+
 def _state(workdir, config):
   _, state, step = trainer.restore_for_eval(config, workdir)
   return step, jax.tree.map(np.asarray, {k: state[k] for k in ('params', 'ema', 'opt_state')})
 
 
-def test_train_on_gcs_stops_and_resumes_exactly(gcs, tmp_path):
-  """`layerjax.main --workdir=gs://... --config.data.data_dir=gs://...` trains to step 2 and
-  stops; a second run resumes there to step 4 and ends where an uninterrupted local run
-  ends, bit for bit; checkpoints, TensorBoard events, evaluation JSON and samples are in the
-  bucket."""
-  local = make_dataset(tmp_path / 'data')
-  for path in sorted(p for p in local.rglob('*') if p.is_file()):
-    with fileio.atomic_file(f'gs://{BUCKET}/data/tfds/{path.relative_to(local)}') as tmp:
-      tmp.write_bytes(path.read_bytes())
-  data_dir, workdir = f'gs://{BUCKET}/data/tfds', f'gs://{BUCKET}/run'
-  flags = [f'--config.{k}={v}'.replace(' ', '') for k, v in {**SMALL, 'total_steps': 2}.items()]
-  proc = subprocess.run(
-      [sys.executable, '-m', 'layerjax.main', '--config=configs/liwi.py:demo',
-       f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads(proc.stdout[proc.stdout.index('{'):])['step'] == 2
-  assert not (ROOT / 'gs:').exists() and not (tmp_path / 'gs:').exists()
-  assert trainer.train(_demo(data_dir, 4), workdir)['step'] == 4  # resumes from step 2
-  trainer.train(_demo(str(local), 4), tmp_path / 'straight')
-  (s1, a), (s2, b) = _state(tmp_path / 'straight', _demo(str(local), 4)), \
-      _state(workdir, _demo(data_dir, 4))
+def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool) -> None:
+  """A run on `gs://` (workdir and data) trains to step 2 (`to_step_2`) and stops; a second
+  run resumes there to step 4 and ends where an uninterrupted local run ends, bit for bit;
+  checkpoints, TensorBoard events and (if the first run `evaluated` at step 2) evaluation
+  JSON and samples are in the bucket. (Evaluation reads the state and writes files only: the
+  later runs leave it out, as its compilation is most of a run's time.)"""
+  local = make_dataset(tmp_path / 'data')  # as `make_dataset`, with `build` to gs://
+  folders = sorted((tmp_path / 'data' / 'src').iterdir())
+  top = f'gs://{BUCKET}/{tmp_path.name}'  # a bucket per test, in effect
+  data_dir, workdir = f'{top}/data/tfds', f'{top}/run'
+  sources = {'train': folders[:-2], 'validation': folders[-2:]}
+  assert not tfds_builder.build(sources, data_dir)['up_to_date']
+  assert tfds_builder.build(sources, data_dir)['up_to_date']  # its stamp, read from gs://
+  to_step_2(data_dir, workdir)
+  assert trainer.train(config_at(data_dir, 4), workdir)['step'] == 4  # resumes from step 2
+  trainer.train(config_at(str(local), 4), tmp_path / 'straight')
+  (s1, a), (s2, b) = _state(tmp_path / 'straight', config_at(str(local), 4)), \
+      _state(workdir, config_at(data_dir, 4))
   assert s1 == s2 == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
-  names = set(_objects(gcs, 'run/'))
-  for step in (2, 4):
-    assert f'run/checkpoints/{step}/commit_success.txt' in names
-    assert json.loads(_objects(gcs, f'run/eval/validation_{step}.json')
-                      [f'run/eval/validation_{step}.json'])['examples'] == 8
-    png = _objects(gcs, f'run/samples/validation_{step}.png')[
-        f'run/samples/validation_{step}.png']
-    assert png.startswith(b'\x89PNG')
-  events = [n for n in names if n.startswith('run/tensorboard/events.out.tfevents.')]
+  data = set(_objects(gcs, f'{tmp_path.name}/data/'))
+  assert f'{tmp_path.name}/data/tfds/layered/1.0.0/dataset_info.json' in data
+  assert f'{tmp_path.name}/data/tfds/.lock' not in data
+  run = f'{tmp_path.name}/run/'
+  objects = _objects(gcs, run)
+  names = {n[len(run):] for n in objects}
+  assert {f'checkpoints/{step}/commit_success.txt' for step in (2, 4)} <= names
+  if evaluated:
+    assert json.loads(objects[f'{run}eval/validation_2.json'])['examples'] == 8
+    assert objects[f'{run}samples/validation_2.png'].startswith(b'\x89PNG')
+  events = [n for n in names if n.startswith('tensorboard/events.out.tfevents.')]
   assert len(events) == 2  # one file per run, each uploaded whole at close
-  assert json.loads(_objects(gcs, 'run/train_result.json')['run/train_result.json'])[
-      'step'] == 4
-  assert not any(n.endswith('.lock') for n in names)
+  assert json.loads(objects[f'{run}train_result.json'])['step'] == 4
+  assert '.lock' not in names
+  assert not (ROOT / 'gs:').exists() and not (tmp_path / 'gs:').exists()
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+  """JAX's persistent compilation cache for one test: its runs compile the same programs."""
+  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+          'jax_persistent_cache_min_entry_size_bytes')
+  saved = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (str(tmp_path / 'jax_cache'), 0, 0)):
+    jax.config.update(k, v)
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
+def test_train_on_gcs_stops_and_resumes_exactly(gcs, tmp_path, compile_cache):
+  _stop_resume_exactly(gcs, tmp_path, _tiny,
+                       lambda data_dir, workdir: trainer.train(_tiny(data_dir, 2), workdir),
+                       evaluated=False)
+
+
+@pytest.mark.slow
+def test_main_job_on_gcs_stops_resumes_and_evaluates(gcs, tmp_path, compile_cache):
+  """The same with the demo config, the first run through `python -m layerjax.main` and
+  evaluating at step 2."""
+  _stop_resume_exactly(gcs, tmp_path, _demo, _main_to_step_2, evaluated=True)
