@@ -16,7 +16,7 @@ URLs (`as_path`: `etils.epath`, which reaches the store through fsspec, e.g. gcs
 writes each object whole or not at all, so a file is written locally and uploaded once; it
 has no folders to rename, so a folder is filled locally and uploaded with its `Artifact`'s
 markers last; it has no pids to check, so temporaries are local-only (`sweep` has nothing to
-remove there) and the lock is an object created only if absent (see `output_lock`).
+remove there) and the lock is an object created only if absent (`_object_lock`).
 """
 
 from __future__ import annotations
@@ -361,13 +361,13 @@ def output_lock(folder, command: str | None = None, name: str = LOCK):
 def _object_lock(folder, name: str, me: bytes):
   """The lock on an object store: an object created only if absent (fsspec's
   `pipe_file(mode='create')`; on GCS gcsfs sends `ifGenerationMatch=0`, which the store
-  applies atomically, so of two runs exactly one creates it; s3fs sends `If-None-Match`).
-  Nothing ties it to its process: a run that exits, fails or is stopped by SIGTERM removes it,
-  but a killed one (SIGKILL, a lost machine) leaves it. Such a lock is taken over when it
-  names this host and a pid that is no longer alive; one left on another host is refused
-  like a live one, and the message says which object to remove once that run is known to be
-  dead. Stores whose fsspec `pipe_file` has no conditional create check, then write: two runs
-  starting at the same instant may both go on."""
+  applies atomically, so of two runs exactly one creates it). Where a store's fsspec class
+  keeps fsspec's default `pipe_file` (check, then write), two runs starting at the same
+  instant may both go on. Nothing ties the lock to its process: a run that exits, fails or
+  is stopped by SIGTERM removes it, but a killed one (SIGKILL, a lost machine) leaves it.
+  Such a lock is taken over when it names this host and a pid no longer alive (two runs
+  taking it over at the same instant may both go on); one left on another host is refused
+  like a live one, the message naming the object to remove once that run is known dead."""
   lock = folder / name
   fs, path = fsspec.core.url_to_fs(str(lock))
   for _ in range(3):

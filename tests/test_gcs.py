@@ -228,7 +228,9 @@ def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool) -
     assert objects[f'{run}samples/validation_2.png'].startswith(b'\x89PNG')
   events = [n for n in names if n.startswith('tensorboard/events.out.tfevents.')]
   assert len(events) == 2  # one file per run, each uploaded whole at close
-  assert json.loads(objects[f'{run}train_result.json'])['step'] == 4
+  recorded = json.loads(objects[f'{run}train_result.json'])
+  assert recorded['step'] == 4
+  assert trainer.train(config_at(data_dir, 4), workdir) == recorded  # finished: read back
   assert '.lock' not in names
   assert not (ROOT / 'gs:').exists() and not (tmp_path / 'gs:').exists()
 
