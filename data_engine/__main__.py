@@ -28,6 +28,7 @@ from pathlib import Path
 from data_engine import config as engine_config
 from data_engine import core, gennval, jobs, preferences, refine, runners, text_embeddings
 from layerjax import cli
+from layerjax.fileio import as_path
 
 
 def _run(args, config, keys, make_work, fingerprint) -> dict:
@@ -66,7 +67,8 @@ def main(argv: list[str]) -> int:
     q.add_argument('--quiet', action='store_true', help='no progress bar')
   tf = sub.add_parser('build-tfds', help='the samples in DIR -> the TFDS `layered` dataset')
   tf.add_argument('output', type=Path, help='an engine output folder')
-  tf.add_argument('--data-dir', type=Path, help='TFDS data_dir (default DIR/tfds)')
+  tf.add_argument('--data-dir', type=as_path, help='TFDS data_dir (default DIR/tfds; or a URL, '
+                  'gs://...)')
   tf.add_argument('--on-error', choices=('raise', 'skip'), default='raise')
   tf.add_argument('--overwrite', action='store_true',
                   help='replace a dataset at --data-dir built from other samples')

@@ -10,6 +10,13 @@
   another user can read them.
 - `safe_name`: the one way an id from a file becomes a folder name.
 - `output_lock`: one run at a time per output folder; the second names the first.
+
+An output may also be a URL on an object store (`gs://`, `s3://`, any fsspec URL): paths stay
+URLs (`as_path`: `etils.epath`, which reaches the store through fsspec, e.g. gcsfs). A store
+writes each object whole or not at all, so a file is written locally and uploaded once; it
+has no folders to rename, so a folder is filled locally and uploaded with its `Artifact`'s
+markers last; it has no pids to check, so temporaries are local-only (`sweep` has nothing to
+remove there) and the lock is an object created only if absent (`_object_lock`).
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ import secrets
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import fsspec
 from absl import logging
+from etils import epath
 
 _HOST = re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname()) or 'host'
 
@@ -44,9 +54,25 @@ class OutputLocked(OutputError):
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-  """A kind of output folder: `name` for messages, `test(folder)` true for one of its kind."""
+  """A kind of output folder: `name` for messages, `test(folder)` true for one of its kind.
+  `markers`: the files `test` reads; on an object store they are uploaded last, so a reader
+  never takes a half-uploaded folder for a whole one."""
   name: str
   test: Callable[[Path], bool]
+  markers: tuple[str, ...] = ()
+
+
+# --- local paths and URLs -----------------------------------------------------------------
+
+def is_url(path) -> bool:
+  """Whether `path` names an object on a store (`gs://b/x`, `s3://b/x`), not a local file."""
+  return '://' in str(path)
+
+
+def as_path(path):
+  """`path` as a path object: for a URL an `etils.epath.Path`, which stays a URL (`pathlib`
+  makes `gs://b/x` the local folder `gs:/b/x`), else a `pathlib.Path`."""
+  return epath.Path(path) if is_url(path) else Path(path)
 
 
 # --- temporary names ----------------------------------------------------------------------
@@ -79,9 +105,12 @@ def sweep(folder, name: str | None = None) -> list[Path]:
   """Removes the temporaries in `folder` (those for `name` only, if given) that a dead process
   on this host left; returns what it removed. A `.old` folder is the previous version of an
   artifact swapped out by a killed writer: it goes back in place if the new one never
-  arrived. Other hosts' temporaries are left alone: their writers may be alive."""
-  folder = Path(folder)
+  arrived. Other hosts' temporaries are left alone: their writers may be alive. On an object
+  store there are none (writers keep their temporaries on the local disk)."""
   removed = []
+  if is_url(folder):
+    return removed
+  folder = Path(folder)
   try:
     entries = list(folder.iterdir())
   except (FileNotFoundError, NotADirectoryError):
@@ -112,10 +141,10 @@ def check_destination(dst, artifact: Artifact, overwrite: bool = False,
                       flag: str = '--overwrite') -> None:
   """Raises `OutputError` unless `dst` is absent, an empty folder, or (with `overwrite`) an
   `artifact` of the same kind. `flag` is what the message tells the user to pass."""
-  dst = Path(dst)
+  dst = as_path(dst)
   if dst.exists() and not dst.is_dir():
     raise OutputError(f'{dst}: is a file, not a {artifact.name}')
-  for parent in dst.parents:
+  for parent in [] if is_url(dst) else dst.parents:  # a store has no folders to be in the way
     if parent.exists() and not parent.is_dir():
       raise OutputError(f'{dst}: {parent} is a file, not a folder')
     if parent.exists():
@@ -165,8 +194,14 @@ def atomic_dir(dst, artifact: Artifact, overwrite: bool = False, flag: str = '--
   vanishes. `dst` may be absent or an empty folder; an `artifact` of the same kind is replaced
   only with `overwrite`, anything else is refused (`check_destination`, before the body runs
   and again before the swap)."""
-  dst = Path(dst)
+  dst = as_path(dst)
   check_destination(dst, artifact, overwrite, flag)
+  if is_url(dst):
+    with tempfile.TemporaryDirectory(prefix=f'.{dst.name}.tmp~') as tmp, _naming(dst):
+      yield Path(tmp)
+      check_destination(dst, artifact, overwrite, flag)
+      _upload_folder(Path(tmp), dst, artifact.markers)
+    return
   _mkdir(dst.parent)
   sweep(dst.parent, dst.name)
   tmp = dst.parent / _temp_name(dst.name, 'tmp')
@@ -189,10 +224,16 @@ def atomic_dir(dst, artifact: Artifact, overwrite: bool = False, flag: str = '--
 
 @contextlib.contextmanager
 def atomic_file(dst):
-  """Yields a temporary sibling path of `dst` to write; on success it replaces `dst`."""
-  dst = Path(dst)
+  """Yields a temporary sibling path of `dst` to write; on success it replaces `dst`. For a
+  URL the temporary is a local file, uploaded whole: the object is replaced in one write."""
+  dst = as_path(dst)
   if dst.is_dir():
     raise OutputError(f'{dst}: is a folder, not a file')
+  if is_url(dst):
+    with tempfile.TemporaryDirectory() as tmp, _naming(dst):
+      yield Path(tmp) / dst.name
+      _upload(Path(tmp) / dst.name, dst)
+    return
   _mkdir(dst.parent)
   tmp = dst.parent / _temp_name(dst.name, 'tmp')
   try:
@@ -202,6 +243,26 @@ def atomic_file(dst):
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+
+
+def _upload(src: Path, dst) -> None:
+  """The local file `src` becomes the object `dst`, which appears (or is replaced) whole."""
+  fs, path = fsspec.core.url_to_fs(str(dst))
+  fs.put_file(str(src), path)
+
+
+def _upload_folder(src: Path, dst, markers: tuple[str, ...]) -> None:
+  """The objects under the URL `dst` become the files of the local folder `src`. A store has
+  no folder rename: the old markers go first, then the old objects, then the new files, the
+  new markers last. A crash on the way leaves `dst` without markers, so no reader takes it
+  for a whole artifact; the next run rebuilds it."""
+  for name in markers:
+    (dst / name).unlink(missing_ok=True)
+  if dst.exists():
+    dst.rmtree()
+  files = sorted(p.relative_to(src).as_posix() for p in src.rglob('*') if p.is_file())
+  for rel in sorted(files, key=lambda rel: rel in markers):  # stable: markers last
+    _upload(src / rel, dst / rel)
 
 
 # --- names from ids -----------------------------------------------------------------------
@@ -241,12 +302,35 @@ def inside(folder, rel: str) -> Path:
 LOCK = '.lock'
 
 
+def _holder(data: bytes) -> dict:
+  try:
+    holder = json.loads(data or b'{}')
+  except ValueError:
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _locked(folder, name: str, holder: dict, also: str = '') -> OutputLocked:
+  what = folder if name == LOCK else folder / name[1:-len(LOCK)]
+  return OutputLocked(
+      f'{what}: in use by another run ({holder.get("command", "?")!r}, pid '
+      f'{holder.get("pid", "?")} on {holder.get("host", "?")} since '
+      f'{holder.get("started", "?")}); wait for it to finish{also}')
+
+
 @contextlib.contextmanager
 def output_lock(folder, command: str | None = None, name: str = LOCK):
   """Holds `folder/.lock` (or `folder/name`) while a run writes into `folder`; a second run
   refuses, naming the holder. The lock is the kernel's (`flock`), so it dies with its
   process: a killed run leaves no lock to remove by hand. The file is removed on release, so
-  a run leaves none."""
+  a run leaves none. On an object store, see `_object_lock`."""
+  me = json.dumps({'host': _HOST, 'pid': os.getpid(),
+                   'command': command or ' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                   'started': datetime.datetime.now().isoformat(timespec='seconds')}) + '\n'
+  if is_url(folder):
+    with _object_lock(as_path(folder), name, me.encode()):
+      yield
+    return
   folder = Path(folder)
   _mkdir(folder)
   lock = folder / name
@@ -255,31 +339,59 @@ def output_lock(folder, command: str | None = None, name: str = LOCK):
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      try:
-        holder = json.loads(os.read(fd, 4096) or b'{}')
-      except ValueError:
-        holder = {}
+      holder = _holder(os.read(fd, 4096))
       os.close(fd)
-      raise OutputLocked(
-          f'{folder if name == LOCK else folder / name[1:-len(LOCK)]}: in use by another run ({holder.get("command", "?")!r}, pid '
-          f'{holder.get("pid", "?")} on {holder.get("host", "?")} since '
-          f'{holder.get("started", "?")}); wait for it to finish') from None
+      raise _locked(folder, name, holder) from None
     try:
       if os.stat(lock).st_ino == os.fstat(fd).st_ino:
         break
     except FileNotFoundError:
       pass
     os.close(fd)  # the holder removed this file as we opened it: lock the new one
-  me = {'host': _HOST, 'pid': os.getpid(),
-        'command': command or ' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        'started': datetime.datetime.now().isoformat(timespec='seconds')}
   os.ftruncate(fd, 0)
-  os.pwrite(fd, (json.dumps(me) + '\n').encode(), 0)
+  os.pwrite(fd, me.encode(), 0)
   try:
     yield
   finally:
     lock.unlink(missing_ok=True)  # before unlocking, so no one locks a file about to vanish
     os.close(fd)
+
+
+@contextlib.contextmanager
+def _object_lock(folder, name: str, me: bytes):
+  """The lock on an object store: an object created only if absent (fsspec's
+  `pipe_file(mode='create')`; on GCS gcsfs sends `ifGenerationMatch=0`, which the store
+  applies atomically, so of two runs exactly one creates it). Where a store's fsspec class
+  keeps fsspec's default `pipe_file` (check, then write), two runs starting at the same
+  instant may both go on. Nothing ties the lock to its process: a run that exits, fails or
+  is stopped by SIGTERM removes it, but a killed one (SIGKILL, a lost machine) leaves it.
+  Such a lock is taken over when it names this host and a pid no longer alive (two runs
+  taking it over at the same instant may both go on); one left on another host is refused
+  like a live one, the message naming the object to remove once that run is known dead."""
+  lock = folder / name
+  fs, path = fsspec.core.url_to_fs(str(lock))
+  for _ in range(3):
+    try:
+      fs.pipe_file(path, me, mode='create')
+      break
+    except FileExistsError:
+      try:
+        holder = _holder(fs.cat_file(path))
+      except FileNotFoundError:
+        continue  # released as we looked
+      pid = holder.get('pid')
+      if holder.get('host') != _HOST or not isinstance(pid, int) or _alive(pid):
+        raise _locked(folder, name, holder,
+                      f'; if that run was killed, remove {lock}') from None
+      fs.rm_file(path)
+      logging.warning('%s: removed the lock of a killed run (pid %d)', lock, pid)
+  else:
+    raise OutputLocked(f'{lock}: taken and released by other runs as this one started; '
+                       'start it again')
+  try:
+    yield
+  finally:
+    fs.rm_file(path)
 
 
 # --- line logs and JSON -------------------------------------------------------------------
@@ -303,7 +415,7 @@ def append_lines(path: Path, lines) -> None:
 def read_json(path: Path, error: type[Exception] = ValueError) -> Any:
   """Parsed JSON; a missing file or bad JSON raises an error naming `path`."""
   try:
-    return json.loads(Path(path).read_text())
+    return json.loads(as_path(path).read_text())
   except FileNotFoundError:
     raise FileNotFoundError(f'{path}: missing') from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:

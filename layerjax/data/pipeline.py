@@ -21,8 +21,6 @@ Config keys (an `ml_collections.ConfigDict` or any object with these attributes)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grain
 from absl import flags
 import jax
@@ -35,6 +33,7 @@ from layerjax import parallel
 from layerjax.data import degrade, examples
 from layerjax.data.schema import LayeredSample, Prompt, composite, over
 from layerjax.data.tfds_builder import from_example
+from layerjax.fileio import as_path
 
 PROMPT_KINDS = ('box', 'mask', 'point', 'text')
 SPATIAL = ('box', 'mask', 'point')
@@ -180,7 +179,7 @@ def check_config(config) -> None:
 def _tfds_split(name: str, data_dir, split: str):
   """The built dataset's split; a clear error (and nothing written) when it is not there:
   `tfds.data_source` would otherwise try to build the dataset in `data_dir`."""
-  root = Path(data_dir) / name
+  root = as_path(data_dir) / name  # `gs://...` stays a URL: TFDS and ArrayRecord read it
   if not any(root.glob('*/dataset_info.json')):
     raise FileNotFoundError(f'data.data_dir: {root}: no built {name!r} dataset (make one with '
                             f'`python -m data_engine build-tfds SCENES --data-dir {data_dir}`)')

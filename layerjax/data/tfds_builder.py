@@ -15,7 +15,9 @@ directory and renames it at the end, so a failed build never leaves a partial da
 `build(sources, data_dir)` is what the command lines use: it records a fingerprint of the
 sources (every sample file's size and mtime) and the options in the dataset, rebuilds when
 they change (a build-tfds after new samples) and does nothing when they have not; the new
-dataset is built beside the old one and swapped in.
+dataset is built beside the old one and swapped in. `data_dir` may be a URL (`gs://...`): the
+dataset is built locally and uploaded, its `dataset_info.json` and stamp last
+(`fileio.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import tensorflow_datasets as tfds
 
 from layerjax.data import schema
 from layerjax.data.schema import Layer, LayeredSample, Prompt, decode_png, encode_png
-from layerjax.fileio import (Artifact, OutputError, atomic_dir, fingerprint, output_lock,
-                             read_json, tree_stats)
+from layerjax.fileio import (Artifact, OutputError, as_path, atomic_dir, fingerprint,
+                             output_lock, read_json, tree_stats)
 
 _NO_BOX = (-1, -1, -1, -1)
 
@@ -185,7 +187,9 @@ class Layered(tfds.core.GeneratorBasedBuilder):
 
 
 STAMP = 'layerjax_build.json'
-DATASET = Artifact('TFDS layered dataset', lambda p: (p / 'dataset_info.json').is_file())
+# A reader (`pipeline`, TFDS) takes a folder for a dataset once its dataset_info.json is there.
+DATASET = Artifact('TFDS layered dataset', lambda p: (p / 'dataset_info.json').is_file(),
+                   markers=('dataset_info.json', STAMP))
 
 
 def build(sources: dict[str, list[Path]], data_dir, *, on_error: str = 'raise',
@@ -197,9 +201,11 @@ def build(sources: dict[str, list[Path]], data_dir, *, on_error: str = 'raise',
   sample file's path, size and mtime, `on_error`, the version): a build with the same
   fingerprint changes nothing, one with another rebuilds. A dataset built from other source
   folders, or not by this function, is replaced only with `overwrite`. The new dataset is
-  built beside the old one and swapped in, so a failed build leaves the old one whole.
+  built beside the old one and swapped in, so a failed build leaves the old one whole; on an
+  object store, which cannot swap folders, the old one is removed as the new one is uploaded,
+  and a failed upload leaves no dataset (no reader takes what is left for one).
   """
-  data_dir = Path(data_dir)
+  data_dir = as_path(data_dir)
   target = data_dir / 'layered' / str(Layered.VERSION)
   roots = sorted({str(Path(f).resolve().parent) for fs in sources.values() for f in fs})
   fp = fingerprint(str(Layered.VERSION), on_error,

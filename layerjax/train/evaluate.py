@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -24,7 +23,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from layerjax import metrics, parallel
-from layerjax.fileio import atomic_file
+from layerjax.fileio import as_path, atomic_file
 from layerjax.data import examples
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import over
@@ -129,7 +128,7 @@ def run(setup, state: dict, config, split: str, workdir, step: int, writer=None)
             for k, v in sorted(s.items()) if who == 'model' or k != 'recompose_l1'}
   result['examples'] = len(next(iter(scores['model'].values())))
   if jax.process_index() == 0:
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     with atomic_file(workdir / 'eval' / f'{split}_{step}.json') as tmp:
       tmp.write_text(json.dumps(result, indent=2) + '\n')
     with atomic_file(workdir / 'samples' / f'{split}_{step}.png') as tmp:

@@ -22,7 +22,6 @@ import re
 import shlex
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -36,7 +35,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from layerjax import parallel
-from layerjax.fileio import OutputLocked, atomic_file, output_lock, read_json, sweep
+from layerjax.fileio import (OutputLocked, as_path, atomic_file, is_url, output_lock, read_json,
+                             sweep)
 from layerjax.data.pipeline import make_loader
 from layerjax.models.decomposer import TRAINABLE
 from layerjax.train import agreement, build, evaluate, objectives
@@ -190,8 +190,9 @@ def make_step(setup: Setup) -> Callable:
 class Checkpoints:
   """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
 
-  def __init__(self, directory: Path, keep: int, async_save: bool = True):
-    self.directory = Path(directory).absolute()
+  def __init__(self, directory, keep: int, async_save: bool = True):
+    directory = as_path(directory)  # a URL stays one: Orbax reaches stores through epath
+    self.directory = directory if is_url(directory) else directory.absolute()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -226,7 +227,8 @@ class Checkpoints:
       earlier = [s for s in self.manager.all_steps() if s < step]
       back = f'step {max(earlier)}' if earlier else 'scratch'
       reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-      aside = shlex.join(['mv', str(folder), f'{folder}.unreadable'])
+      aside = shlex.join([*(['gcloud', 'storage'] if is_url(folder) else []), 'mv', str(folder),
+                          f'{folder}.unreadable'])
       raise UnreadableCheckpoint(
           f'checkpoint step {step}: {folder} cannot be read ({reason}); if it is corrupt or '
           f'truncated, start from {back} by moving it aside: {aside}') from e
@@ -287,7 +289,7 @@ def _format_eta(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: Path):
+def _workdir_lock(workdir):
   """Process 0 holds the workdir's lock (`fileio.output_lock`); every process learns whether
   it got it, so all of them stop together when another run holds it."""
   with contextlib.ExitStack() as stack:
@@ -307,7 +309,7 @@ def _workdir_lock(workdir: Path):
     yield
 
 
-def _finished_result(workdir: Path, step: int, total: int) -> dict:
+def _finished_result(workdir, step: int, total: int) -> dict:
   logging.info('%s: already trained to step %d of %d; nothing to do', workdir, step, total)
   path = workdir / 'train_result.json'
   return read_json(path) if path.is_file() else {'step': step}
@@ -320,7 +322,7 @@ def train(config, workdir, *, mesh=None) -> dict:
   result it recorded, with nothing written. Raises `NonFiniteLoss` naming the step and the
   terms that were not finite; the last good checkpoint is kept.
   """
-  workdir = Path(workdir)
+  workdir = as_path(workdir)  # `gs://...` stays a URL
   agreement.check(config)  # first: processes with other configs would check other things
   mesh = check_config(config, mesh)
   # Data first: a missing dataset or split is an error before minutes of model building.
@@ -331,7 +333,7 @@ def train(config, workdir, *, mesh=None) -> dict:
     return _train(config, workdir, loader, mesh)
 
 
-def _train(config, workdir: Path, loader, mesh) -> dict:
+def _train(config, workdir, loader, mesh) -> dict:
   total = config.total_steps
   ckpt = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints, config.async_checkpoints)
   start = ckpt.latest()
@@ -437,7 +439,7 @@ def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
   """The latest checkpoint's state in `workdir` (for `--mode=eval`)."""
   agreement.check(config)
   setup = create(config, mesh)
-  ckpt = Checkpoints(Path(workdir) / 'checkpoints', config.keep_checkpoints, False)
+  ckpt = Checkpoints(as_path(workdir) / 'checkpoints', config.keep_checkpoints, False)
   step = ckpt.latest()
   if step is None:
     raise FileNotFoundError(f'{workdir}/checkpoints: no checkpoint to evaluate')

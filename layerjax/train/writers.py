@@ -8,10 +8,15 @@ CLU's own `clu.metric_writers` cannot be imported without TensorFlow (its packag
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from absl import logging
+
+from layerjax.fileio import as_path, atomic_file, is_url
 
 
 class ConsoleWriter:
@@ -33,27 +38,53 @@ class ConsoleWriter:
 
 
 class TensorBoardWriter:
+  """TensorBoard events in `logdir`. For a URL (`gs://...`) the events go to a local staging
+  folder whose files are uploaded whole (each object replaced in one write) at `flush`, at
+  `close`, and after a write once `upload_every` seconds have passed since the last upload:
+  tensorboardX alone reaches GCS only through TensorFlow or google-cloud-storage and appends
+  to the object, which a store cannot do."""
 
-  def __init__(self, logdir: Path):
+  def __init__(self, logdir, upload_every: float = 60.0):
     import tensorboardX
-    self._writer = tensorboardX.SummaryWriter(str(logdir))
+    self._remote = as_path(logdir) if is_url(logdir) else None
+    self._staging = tempfile.mkdtemp(prefix='tensorboard-') if self._remote else None
+    self._writer = tensorboardX.SummaryWriter(self._staging or str(logdir))
+    self._upload_every, self._uploaded = upload_every, time.monotonic()
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     for k, v in scalars.items():
       self._writer.add_scalar(k, float(v), step)
+    self._upload_when_due()
 
   def write_images(self, step: int, images: dict) -> None:
     for k, v in images.items():
       self._writer.add_image(k, np.asarray(v), step, dataformats='HWC')
+    self._upload_when_due()
 
   def write_hparams(self, hparams: dict) -> None:
     self._writer.add_text('hparams', '\n'.join(f'    {k}: {v}' for k, v in sorted(hparams.items())))
 
   def flush(self) -> None:
     self._writer.flush()
+    self._upload()
 
   def close(self) -> None:
     self._writer.close()
+    self._upload()
+    if self._staging:
+      shutil.rmtree(self._staging, ignore_errors=True)
+
+  def _upload_when_due(self) -> None:
+    if self._remote and time.monotonic() - self._uploaded >= self._upload_every:
+      self.flush()
+
+  def _upload(self) -> None:
+    if not self._remote:
+      return
+    for path in sorted(Path(self._staging).iterdir()):
+      with atomic_file(self._remote / path.name) as tmp:
+        shutil.copyfile(path, tmp)
+    self._uploaded = time.monotonic()
 
 
 class MultiWriter:
@@ -68,6 +99,6 @@ class MultiWriter:
     return call
 
 
-def create_writer(logdir: Path, enabled: bool = True) -> MultiWriter:
+def create_writer(logdir, enabled: bool = True) -> MultiWriter:
   """Console + TensorBoard on the writing process (process 0); a silent writer elsewhere."""
   return MultiWriter([ConsoleWriter(), TensorBoardWriter(logdir)] if enabled else [])
