@@ -9,7 +9,7 @@ setup(
                 'with weight-exact SD3/SD3.5 ports and diffusers import/export.',
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     packages=find_packages(include=['layerjax', 'layerjax.*', 'data_engine', 'data_engine.*']),
     package_data={'data_engine': ['prompts/*/*.txt']},
     install_requires=[

@@ -5,6 +5,9 @@ import os
 
 # Eight fake CPU devices for the sharding tests; must be set before JAX initialises.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# gcsfs (2026) reads this at import: otherwise it asks a gRPC control plane, which no local
+# GCS server serves, about every bucket (a minute's timeout each). See tests/test_gcs.py.
+os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 
 import numpy as np
 

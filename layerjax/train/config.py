@@ -17,6 +17,7 @@ import ml_collections
 
 from layerjax import config_spec as spec
 from layerjax import parallel
+from layerjax.fileio import is_url
 from layerjax.convert import diffusers as convert
 from layerjax.convert import files
 from layerjax.data import pipeline
@@ -176,6 +177,12 @@ def check(config) -> None:
   m = config.model
   if m.latents.kind == 'space_to_depth' and 'factor' not in m.latents:
     raise spec.ConfigError("model.latents.factor: missing (latents 'space_to_depth' need it)")
+  for key, path in (('init.pretrained', config.init.pretrained),
+                    ('model.text.embeddings', m.text.embeddings)):
+    if is_url(path):  # read with safetensors' mmap, which needs a local file
+      raise spec.ConfigError(f'{key}: {path} is a URL; weights and embeddings are read from '
+                             'local files on every worker: copy them there first (e.g. '
+                             f'launch/tpu_pod.sh --sync {path}:LOCAL_PATH) and give LOCAL_PATH')
   cfg = build.model_config(config)
   _check_weights(config.init.pretrained)
   step = cfg.latent_factor * cfg.mmdit.patch_size
