@@ -156,7 +156,7 @@ def _tiny(data_dir: str, total_steps: int, eval_every: int = 0):
 
 # The demo config, shrunk; evaluating one batch if `eval_every`.
 DEMO = {'model.mmdit.num_layers': 1, 'data.global_batch_size': 8, 'data.num_workers': 0,
-        'eval.batch_size': 8, 'eval.num_batches': 1, 'eval.sample_steps': 2,
+        'eval.batch_per_device': 1, 'eval.num_batches': 1, 'eval.sample_steps': 2,
         'eval.grid_rows': 1, 'checkpoint_every': 2, 'log_every': 1,
         'optimizer.warmup_steps': 2, 'optimizer.decay_steps': 4}
 
