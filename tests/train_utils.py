@@ -78,7 +78,7 @@ def tiny(data_dir, kind: str = 'pixels', embeddings=None, **top):
   c.eval_every = 0
   c.checkpoint_every = 2
   c.async_checkpoints = True
-  c.eval.batch_per_device = 8
+  c.eval.batch_per_device = 1  # 8 examples on the tests' 8 fake devices
   c.eval.num_batches = 1
   c.eval.sample_steps = 2
   c.eval.grid_rows = 2

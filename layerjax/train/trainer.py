@@ -264,10 +264,13 @@ class _Preemption:
   def _handle(self, *_):
     self.requested = True
 
-  def reached(self, step: int) -> bool:
-    """Whether to stop after `step`; asked for every step, in order, on every process."""
+  def reached(self, count: int) -> bool:
+    """Whether to stop after this run's step `count` (0, 1, ...: asked for every step, in
+    order, on every process). Counted from 0 in every run, not the global step: the sync
+    manager's safe step is the processes' last count plus one, and a resumed run's first
+    global step would lie past a safe step agreed before its first call."""
     if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(count)
     return self.requested
 
   def __exit__(self, *_):
@@ -390,7 +393,7 @@ def _train(config, workdir, loader, mesh) -> dict:
       run_eval = config.eval_every and (done % config.eval_every == 0 or done == total)
       # Read once: a SIGTERM arriving later in this step is handled at the next one, so a
       # stop is never logged as saved without the save.
-      stop = preempt.reached(step)
+      stop = preempt.reached(step - start)
       save = done % config.checkpoint_every == 0 or done == total or stop
       if not (log or run_eval or save):
         continue
