@@ -17,10 +17,10 @@ import ml_collections
 
 from layerjax import config_spec as spec
 from layerjax import parallel
-from layerjax.fileio import is_url
 from layerjax.convert import diffusers as convert
 from layerjax.convert import files
 from layerjax.data import pipeline
+from layerjax.fileio import is_url
 from layerjax.models import mmdit
 from layerjax.models.decomposer import CONDITIONS, LAYERS
 from layerjax.models.vae import VAEConfig
