@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from layerjax import metrics
+from layerjax import flow, metrics
 from layerjax.data import schema
-from layerjax.train import evaluate, objectives, sampler, trainer
+from layerjax.train import evaluate, objectives, trainer
 
 # --- metrics --------------------------------------------------------------------------------
 
@@ -158,8 +158,8 @@ def test_visible_masks_by_hand():
 def test_shift_sigma_by_hand():
   t = jnp.array([0.0, 0.25, 0.5, 1.0])
   # 3 t / (1 + 2 t): 0, .75 / 1.5, 1.5 / 2, 1
-  np.testing.assert_allclose(objectives.shift_sigma(t, 3.0), [0, 0.5, 0.75, 1], rtol=1e-6)
-  np.testing.assert_allclose(objectives.shift_sigma(t, 1.0), t)
+  np.testing.assert_allclose(flow.shift_sigma(t, 3.0), [0, 0.5, 0.75, 1], rtol=1e-6)
+  np.testing.assert_allclose(flow.shift_sigma(t, 1.0), t)
 
 
 @pytest.mark.parametrize('mean,std,shift', [(0.0, 1.0, 1.0), (0.5, 0.8, 3.0), (-1.0, 1.5, 2.0)])
@@ -167,7 +167,7 @@ def test_sigma_distribution_is_shifted_logit_normal(mean, std, shift):
   """KS test of 20k draws against the CDF of s u / (1 + (s - 1) u), u = sigmoid(N(mean, std)):
   P(sigma <= x) = Phi((logit(u(x)) - mean) / std), u(x) = x / (s - (s - 1) x)."""
   cfg = ml_collections.ConfigDict(dict(logit_mean=mean, logit_std=std, shift=shift))
-  draws = np.asarray(objectives.sample_sigma(jax.random.PRNGKey(0), 20_000, cfg), np.float64)
+  draws = np.asarray(flow.sample_sigma(jax.random.PRNGKey(0), 20_000, cfg), np.float64)
 
   def cdf(x):
     u = np.clip(x / (shift - (shift - 1) * x), 1e-12, 1 - 1e-12)
@@ -346,8 +346,8 @@ def test_loss_without_a_shadow_layer_and_zero_weights():
 
 def test_sigma_schedule_by_hand():
   # uniform t = 1, .75, .5, .25, 0, then 3 t / (1 + 2 t)
-  np.testing.assert_allclose(sampler.sigmas(4, 3.0), [1, 0.9, 0.75, 0.5, 0], rtol=1e-6)
-  np.testing.assert_allclose(sampler.sigmas(2, 1.0), [1, 0.5, 0], rtol=1e-6)
+  np.testing.assert_allclose(flow.sigmas(4, 3.0), [1, 0.9, 0.75, 0.5, 0], rtol=1e-6)
+  np.testing.assert_allclose(flow.sigmas(2, 1.0), [1, 0.5, 0], rtol=1e-6)
 
 
 def test_euler_sampler_lands_on_the_target_of_its_velocity_oracle():
@@ -358,7 +358,7 @@ def test_euler_sampler_lands_on_the_target_of_its_velocity_oracle():
   target = rng.normal(size=(2, 3, 2, 2, 3)).astype(np.float32)
   model = FakeDecomposer(target, np.zeros_like(target))
   batch = {'image': np.zeros((2, 4, 4, 3), np.float32)}
-  out = sampler.sample_latents(model, batch, jax.random.PRNGKey(1), steps=4, shift=3.0)
+  out = flow.sample_latents(model, batch, jax.random.PRNGKey(1), steps=4, shift=3.0)
   jax.effects_barrier()
   np.testing.assert_allclose(out, target, atol=1e-5)
   np.testing.assert_allclose(np.stack(model.sigmas), np.repeat([[1, 0.9, 0.75, 0.5]], 2, 0).T,
@@ -377,7 +377,7 @@ def test_euler_steps_follow_the_schedule():
   factors of the schedule (1, .9, .75, .5, 0)."""
   zeros = np.zeros((1, 3, 2, 2, 3), np.float32)
   rng = jax.random.PRNGKey(2)
-  out = sampler.sample_latents(LinearField(zeros, zeros), {'image': np.zeros((1, 4, 4, 3))},
+  out = flow.sample_latents(LinearField(zeros, zeros), {'image': np.zeros((1, 4, 4, 3))},
                                rng, steps=4, shift=3.0)
   start = jax.random.normal(rng, zeros.shape)
   np.testing.assert_allclose(out, start * 0.9 * 0.85 * 0.75 * 0.5, rtol=1e-5)

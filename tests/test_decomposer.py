@@ -118,7 +118,7 @@ def test_heads_read_their_condition_maps_next_to_the_latent():
 def test_foreground_colour_is_unblended_from_the_known_board():
   """Over the board it was seen over, the decoded foreground layer is its latent again."""
   from layerjax.data.schema import over
-  from layerjax.train import sampler
+  from layerjax import flow
   rng = np.random.default_rng(4)
   model = randomize(LayerDecomposer(config(('image', 'prompt', 'checkerboard')),
                                     rngs=nnx.Rngs(0)))
@@ -127,8 +127,8 @@ def test_foreground_colour_is_unblended_from_the_known_board():
   blend[:, 1] = 0.1 + 0.8 * np.asarray(board)  # a colour seen over the board, in range
   blend = jnp.asarray(blend, jnp.float32)
   latents = jnp.stack([model.latents.encode(blend[:, k]) for k in range(3)], 1)
-  plain = sampler.decode_layers(model, latents, None)
-  out = sampler.decode_layers(model, latents, None, board)
+  plain = flow.decode_layers(model, latents, None)
+  out = flow.decode_layers(model, latents, None, board)
   fg = np.asarray(out['foreground'])
   np.testing.assert_allclose(plain['foreground'][..., :3], blend[:, 1], atol=1e-5)
   np.testing.assert_array_equal(fg[..., 3], plain['foreground'][..., 3])

@@ -22,12 +22,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from layerjax import metrics, parallel
+from layerjax import flow, metrics, parallel
 from layerjax.fileio import as_path, atomic_file
 from layerjax.data import examples
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import over
-from layerjax.train import build, sampler
+from layerjax.train import build
 
 LAYERS = ('background', 'foreground', 'shadow')
 
@@ -106,7 +106,7 @@ def run(setup, state: dict, config, split: str, workdir, step: int, writer=None)
   @jax.jit
   def decompose(params, frozen, batch, rng):
     model = nnx.merge(graphdef, params, frozen)
-    return sampler.decompose(model, batch, rng, ev.sample_steps, config.loss.shift)
+    return flow.decompose(model, batch, rng, ev.sample_steps, config.loss.shift)
 
   text_fn = build.text_inputs(config)
   it = iter(make_loader(eval_data_config(config, setup.mesh), split, setup.mesh))

@@ -25,23 +25,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from layerjax import flow
 from layerjax.models import heads
 
 TERMS = ('flow', 'shadow', 'alpha', 'recompose', 'restoration')
 # Which batch map is each layer's latent target.
 LAYER_TARGETS = {'background': 'background', 'foreground': 'foreground_on_checkerboard',
                  'shadow': 'shadow_on_checkerboard'}
-
-
-def shift_sigma(t: jax.Array, shift: float) -> jax.Array:
-  """SD3's resolution shift of the noise level: shift t / (1 + (shift - 1) t)."""
-  return shift * t / (1 + (shift - 1) * t)
-
-
-def sample_sigma(rng: jax.Array, n: int, loss_cfg) -> jax.Array:
-  """Logit-normal timesteps (SD3: mean 0, std 1), then shifted."""
-  u = jax.nn.sigmoid(loss_cfg.logit_mean + loss_cfg.logit_std * jax.random.normal(rng, (n,)))
-  return shift_sigma(u, loss_cfg.shift)
 
 
 def _pool_max(x: jax.Array, f: int) -> jax.Array:
@@ -84,7 +74,7 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
   encode = model.latents.encode
   x0 = jax.lax.stop_gradient(jnp.stack([encode(batch[LAYER_TARGETS[l]]) for l in layers], 1))
   b = x0.shape[0]
-  sigma = sample_sigma(rng_t, b, loss_cfg)
+  sigma = flow.sample_sigma(rng_t, b, loss_cfg)
   s = sigma[:, None, None, None, None]
   noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
   xt = (1 - s) * x0 + s * noise

@@ -1,5 +1,6 @@
-"""Sampling decompositions: SD3's flow-matching Euler sampler over the K layer latents jointly,
-then the decoders turn latents into RGBA layers.
+"""The rectified-flow schedule and sampler, shared by training and inference: SD3's shifted
+noise levels (`shift_sigma`; training draws them logit-normal, `sample_sigma`), the Euler
+sampler over the K layer latents jointly, then the decoders that turn latents into RGBA layers.
 
 The foreground latent is the layer seen over a checkerboard, so its decoded RGB is the
 object's colour wherever it is opaque (RefLayer); its alpha comes from the alpha head.
@@ -14,7 +15,17 @@ import jax.numpy as jnp
 
 from layerjax.data.schema import over
 from layerjax.models import heads
-from layerjax.train.objectives import shift_sigma
+
+
+def shift_sigma(t: jax.Array, shift: float) -> jax.Array:
+  """SD3's resolution shift of the noise level: shift t / (1 + (shift - 1) t)."""
+  return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_sigma(rng: jax.Array, n: int, loss_cfg) -> jax.Array:
+  """Logit-normal timesteps (SD3: mean 0, std 1), then shifted."""
+  u = jax.nn.sigmoid(loss_cfg.logit_mean + loss_cfg.logit_std * jax.random.normal(rng, (n,)))
+  return shift_sigma(u, loss_cfg.shift)
 
 
 def sigmas(steps: int, shift: float) -> jax.Array:
