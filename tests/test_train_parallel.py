@@ -1,8 +1,7 @@
-"""Data, FSDP and tensor parallelism give the same training signal as one device, and two
-processes joined by `jax.distributed` train together."""
+"""Data, FSDP and tensor parallelism give the same training signal as one device (several
+processes: `test_multiprocess.py`)."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -101,44 +100,6 @@ def test_estimate_terms_read_every_kth_example(reference):
   c.loss.estimate_every = 3
   with pytest.raises(ValueError, match='estimate_every=3 must divide the per-device batch 8'):
     trainer.check_config(c, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_train_together(tmp_path, data_dir):
-  """Two local processes (2 CPU devices each) joined by `jax.distributed` train 3 steps on
-  one 4-device mesh: both log the same global losses and one checkpoint holds the state."""
-  workdir = tmp_path / 'run'
-  port = _free_port()
-  common = [sys.executable, '-m', 'layerjax.main', f'--config={ROOT}/configs/liwi.py:demo',
-            f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-            '--config.data.image_size=(32, 32)', '--config.data.global_batch_size=4',
-            '--config.data.num_workers=0', '--config.total_steps=3', '--config.log_every=1',
-            '--config.checkpoint_every=3', '--config.eval_every=0',
-            '--config.model.mmdit.num_layers=1', f'--coordinator_address=localhost:{port}',
-            '--num_processes=2']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  procs = [subprocess.Popen(common + [f'--process_id={i}'], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-
-  def losses(log):
-    return [line.split('loss ')[1].split()[0] for line in log.splitlines()
-            if ' loss ' in line and '/3 ' in line]
-
-  assert len(losses(logs[0])) == 3, logs[0][-3000:]
-  assert losses(logs[0]) == losses(logs[1])
-  for i, log in enumerate(logs):
-    assert f'process {i}/2, 4 devices' in log, log[-3000:]
-  assert (workdir / 'checkpoints' / '3').is_dir()
 
 
 @pytest.mark.parametrize('variant', ['sd3_medium', 'sd35_large'])

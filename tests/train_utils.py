@@ -1,6 +1,7 @@
 """Tiny experiment configs and datasets for the training tests (built from configs/liwi.py)."""
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ from layerjax.train.build import TextEmbeddings
 from test_schema import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+  """A TCP port on this machine that nothing listens on now (for a coordinator or a server)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def load_config_file(name: str, arg: str | None = None):
