@@ -12,8 +12,7 @@ import pytest
 from flax import nnx
 
 from layerjax import flow
-from layerjax.data import examples
-from layerjax.data import pipeline
+from layerjax.data import examples, pipeline
 from layerjax.train import build
 from test_schema import make_sample
 from train_utils import tiny
@@ -112,11 +111,11 @@ def test_tiny_decomposer_samples_with_guidance():
   c = tiny('unused')
   model = build.build_model(c, 0)
   # A fresh model's zero-initialised blocks ignore the prompt and text: random weights read them.
-  params = nnx.state(model, nnx.Param)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
-                                              for p, k in zip(leaves, keys)]))
+  # (Drawn with numpy: a JAX draw per parameter shape would compile for each.)
+  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+  r = np.random.default_rng(1)
+  nnx.update(model, jax.tree.unflatten(tree, [
+      jnp.asarray(p + 0.05 * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
   text_fn = build.text_inputs(c)
   rng = np.random.default_rng(0)
   items = [pipeline.make_example(make_sample(h=32, w=32, seed=s), rng, c.data) for s in (0, 1)]

@@ -184,6 +184,22 @@ def test_cond_dropout_is_the_loss_key_and_on_for_sd3():
     spec.check(c, train_config.SPEC)
 
 
+def test_only_the_train_loader_drops_conditions(tmp_path, data_dir, monkeypatch):
+  seen = {}
+  make_loader = trainer.make_loader
+
+  def recording(data, split, mesh, **kw):
+    seen[split] = data.get('cond_dropout')
+    return make_loader(data, split, mesh, **kw)
+  monkeypatch.setattr(trainer, 'make_loader', recording)
+  monkeypatch.setattr(trainer, '_train', lambda *a: {})  # the loaders are all this checks
+  c = tiny(data_dir, eval_every=2)
+  c.loss.cond_dropout = 0.5
+  trainer.train(c, tmp_path / 'run')
+  assert seen == {'train': 0.5, 'validation': None}
+
+
+@pytest.mark.slow
 def test_training_with_cond_dropout(tmp_path, data_dir, monkeypatch):
   """Two steps with half the examples unconditional; the train loader gets the dropout."""
   c = tiny(data_dir, total_steps=2, checkpoint_every=2)
