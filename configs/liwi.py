@@ -124,6 +124,8 @@ def sd3(c, name: str):
   c.mesh = (-1, 8, 1) if name == 'sd35_large' else (-1, 1, 1)
   # Every data-parallel device samples one example per eval batch: 4 x data x fsdp examples.
   c.eval.batch_per_device = 1
+  # Unconditional examples, so that sampling can use classifier-free guidance.
+  c.loss.cond_dropout = 0.1
 
 
 def get_config(arg: str | None = None):

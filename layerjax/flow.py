@@ -1,6 +1,7 @@
 """The rectified-flow schedule and sampler, shared by training and inference: SD3's shifted
 noise levels (`shift_sigma`; training draws them logit-normal, `sample_sigma`), the Euler
-sampler over the K layer latents jointly, then the decoders that turn latents into RGBA layers.
+sampler over the K layer latents jointly (with classifier-free guidance against the blank
+prompt and the empty text if asked), then the decoders that turn latents into RGBA layers.
 
 The foreground latent is the layer seen over a checkerboard, so its decoded RGB is the
 object's colour wherever it is opaque (RefLayer); its alpha comes from the alpha head.
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from layerjax.data.schema import over
+from layerjax.data import examples
+from layerjax.data.schema import Prompt, over
 from layerjax.models import heads
 
 
@@ -33,18 +36,58 @@ def sigmas(steps: int, shift: float) -> jax.Array:
   return shift_sigma(jnp.linspace(1.0, 0.0, steps + 1), shift)
 
 
-def sample_latents(model, batch: dict, rng: jax.Array, steps: int, shift: float) -> jax.Array:
+def unconditional_inputs(batch: dict, empty_text: dict) -> dict[str, np.ndarray]:
+  """`sample_latents`' `uncond` for `batch`: the blank prompt map (what training's condition
+  dropout shows, `examples.render_prompt` with no kind) and `empty_text`, the model's text
+  inputs for '' with one row (e.g. `{'text_tokens': tokenize([''], n)}` or the embeddings),
+  both broadcast to the batch."""
+  b, h, w = batch['image'].shape[:3]
+  rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in empty_text.items()}
+  if any(n != 1 for n in rows.values()):
+    raise ValueError(f'empty_text: expected one row per entry (the text \'\'), got {rows}')
+  blank = examples.render_prompt((h, w), Prompt(''), frozenset(), 1.0)
+  return {'prompt': np.broadcast_to(blank, (b, h, w, 3)),
+          **{k: np.broadcast_to(v, (b, *np.shape(v)[1:])) for k, v in empty_text.items()}}
+
+
+def sample_latents(model, batch: dict, rng: jax.Array, steps: int, shift: float,
+                   guidance: float = 1.0, uncond: dict | None = None) -> jax.Array:
+  """Euler steps from noise (`rng`) to the K layer latents [B, K, h, w, C].
+
+  `guidance` (a Python number): classifier-free guidance, v = v_u + guidance (v_c - v_u),
+  where v_u is the velocity with `batch`'s entries replaced by `uncond`'s (e.g.
+  `unconditional_inputs`); both in one model call per step, on the two batches
+  concatenated. 1: the conditional velocity alone, one pass of the batch."""
+  guided = guidance != 1
+  if guided and uncond is None:
+    raise ValueError(f'guidance={guidance} needs `uncond`, the unconditional batch entries '
+                     '(flow.unconditional_inputs)')
+  if guided and set(uncond) - set(batch):
+    raise ValueError(f'uncond: {sorted(set(uncond) - set(batch))} are not entries of the '
+                     f'batch ({sorted(batch)})')
   cfg = model.config
   b, h, w = batch['image'].shape[:3]
   f, c = cfg.latent_factor, cfg.latent_channels
   x = jax.random.normal(rng, (b, len(cfg.layers), h // f, w // f, c), jnp.float32)
+  # The conditions do not change over the steps: encoded once, both halves when guided.
   conditions = model.conditions(batch)
   context, pooled = model.encode_text(batch)
+  if guided:
+    blank = {**batch, **uncond}
+    if conditions is not None:
+      conditions = jnp.concatenate([conditions, model.conditions(blank)])
+    context, pooled = (jnp.concatenate(p) for p in zip((context, pooled),
+                                                        model.encode_text(blank)))
+  n = 2 * b if guided else b
   levels = sigmas(steps, shift)
 
   def step(i, x):
     s, s_next = levels[i], levels[i + 1]
-    v = model(x, conditions, context, pooled, jnp.full((b,), s)).astype(jnp.float32)
+    v = model(jnp.concatenate([x, x]) if guided else x, conditions, context, pooled,
+              jnp.full((n,), s)).astype(jnp.float32)
+    if guided:
+      v_c, v_u = v[:b], v[b:]
+      v = v_u + guidance * (v_c - v_u)
     return x + (s_next - s) * v
 
   return jax.lax.fori_loop(0, steps, step, x)
@@ -83,7 +126,9 @@ def decode_layers(model, latents: jax.Array, pixels: jax.Array | None,
   return out
 
 
-def decompose(model, batch: dict, rng: jax.Array, steps: int, shift: float) -> dict:
+def decompose(model, batch: dict, rng: jax.Array, steps: int, shift: float,
+              guidance: float = 1.0, uncond: dict | None = None) -> dict:
+  """`sample_latents` (with its `guidance` and `uncond`), then `decode_layers`."""
   board = batch['checkerboard'] if 'checkerboard' in model.config.conditions else None
-  return decode_layers(model, sample_latents(model, batch, rng, steps, shift),
-                       model.head_pixels(batch), board)
+  latents = sample_latents(model, batch, rng, steps, shift, guidance, uncond)
+  return decode_layers(model, latents, model.head_pixels(batch), board)

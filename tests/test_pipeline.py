@@ -225,3 +225,38 @@ def test_batches_become_sharded_global_arrays(data_dir):
     (d, f, _), = np.argwhere(mesh.devices == shard.device)
     np.testing.assert_array_equal(shard.data, local['image'][4 * d + f:4 * d + f + 1])
   assert batch['text'] is local['text']
+
+
+
+CONDITIONS = ('prompt', 'text', 'prompt_kinds')
+
+
+def test_cond_dropout_blanks_only_the_conditions(data_dir):
+  """cond_dropout 0.0 gives the batches of a config without it; with p, about a fraction p
+  of the examples have the all-blue prompt map, text '' and kinds '', and every other map as
+  without dropout."""
+  cfg = lambda **kw: config(data_dir, global_batch_size=20, image_size=(24, 32), **kw)
+  before = take(iter(make_loader(cfg(), 'train', None)), 3)
+  assert_batches_equal(take(iter(make_loader(cfg(cond_dropout=0.0), 'train', None)), 1),
+                       before[:1])
+  # 20 examples all dropped; 60 at 0.3: binomial 18 +- 3.5, the range is +-2.5 sd.
+  for dropout, n, (lo, hi) in ((1.0, 1, (20, 20)), (0.3, 3, (9, 27))):
+    count = 0
+    for got, ref in zip(take(iter(make_loader(cfg(cond_dropout=dropout), 'train', None)), n),
+                        before):
+      for k in set(got) - set(CONDITIONS):
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+      drop = got['prompt_kinds'] == ''
+      assert (ref['prompt_kinds'] != '').all()
+      np.testing.assert_array_equal(got['prompt'][drop], np.broadcast_to(
+          examples.BLUE, got['prompt'][drop].shape))
+      assert set(got['text'][drop]) <= {''}
+      for k in CONDITIONS:  # the others keep their conditions
+        np.testing.assert_array_equal(got[k][~drop], ref[k][~drop], err_msg=k)
+      count += int(drop.sum())
+    assert lo <= count <= hi, (dropout, count)
+
+
+def test_cond_dropout_out_of_range(data_dir):
+  with pytest.raises(ValueError, match=r'data.cond_dropout: expected a number in \[0, 1\]'):
+    make_loader(config(data_dir, cond_dropout=1.5), 'train', None)

@@ -15,10 +15,13 @@ import pytest
 from flax import nnx
 
 from conftest import assert_parity, nhwc_to_nchw, torch_reference
+from layerjax import config_spec as spec
 from layerjax.convert import diffusers as convert
+from layerjax.data import pipeline
 from layerjax.models import mmdit
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 from layerjax.train import build, evaluate, trainer
+from layerjax.train import config as train_config
 from train_utils import ROOT, load_config_file, make_dataset, tiny, write_embeddings
 
 
@@ -166,6 +169,54 @@ def test_loss_falls(tmp_path, data_dir):
   assert recorded['step'] == 40 and recorded['train']['loss'] == pytest.approx(losses[-1])
   assert trainer.train(c, tmp_path / 'run') == recorded
   assert files() == before
+
+
+def test_cond_dropout_is_the_loss_key_and_on_for_sd3():
+  for variant, dropout in (('demo', 0.0), *((v, 0.1) for v in train_config.PRESETS)):
+    assert load_config_file('liwi', variant).loss.cond_dropout == dropout, variant
+  c = load_config_file('liwi', 'demo')
+  c.loss.cond_dropout = 1.5
+  with pytest.raises(ValueError, match=r'^loss.cond_dropout: expected a number in \[0, 1\]'):
+    spec.check(c, train_config.SPEC)
+  c = load_config_file('liwi', 'demo')
+  c.data.cond_dropout = 0.1  # the loss's key, not the data's
+  with pytest.raises(ValueError, match=r"^data: unknown key 'cond_dropout'"):
+    spec.check(c, train_config.SPEC)
+
+
+def test_only_the_train_loader_drops_conditions(tmp_path, data_dir, monkeypatch):
+  seen = {}
+  make_loader = trainer.make_loader
+
+  def recording(data, split, mesh, **kw):
+    seen[split] = data.get('cond_dropout')
+    return make_loader(data, split, mesh, **kw)
+  monkeypatch.setattr(trainer, 'make_loader', recording)
+  monkeypatch.setattr(trainer, '_train', lambda *a: {})  # the loaders are all this checks
+  c = tiny(data_dir, eval_every=2)
+  c.loss.cond_dropout = 0.5
+  trainer.train(c, tmp_path / 'run')
+  assert seen == {'train': 0.5, 'validation': None}
+
+
+@pytest.mark.slow
+def test_training_with_cond_dropout(tmp_path, data_dir, monkeypatch):
+  """Two steps with half the examples unconditional; the train loader gets the dropout."""
+  c = tiny(data_dir, total_steps=2, checkpoint_every=2)
+  c.loss.cond_dropout = 0.5
+  kinds = []
+  make_example = pipeline.make_example
+
+  def recording(sample, rng, data):
+    assert data.cond_dropout == 0.5
+    example = make_example(sample, rng, data)
+    kinds.append(example['prompt_kinds'])
+    return example
+  monkeypatch.setattr(pipeline, 'make_example', recording)
+  # One device: compiling for the 8 fake ones would take most of the test's time.
+  result = trainer.train(c, tmp_path / 'run', mesh=trainer.config_mesh(c, jax.devices()[:1]))
+  assert result['step'] == 2 and np.isfinite(result['train']['loss'])
+  assert '' in kinds and len(set(kinds)) > 1, kinds
 
 
 def _params(workdir, config):

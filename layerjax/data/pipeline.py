@@ -16,7 +16,10 @@ Config keys (an `ml_collections.ConfigDict` or any object with these attributes)
   (1, 1) = resize to cover then crop; samples of any size are accepted,
   prompt_probs {kinds: probability} with kinds '+'-joined from box, mask, point, text,
   point_sigma, hflip_prob, checkerboard_cell, checkerboard_jitter,
-  degradations (see `layerjax.data.degrade`; empty for none), boundary_band (pixels).
+  degradations (see `layerjax.data.degrade`; empty for none), boundary_band (pixels),
+  and optionally cond_dropout: the probability that an example is unconditional (the blank
+  prompt map, no text; for classifier-free guidance), which the trainer sets on the train
+  split's loader from `loss.cond_dropout`.
 """
 
 from __future__ import annotations
@@ -61,8 +64,12 @@ def text_for(layer) -> str:
 def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dict:
   """One referring example at full resolution, then the same crop and flip for every map."""
   # Independent streams, so enabling one option (e.g. degradations) leaves the others' draws.
-  rng, rng_degrade, rng_board, rng_geometry = map(np.random.default_rng,
-                                                  rng.integers(2**63, size=4))
+  seeds = rng.integers(2**63, size=4)
+  # The dropout draws from what follows the seeds, and only when enabled: without it every
+  # example is as before, with it a dropped example differs only in its prompt and text.
+  dropout = getattr(config, 'cond_dropout', 0.0)
+  unconditional = dropout > 0 and rng.uniform() < dropout
+  rng, rng_degrade, rng_board, rng_geometry = map(np.random.default_rng, seeds)
   objects = [l for l in sample.layers if l.kind == 'object']
   if not objects:
     raise ValueError(f'sample {sample.id!r}: no object layer to refer to')
@@ -72,6 +79,8 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
   kinds = combos[rng.choice(len(combos), p=weights)]
   if prompt is None and kinds & set(SPATIAL):
     raise ValueError(f'sample {sample.id!r}: no spatial prompt for {target.name!r}')
+  if unconditional:  # no kind shown: the all-blue prompt map and the empty text
+    kinds = frozenset()
   targets = examples.referring_targets(sample, target.name)
   board = examples.checkerboard(sample.size, config.checkerboard_cell, rng_board,
                                 config.checkerboard_jitter)
@@ -161,19 +170,23 @@ def _collate(items: list[dict]) -> dict[str, np.ndarray]:
 PROMPT_PROBS = spec.also(spec.mapping(spec.number(lo=0)), _parse_prompt_probs)
 # The config keys (see above). scale_range >= 1: a crop never leaves the sample; a
 # checkerboard_jitter <= 0.2 keeps the light squares (0.8 +- jitter) above the dark (0.4).
-CONFIG = spec.section({
+_FIELDS = {
     'name': spec.string(), 'data_dir': spec.string(), 'seed': spec.integer(),
     'global_batch_size': spec.integer(lo=1), 'image_size': spec.seq(spec.integer(lo=1), 2),
     'num_workers': spec.integer(lo=0), 'scale_range': spec.ordered(spec.number(lo=1)),
     'prompt_probs': PROMPT_PROBS,
     'point_sigma': spec.number(above=0), 'hflip_prob': spec.number(0, 1),
     'checkerboard_cell': spec.integer(lo=1), 'checkerboard_jitter': spec.number(0, 0.2),
-    'degradations': degrade.CONFIG, 'boundary_band': spec.integer(lo=0)})
+    'degradations': degrade.CONFIG, 'boundary_band': spec.integer(lo=0)}
+# An experiment's `data` section: without cond_dropout, which is the loss's key.
+CONFIG = spec.section(_FIELDS)
+LOADER_CONFIG = spec.section({**_FIELDS, 'cond_dropout': spec.number(0, 1)},
+                             optional=('cond_dropout',))
 
 
 def check_config(config) -> None:
   """The loader's config: every key there, in range (`layerjax.config_spec`)."""
-  spec.check(config, CONFIG, 'data')
+  spec.check(config, LOADER_CONFIG, 'data')
 
 
 def _tfds_split(name: str, data_dir, split: str):

@@ -88,6 +88,9 @@ def base() -> ConfigDict:
       # The terms on the one-step estimate (heads on it, recomposition) on every k-th example:
       # they decode with VAE-shaped networks, the bulk of an SD3 step besides the transformer.
       estimate_every=1,
+      # The probability that a training example is unconditional (blank prompt map, empty
+      # text): what classifier-free guidance at sampling contrasts with (`flow.sample_latents`).
+      cond_dropout=0.0,
       weights={'flow': 1.0, 'shadow': 1.0, 'alpha': 1.0, 'recompose': 0.5,
                'restoration': 1.0}))
   c.optimizer = ConfigDict(dict(
@@ -150,6 +153,7 @@ SPEC = spec.section({
     'loss': spec.section({
         'logit_mean': spec.number(), 'logit_std': spec.number(above=0),
         'shift': spec.number(above=0), 'estimate_every': _POSITIVE,
+        'cond_dropout': spec.number(0, 1),
         'weights': spec.mapping(spec.number(lo=0), objectives.TERMS)}),
     'optimizer': spec.section({
         'name': spec.string(('adamw',)), 'lr': spec.number(above=0), 'b1': spec.number(0, 1),

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -318,6 +319,14 @@ def _finished_result(workdir, step: int, total: int) -> dict:
   return read_json(path) if path.is_file() else {'step': step}
 
 
+def train_data_config(config) -> ml_collections.ConfigDict:
+  """The train loader's config: `data`, with the loss's condition dropout (evaluation
+  never drops)."""
+  d = ml_collections.ConfigDict(config.data.to_dict())
+  d.cond_dropout = config.loss.cond_dropout
+  return d
+
+
 def train(config, workdir, *, mesh=None) -> dict:
   """Trains to `config.total_steps` (resuming from `workdir` if it holds checkpoints).
 
@@ -329,7 +338,7 @@ def train(config, workdir, *, mesh=None) -> dict:
   agreement.check(config)  # first: processes with other configs would check other things
   mesh = check_config(config, mesh)
   # Data first: a missing dataset or split is an error before minutes of model building.
-  loader = make_loader(config.data, 'train', mesh)
+  loader = make_loader(train_data_config(config), 'train', mesh)
   if config.eval_every:
     make_loader(evaluate.eval_data_config(config, mesh), config.eval.split, mesh)
   with _workdir_lock(workdir):
