@@ -66,7 +66,8 @@ def outputs(model, seed=0) -> np.ndarray:
   return np.concatenate([np.asarray(v, np.float32).ravel(), np.asarray(image, np.float32).ravel()])
 
 
-@pytest.mark.parametrize('kind', ['pixels', 'vae'])
+# Each kind trains once (~1 min on 2 shared cores); the 'vae' kind's tests are slow ones.
+@pytest.mark.parametrize('kind', ['pixels', pytest.param('vae', marks=pytest.mark.slow)])
 def test_packed_model_is_the_checkpoints_ema_model(kind, workdirs, tmp_path):
   config, workdir = workdirs(kind)
   packed = infer.pack(workdir, tmp_path / 'model')
@@ -133,7 +134,7 @@ def test_bfloat16_load(workdirs, tmp_path):
 
 @needs_8
 def test_sharded_load_places_each_weight_by_its_logical_axes(workdirs, tmp_path):
-  _, workdir = workdirs('vae')
+  _, workdir = workdirs('pixels')
   packed = infer.pack(workdir, tmp_path / 'model')
   want = flat(nnx.state(infer.load(packed).model))
   mesh = parallel.make_mesh((2, 2, 2))
@@ -151,10 +152,15 @@ def test_sharded_load_places_each_weight_by_its_logical_axes(workdirs, tmp_path)
                                atol=1e-5)
 
 
-def test_text_inputs(workdirs, tmp_path):
+def test_text_inputs_of_the_byte_encoder(workdirs):
   loaded = infer.load(workdirs('pixels')[1])
   tokens = infer.text_inputs(loaded)(['ab'])['text_tokens']
   np.testing.assert_array_equal(tokens, [[1, 99, 100] + [0] * 13])  # BOS, bytes + 2, PAD
+
+
+@pytest.mark.slow
+def test_text_inputs_of_precomputed_embeddings(workdirs, tmp_path):
+  """A packed model knows the empty text only; other texts come from an embeddings file."""
   packed = infer.load(infer.pack(workdirs('vae')[1], tmp_path / 'model'))
   table = load_file(str(workdirs.embeddings))
   key = lambda text: hashlib.sha256(text.encode()).hexdigest()
