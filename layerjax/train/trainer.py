@@ -9,7 +9,8 @@ async (Orbax `CheckpointManager`), keep the last `keep_checkpoints`, and are wri
 SIGTERM before exiting (preemption; a SIGTERM to any one process of a multi-process run stops
 all of them after the same step). Processes first check that they run the same code and
 config (`agreement`). One run at a time trains in a workdir (its `.lock`); a re-run of a
-finished run changes nothing.
+finished run changes nothing. The run's config is recorded as `config.json` in the workdir,
+which inference (`layerjax.infer.model`) rebuilds the model from.
 """
 
 from __future__ import annotations
@@ -188,21 +189,29 @@ def make_step(setup: Setup) -> Callable:
   return jax.jit(step, out_shardings=(setup.state_shardings, None), donate_argnums=0)
 
 
+CONFIG = 'config.json'  # the experiment config, in the workdir: the last run's
+
+
 class Checkpoints:
   """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
 
-  def __init__(self, directory, keep: int, async_save: bool = True):
+  def __init__(self, directory, keep: int, async_save: bool = True, read_only: bool = False):
+    """`read_only`: for readers (inference), which must leave a running trainer's temporary
+    folders and old steps alone."""
     directory = as_path(directory)  # a URL stays one: Orbax reaches stores through epath
     self.directory = directory if is_url(directory) else directory.absolute()
+    writer = dict(read_only=True, create=False, max_to_keep=None, save_interval_steps=0) \
+        if read_only else dict(max_to_keep=keep, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=True),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, **writer),
         item_names=('state', 'data'))
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: dict, iterator, *, wait: bool = False) -> None:
     self.manager.save(step, args=ocp.args.Composite(
@@ -211,11 +220,19 @@ class Checkpoints:
     if wait:
       self.manager.wait_until_finished()
 
-  def restore(self, step: int, state: dict, iterator=None) -> dict:
-    """The state saved at `step` (shaped like `state`); also restores `iterator` if given.
-    A step that cannot be read raises `UnreadableCheckpoint`, saying how to go back."""
-    items = {'state': ocp.args.StandardRestore(
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, state))}
+  def restore(self, step: int, state: dict, iterator=None, partial: bool = False) -> dict:
+    """The state saved at `step` (shaped like `state`: arrays or `jax.ShapeDtypeStruct`s, whose
+    shardings and dtypes the restored arrays take); also restores `iterator` if given.
+    `partial`: `state` names some entries only (e.g. {'step', 'ema'}) and only those are read,
+    so inference never holds the optimizer state. A step that cannot be read raises
+    `UnreadableCheckpoint`, saying how to go back."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    if partial:
+      items = {'state': ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)}
+    else:
+      items = {'state': ocp.args.StandardRestore(target)}
     if iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(iterator)
     try:
@@ -354,6 +371,9 @@ def _train(config, workdir, loader, mesh) -> dict:
     return _finished_result(workdir, start, total)
   for folder in (workdir, workdir / 'eval', workdir / 'samples'):
     sweep(folder)  # what a killed run's `atomic_file`s left
+  if jax.process_index() == 0:  # what `layerjax.infer.model` rebuilds the model from
+    with atomic_file(workdir / CONFIG) as tmp:
+      tmp.write_text(json.dumps(config.to_dict(), indent=2) + '\n')
   setup = _place(config, mesh)  # `train` checked the config
   text_fn = build.text_inputs(config)
   iterator = iter(loader)

@@ -1,0 +1,1 @@
+"""Inference: the decomposer model on disk and loaded for use."""

@@ -1,0 +1,321 @@
+"""The decomposer as users get it: `pack` turns a training workdir into a model folder (the
+config and the EMA weights, no optimizer state), `load` reads such a folder, or a workdir
+directly, into a `LayerDecomposer` placed on a mesh, in the dtype asked for.
+
+    MODEL/decomposer.json      format, step, source workdir, the experiment config and the
+                               resolved `DecomposerConfig` (architecture and dtypes), so
+                               `init.pretrained` is never read again
+    MODEL/weights.safetensors  every variable of the model by its nnx state path
+                               ('transformer/transformer_blocks/0/attn/to_q/kernel'), in the
+                               dtype it was trained in: the EMA weights and the frozen parts
+                               (the VAE, buffers)
+    MODEL/text.safetensors     models reading precomputed text embeddings only: the empty
+                               text's embedding (`build.TextEmbeddings`' format), so spatial
+                               prompts and guidance work without the embeddings file
+
+A workdir is read without ever building optimizer state: only `ema` and `step` are restored
+from its Orbax checkpoint; the frozen parts are rebuilt as the trainer built them (random
+from `config.seed`, or from `init.pretrained`), since the checkpoint does not hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from layerjax import parallel
+from layerjax.fileio import Artifact, as_path, atomic_dir, check_destination, is_url, read_json
+from layerjax.models import common
+from layerjax.models.decomposer import (TRAINABLE, DecomposerConfig, LayerDecomposer,
+                                        TextEncoderConfig, tokenize)
+from layerjax.models.mmdit import MMDiTConfig
+from layerjax.models.vae import VAEConfig
+from layerjax.train import build, trainer
+
+FORMAT = 'layerjax.decomposer/1'
+META = 'decomposer.json'
+WEIGHTS = 'weights.safetensors'
+TEXT = 'text.safetensors'
+MODEL_FOLDER = Artifact('decomposer model', lambda p: (p / META).is_file(), markers=(META,))
+DTYPE_CHOICES = ('float32', 'bfloat16')
+
+
+class ModelError(ValueError):
+  """A folder that cannot be loaded as asked; the message names the path and the problem."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model: LayerDecomposer  # the EMA weights; placed on the mesh `load` was given
+  config: ml_collections.ConfigDict  # the experiment config it was trained with
+  step: int
+  source: str  # the folder it came from (packed model or workdir)
+  # Precomputed text embeddings it came with: the packed empty text, or a workdir's
+  # `model.text.embeddings` file; None for the byte encoder or when the file is gone.
+  texts: build.TextEmbeddings | None = None
+
+
+# --- the resolved architecture as JSON ------------------------------------------------------
+
+def config_json(cfg: DecomposerConfig) -> dict:
+  """`cfg` as plain JSON values; dtypes by name."""
+  def plain(x):
+    if dataclasses.is_dataclass(x):
+      return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (tuple, list)):
+      return [plain(v) for v in x]
+    if x is None or isinstance(x, (str, int, float)):
+      return x
+    return jnp.dtype(x).name  # compute and parameter dtypes
+  return plain(cfg)
+
+
+def config_from_json(d: dict, dtype: str | None = None) -> DecomposerConfig:
+  """The inverse of `config_json`; `dtype` ('float32' / 'bfloat16') replaces the compute and
+  parameter dtypes of every part."""
+  def compute(sub: dict) -> dict:
+    return {**sub, **{k: build.DTYPES[dtype or sub[k]] for k in ('dtype', 'param_dtype')}}
+  return DecomposerConfig(**{
+      **d, 'mmdit': MMDiTConfig(**compute(d['mmdit'])),
+      'vae': VAEConfig(**compute(d['vae'])) if d['vae'] else None,
+      'text': TextEncoderConfig(**d['text']) if d['text'] else None})
+
+
+# --- filling an abstract model ------------------------------------------------------------
+
+def _key(path: tuple) -> str:
+  return '/'.join(map(str, path))
+
+
+def _abstract(cfg: DecomposerConfig) -> LayerDecomposer:
+  return common.abstract(lambda rngs: LayerDecomposer(cfg, rngs=rngs))
+
+
+def _default_mesh(mesh) -> jax.sharding.Mesh:
+  return mesh if mesh is not None else parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def _filled(abstract: LayerDecomposer, value: Callable[[str], Any], mesh) -> LayerDecomposer:
+  """`abstract` with each variable `value(key)`, cast to the variable's dtype and placed as
+  `parallel.model_shardings` says; host arrays are sliced per device, never copied whole to
+  one device first."""
+  shardings = dict(nnx.to_flat_state(parallel.model_shardings(abstract, mesh)))
+  graphdef, state = nnx.split(abstract)
+  for path, var in nnx.to_flat_state(state):
+    x, sharding, dtype = value(_key(path)), shardings[path], var.dtype
+    if isinstance(x, jax.Array):
+      x = jax.device_put(x.astype(dtype), sharding)
+    else:
+      x = jax.make_array_from_callback(
+          var.shape, sharding, lambda index, x=x: np.asarray(x[index]).astype(dtype))
+    var.set_value(x)
+  return nnx.merge(graphdef, state)
+
+
+# --- where a model comes from -------------------------------------------------------------
+
+def _kind(path) -> str:
+  path = as_path(path)
+  if (path / META).is_file():
+    return 'packed'
+  if (path / 'checkpoints').is_dir():
+    return 'workdir'
+  what = 'no such folder' if not path.exists() else (
+      f'neither a packed decomposer model (no {META}) nor a training workdir (no checkpoints/)')
+  raise ModelError(f'{path}: {what}')
+
+
+@dataclasses.dataclass
+class _Workdir:
+  """A checked workdir: its config, the step to load and its checkpoints, nothing loaded."""
+  path: Any
+  config: ml_collections.ConfigDict
+  step: int
+  checkpoints: trainer.Checkpoints
+
+
+def _open_workdir(path, step: int | None) -> _Workdir:
+  path = as_path(path)
+  config_file = path / trainer.CONFIG
+  if not config_file.is_file():
+    raise ModelError(f'{config_file}: missing; the workdir does not record the config it was '
+                     'trained with (runs before layerjax recorded it): train one step more '
+                     'with the same config to record it')
+  config = ml_collections.ConfigDict(read_json(config_file, ModelError))
+  ckpt = trainer.Checkpoints(path / 'checkpoints', config.keep_checkpoints, async_save=False,
+                             read_only=True)
+  steps = ckpt.steps()
+  if not steps:
+    ckpt.close()
+    raise ModelError(f'{path}/checkpoints: holds no checkpoint')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    ckpt.close()
+    raise ModelError(f'{path}/checkpoints: no step {step} (steps there: {steps})')
+  build.model_config(config)  # `init.pretrained` there and valid, before any weight is read
+  return _Workdir(path, config, step, ckpt)
+
+
+def _embeddings_file(config) -> build.TextEmbeddings | None:
+  t = config.model.text
+  if t.encoder != 'precomputed' or not t.embeddings or not Path(t.embeddings).is_file():
+    return None
+  return build.TextEmbeddings(t.embeddings)
+
+
+def _load_workdir(w: _Workdir, mesh, dtype: str | None) -> LoadedModel:
+  """The EMA weights of step `w.step` and the frozen parts the trainer builds."""
+  cfg = config_from_json(config_json(build.model_config(w.config)), dtype)
+  abstract = _abstract(cfg)
+  mesh = _default_mesh(mesh)
+  # The frozen parts as the trainer makes them (`trainer.create`); its trainable weights are
+  # dropped before the EMA weights are read, so the two are never held together.
+  frozen = nnx.split(build.build_model(w.config, w.config.seed), TRAINABLE, ...)[2]
+  values = {_key(p): v[...] for p, v in nnx.to_flat_state(frozen)}
+  del frozen
+  shardings = dict(nnx.to_flat_state(parallel.model_shardings(abstract, mesh)))
+  ema = nnx.state(abstract, TRAINABLE)
+  for path, var in nnx.to_flat_state(ema):  # the restore target: shape, dtype and placement
+    var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path]))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), 'ema': ema}
+  restored = w.checkpoints.restore(w.step, target, partial=True)
+  w.checkpoints.close()
+  values.update({_key(p): v[...] for p, v in nnx.to_flat_state(restored['ema'])})
+  return LoadedModel(_filled(abstract, values.__getitem__, mesh), w.config,
+                     int(restored['step']), str(w.path), _embeddings_file(w.config))
+
+
+def _read_meta(folder) -> dict:
+  path = folder / META
+  meta = read_json(path, ModelError)
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    got = meta.get('format') if isinstance(meta, dict) else None
+    raise ModelError(f'{path}: format {got!r}; this layerjax reads {FORMAT!r} (pack the '
+                     'workdir again with this version)')
+  missing = [k for k in ('step', 'source', 'config', 'model') if k not in meta]
+  if missing:
+    raise ModelError(f'{path}: malformed, no {missing}')
+  return meta
+
+
+def _check_weights(path: Path, abstract: LayerDecomposer, meta_path) -> None:
+  """Every tensor of the file is a variable of the architecture, of its shape, and back."""
+  try:
+    with safe_open(str(path), framework='np') as f:
+      have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+  except (SafetensorError, OSError) as e:
+    raise ModelError(f'{path}: not a readable safetensors file ({e})') from None
+  want = {_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+  shown = lambda names: f'{names[:5]}' + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+  problems = []
+  for what, names in (('missing', sorted(set(want) - set(have))),
+                      ('unexpected', sorted(set(have) - set(want)))):
+    if names:
+      problems.append(f'{what} {shown(names)}')
+  shapes = [f'{k} {have[k]} (expected {want[k]})' for k in sorted(set(have) & set(want))
+            if have[k] != want[k]]
+  if shapes:
+    problems.append(f'shapes {shown(shapes)}')
+  if problems:
+    raise ModelError(f'{path}: does not match the architecture in {meta_path}: '
+                     + '; '.join(problems))
+
+
+def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedModel:
+  if is_url(folder):
+    raise ModelError(f'{folder}: a packed model is read from a local folder; copy it first '
+                     f'(gcloud storage cp -r {folder} .)')
+  folder = Path(folder)
+  meta = _read_meta(folder)
+  if step is not None and step != meta['step']:
+    raise ModelError(f'{folder}: a packed model of step {meta["step"]} only, not step {step}')
+  abstract = _abstract(config_from_json(meta['model'], dtype))
+  _check_weights(folder / WEIGHTS, abstract, folder / META)
+  with safe_open(str(folder / WEIGHTS), framework='np') as f:
+    model = _filled(abstract, f.get_tensor, _default_mesh(mesh))
+  texts = build.TextEmbeddings(folder / TEXT) if (folder / TEXT).is_file() else None
+  return LoadedModel(model, ml_collections.ConfigDict(meta['config']), int(meta['step']),
+                     str(folder), texts)
+
+
+# --- the API ------------------------------------------------------------------------------
+
+def load(path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+         dtype: str | None = None) -> LoadedModel:
+  """A packed model folder or a training workdir (its latest step, or `step`), its weights
+  placed on `mesh` (default: the first device) by the model's logical axes. `dtype`: None
+  keeps the trained dtypes, 'float32' or 'bfloat16' sets every part's parameter and compute
+  dtype (weights are cast as they are placed, never held in both)."""
+  if dtype is not None and dtype not in DTYPE_CHOICES:
+    raise ModelError(f'dtype {dtype!r}: expected one of {DTYPE_CHOICES} or None (as trained)')
+  if _kind(path) == 'packed':
+    return _load_packed(path, step, mesh, dtype)
+  return _load_workdir(_open_workdir(path, step), mesh, dtype)
+
+
+def pack(workdir, out, *, step: int | None = None, overwrite: bool = False) -> Path:
+  """Writes the model of `workdir` (latest step, or `step`) to the folder `out`, atomically;
+  a model folder there is replaced only with `overwrite`, anything else is refused."""
+  check_destination(out, MODEL_FOLDER, overwrite)
+  if _kind(workdir) != 'workdir':
+    raise ModelError(f'{workdir}: a packed model already, not a training workdir')
+  w = _open_workdir(workdir, step)
+  needs_text = w.config.model.text.encoder == 'precomputed'
+  if needs_text and _embeddings_file(w.config) is None:
+    w.checkpoints.close()
+    raise ModelError(f'model.text.embeddings: {w.config.model.text.embeddings!r}: no such '
+                     f"file; {workdir}'s model reads precomputed text embeddings and the "
+                     "packed model keeps the empty text's")
+  loaded = _load_workdir(w, None, None)
+  tensors = {_key(p): np.asarray(jax.device_get(v[...]))
+             for p, v in nnx.to_flat_state(nnx.state(loaded.model))}
+  meta = {'format': FORMAT, 'step': loaded.step, 'source': str(w.path),
+          'config': w.config.to_dict(), 'model': config_json(loaded.model.config)}
+  with atomic_dir(out, MODEL_FOLDER, overwrite) as tmp:
+    save_file(tensors, str(tmp / WEIGHTS))
+    if needs_text:
+      key = build.TextEmbeddings.key('')
+      states, pooled = loaded.texts([''])
+      save_file({f'{key}.states': states[0], f'{key}.pooled': pooled[0]}, str(tmp / TEXT))
+    (tmp / META).write_text(json.dumps(meta, indent=2) + '\n')
+  return as_path(out)
+
+
+def text_inputs(loaded: LoadedModel, embeddings=None) -> Callable[[list[str]], dict]:
+  """A function texts -> the batch entries the model's text conditioning reads:
+  `text_tokens` for the byte encoder; `text_embeds` and `pooled_text_embeds` for precomputed
+  embeddings, looked up in `embeddings` (a safetensors file, as `build.TextEmbeddings`), then
+  in those the model came with (a packed model: the empty text only)."""
+  cfg = loaded.model.config
+  if cfg.text is not None:
+    return lambda texts: {'text_tokens': tokenize(texts, cfg.text.max_len)}
+  tables = ([build.TextEmbeddings(embeddings)] if embeddings else []) + (
+      [loaded.texts] if loaded.texts is not None else [])
+
+  def lookup(texts):
+    states, pooled = [], []
+    for text in texts:
+      key = build.TextEmbeddings.key(str(text))
+      table = next((t for t in tables if f'{key}.states' in t.tensors), None)
+      if table is None:
+        where = ', '.join(str(t.path) for t in tables) or 'no embeddings file'
+        raise ModelError(f'text {text!r}: {loaded.source} reads precomputed text embeddings '
+                         f'and {where} holds none for it: give embeddings= a safetensors file '
+                         'with it (`python -m data_engine embed-texts`)')
+      s, p = table([text])
+      states.append(s[0])
+      pooled.append(p[0])
+    return {'text_embeds': np.stack(states), 'pooled_text_embeds': np.stack(pooled)}
+  return lookup
