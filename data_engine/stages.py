@@ -261,12 +261,14 @@ def extract_shadows(item: Photo, ctx: Context) -> dict:
           'shadow_pixels': [int(m.sum()) for m in masks]}
 
 
-def layer(item: Photo, ctx: Context) -> dict:
+def layer(item: Photo, ctx: Context, tolerance: float = 1 / 255) -> dict:
   """The exact layer stack: background, then per object its shadow and itself.
 
-  Where the solve cannot reach the photo (an object colour or shadow that would leave [0, 1],
-  typically at faint alpha over a very different inpainted background), those pixels keep the
-  photo in the background and lose the shadow, and the objects are solved again over that.
+  Where the solve cannot reach the photo within `tolerance` (an object colour or shadow that
+  would leave [0, 1], typically at faint alpha over a very different inpainted background),
+  those pixels keep the photo in the background and lose the shadow, and the objects are
+  solved again over that. (The engine's samples are stored in 8 bits: one step is its
+  tolerance; inference keeps float layers and asks for less.)
   """
   image = item.image
   covered = np.zeros(image.shape[:2], bool)
@@ -276,7 +278,7 @@ def layer(item: Photo, ctx: Context) -> dict:
       covered |= o.shadow[..., 3] > 0
   background = np.where(covered[..., None], item.background, image)
   layers = _solve_stack(item, background)
-  miss = np.abs(schema.composite(layers)[..., :3] - image).max(-1) > 1 / 255
+  miss = np.abs(schema.composite(layers)[..., :3] - image).max(-1) > tolerance
   if miss.any():
     for o in item.objects:
       if o.shadow is not None:

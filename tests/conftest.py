@@ -10,6 +10,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 
 import numpy as np
+import pytest
 
 
 def randomize_(module, seed: int, std: float = 0.2):
@@ -108,3 +109,27 @@ def torch_reference(model, precision: str):
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long tests, run with -m slow')
+
+
+
+@pytest.fixture(scope='session')
+def trained_workdirs(tmp_path_factory):
+  """kind ('pixels' or 'vae', `train_utils.tiny`) -> (config, its workdir after 2 training
+  steps), each trained once per session, when first asked for: what the inference tests
+  load, pack and decompose with. Every prompt kind is trained."""
+  from train_utils import make_dataset, tiny, write_embeddings
+  from layerjax.train import trainer
+  root = tmp_path_factory.mktemp('trained')
+  data = make_dataset(root / 'data')
+  emb = write_embeddings(root / 'emb.safetensors', 6, 16, 16)
+  made = {}
+
+  def get(kind):
+    if kind not in made:
+      c = tiny(data, kind, embeddings=emb, total_steps=2, checkpoint_every=2)
+      c.data.prompt_probs = {'box': 0.4, 'point+text': 0.3, 'mask': 0.3}
+      trainer.train(c, root / kind)
+      made[kind] = c, root / kind
+    return made[kind]
+  get.embeddings = emb
+  return get

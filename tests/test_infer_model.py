@@ -20,27 +20,13 @@ from layerjax import parallel
 from layerjax.fileio import OutputError
 from layerjax.infer import model as infer
 from layerjax.train import build, trainer
-from train_utils import make_dataset, tiny, write_embeddings
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) devices')
 
 
 @pytest.fixture(scope='module')
-def workdirs(tmp_path_factory):
-  """kind -> (config, workdir trained 2 steps), each trained once, when first asked for."""
-  root = tmp_path_factory.mktemp('infer_model')
-  data = make_dataset(root / 'data')
-  emb = write_embeddings(root / 'emb.safetensors', 6, 16, 16)
-  made = {}
-
-  def get(kind):
-    if kind not in made:
-      c = tiny(data, kind, embeddings=emb, total_steps=2, checkpoint_every=2)
-      trainer.train(c, root / kind)
-      made[kind] = c, root / kind
-    return made[kind]
-  get.embeddings = emb
-  return get
+def workdirs(trained_workdirs):
+  return trained_workdirs
 
 
 def flat(state) -> dict[str, np.ndarray]:

@@ -1,1 +1,2 @@
-"""Inference: the decomposer model on disk and loaded for use."""
+"""Inference: the decomposer on disk (`model`), called on photos (`decomposer`), its
+post-processing (`postprocess`) and whole-scene peeling (`scene`)."""

@@ -1,0 +1,360 @@
+"""`Decomposer`: a trained layer decomposer as users call it.
+
+    d = Decomposer.load('out/demo/model')            # a packed model, or a training workdir
+    sample = d.decompose('photo.jpg', Query(box=(40, 30, 200, 220)), seeds=4)
+    sample = d.decompose(photo, 'the red mug')        # a text prompt
+    sample = d.decompose(photo)                       # whole scene: every object it finds
+
+The result is a `LayeredSample` at the photo's resolution: the completed background, then
+the referred object's shadow (when it casts one) and the object, recomposing to the photo
+exactly on visible pixels; without a prompt, every object the proposal tools find, peeled
+front to back (`layerjax.infer.scene`). Prompts are rendered exactly as training renders
+them (`examples.render_prompt` at the model's resolution, the text as the loader gives it).
+Seeds are sampled one at a time (seed `seed + i`, so a seed's result does not depend on how
+many are asked for); the one whose raw recomposition is closest to the photo is kept, and
+every seed's score is in the provenance. The jitted sampler and decoder are compiled once
+per (shape, steps, guidance) and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from layerjax import flow
+from layerjax.data import examples, images, pipeline
+from layerjax.data.schema import LayeredSample, Prompt, assemble, composite
+from layerjax.infer import model as infer_model
+from layerjax.infer import postprocess as post
+
+# Larger photos are refused before they are decoded (a 16k x 16k photo's float32 copies
+# alone take 3 GB each); the model sees a few hundred pixels a side whatever comes in.
+MAX_PIXELS = 64_000_000
+SHADOW_MIN = 0.02  # shadow opacity below it is the model's noise: left in the background
+
+
+class PromptError(ValueError):
+  """A prompt the model cannot take; the message names the prompt field and the problem."""
+
+
+@dataclasses.dataclass
+class Query:
+  """What to decompose: one or several points (x, y), a box (x0, y0, x1, y1, end-exclusive),
+  a mask (bool [H, W], or a path to a PNG whose pixels >= 128 are in it), a text, or any
+  combination. Coordinates are the photo's pixels."""
+  points: tuple[tuple[float, float], ...] = ()
+  box: tuple[int, int, int, int] | None = None
+  mask: Any = None
+  text: str = ''
+
+  @property
+  def kinds(self) -> frozenset[str]:
+    return frozenset(k for k, given in (('point', self.points), ('box', self.box is not None),
+                                        ('mask', self.mask is not None), ('text', self.text))
+                     if given)
+
+
+def as_query(prompt) -> Query | None:
+  """None (whole scene), a `Query`, a text, or a dict of `Query`'s fields."""
+  if prompt is None or isinstance(prompt, Query):
+    return prompt
+  if isinstance(prompt, str):
+    return Query(text=prompt)
+  if isinstance(prompt, dict):
+    unknown = set(prompt) - {f.name for f in dataclasses.fields(Query)}
+    if unknown:
+      raise PromptError(f'prompt: unknown fields {sorted(unknown)} (points, box, mask, text)')
+    return Query(**prompt)
+  raise PromptError(f'prompt: expected None, a text, a dict or a Query, got '
+                    f'{type(prompt).__name__}')
+
+
+def _check_query(q: Query, size: tuple[int, int]) -> Query:
+  """The query with its mask loaded and every field checked against the photo's size."""
+  h, w = size
+  points = []
+  for p in q.points:
+    if len(p) != 2:
+      raise PromptError(f'prompt point {tuple(p)}: expected (x, y)')
+    x, y = float(p[0]), float(p[1])
+    if not (0 <= x < w and 0 <= y < h):
+      raise PromptError(f'prompt point ({x:g}, {y:g}) is outside the {w}x{h} image')
+    points.append((x, y))
+  box = q.box
+  if box is not None:
+    if len(box) != 4:
+      raise PromptError(f'prompt box {tuple(box)}: expected (x0, y0, x1, y1)')
+    box = tuple(int(round(float(v))) for v in box)
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+      raise PromptError(f'prompt box {box} has zero area (x1 <= x0 or y1 <= y0)')
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+      raise PromptError(f'prompt box {box} is outside the {w}x{h} image')
+  mask = q.mask
+  if mask is not None:
+    name = 'prompt mask'
+    if isinstance(mask, (str, Path)):
+      name = f'prompt mask {mask}'
+      if not Path(mask).is_file():
+        raise PromptError(f'{name}: no such file')
+      try:
+        with Image.open(mask) as im:
+          mask = np.asarray(im.convert('L')) >= 128
+      except OSError as e:
+        raise PromptError(f'{name}: not a readable image ({e})') from None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+      mask = mask > (127 if mask.dtype == np.uint8 else 0.5)
+    if mask.shape != (h, w):
+      raise PromptError(f'{name}: shape {mask.shape[:2]}, but the image is {h}x{w}')
+    if not mask.any():
+      raise PromptError(f'{name} is empty')
+  if not isinstance(q.text, str):
+    raise PromptError(f'prompt text: expected a string, got {type(q.text).__name__}')
+  return Query(tuple(points), box, mask, q.text.strip())
+
+
+@dataclasses.dataclass
+class Raw:
+  """The chosen seed's layers at the photo's resolution, before the exact solve."""
+  background: np.ndarray  # [H, W, 3]
+  obj: post.Extracted
+  provenance: dict
+
+
+class Decomposer:
+  """A loaded decomposer (`load`) and the settings it decomposes with."""
+
+  def __init__(self, loaded: infer_model.LoadedModel, *, embeddings=None,
+               max_pixels: int = MAX_PIXELS):
+    self.loaded = loaded
+    self.config = loaded.config
+    self.max_pixels = max_pixels
+    self._text = infer_model.text_inputs(loaded, embeddings)
+    self._graphdef, self._state = nnx.split(loaded.model)
+    cfg = loaded.model.config
+    self._step = cfg.latent_factor * cfg.mmdit.patch_size
+    self._board_needed = 'checkerboard' in cfg.conditions
+    self.kinds = frozenset().union(*pipeline._parse_prompt_probs(
+        self.config.data.prompt_probs)[0])
+    self._sample = jax.jit(self._sample_fn, static_argnames=('steps', 'guidance'))
+    self._decode = jax.jit(self._decode_fn)
+
+  @classmethod
+  def load(cls, path, *, step: int | None = None, mesh=None, dtype: str | None = None,
+           embeddings=None, max_pixels: int = MAX_PIXELS) -> 'Decomposer':
+    """A packed model folder (`python -m layerjax.decompose pack`) or a training workdir
+    (its latest checkpoint, or `step`); `dtype` 'float32' / 'bfloat16' (None: as trained);
+    `embeddings`: precomputed text embeddings for text prompts to an SD3-text model."""
+    return cls(infer_model.load(path, step=step, mesh=mesh, dtype=dtype),
+               embeddings=embeddings, max_pixels=max_pixels)
+
+  # --- jitted parts ---------------------------------------------------------------------
+
+  def _sample_fn(self, state, batch, uncond, rng, steps, guidance):
+    model = nnx.merge(self._graphdef, state)
+    return flow.sample_latents(model, batch, rng, steps, self.config.loss.shift,
+                               guidance=guidance, uncond=uncond if guidance != 1 else None)
+
+  def _decode_fn(self, state, latents, batch):
+    model = nnx.merge(self._graphdef, state)
+    board = batch['checkerboard'] if self._board_needed else None
+    return flow.decode_layers(model, latents, model.head_pixels(batch), board)
+
+  # --- inputs ---------------------------------------------------------------------------
+
+  def load_image(self, image) -> np.ndarray:
+    """A path, PIL image or array (uint8, or float in [0, 1]) -> float32 [H, W, 3], refused
+    above `max_pixels` before it is decoded."""
+    name = None
+    if isinstance(image, (str, Path)):
+      name = str(image)
+      if not Path(image).is_file():
+        raise images.ImageError(f'{name}: no such file')
+      try:
+        with Image.open(image) as im:
+          self._check_size(im.size[1], im.size[0], name)
+      except (OSError, Image.DecompressionBombError):
+        pass  # load_image names what is wrong with it
+      return images.load_image(image, alpha='composite')
+    if isinstance(image, Image.Image):
+      image = np.asarray(image.convert('RGB'))
+    x = np.asarray(image)
+    if x.ndim != 3 or x.shape[-1] != 3:
+      raise images.ImageError(f'image: expected [H, W, 3], got shape {x.shape}')
+    self._check_size(x.shape[0], x.shape[1], 'image')
+    if x.dtype == np.uint8:
+      return x.astype(np.float32) / 255
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+      raise images.ImageError('image: float values must be finite and in [0, 1]')
+    return x
+
+  def _check_size(self, h: int, w: int, name: str) -> None:
+    if h * w > self.max_pixels:
+      raise images.ImageError(f'{name}: {w}x{h} is {h * w / 1e6:.1f} MP, above the limit of '
+                              f'{self.max_pixels / 1e6:.0f} MP (max_pixels)')
+    if min(h, w) < 1:
+      raise images.ImageError(f'{name}: empty image')
+
+  def _check_settings(self, q: Query | None, seeds: int, steps: int, guidance: float) -> None:
+    if seeds < 1 or steps < 1:
+      raise ValueError(f'seeds and steps must be >= 1, got seeds={seeds}, steps={steps}')
+    if guidance != 1 and not self.config.loss.get('cond_dropout', 0.0):
+      raise ValueError(f'guidance={guidance}: this model was trained without condition '
+                       'dropout (loss.cond_dropout = 0), so it has no unconditional '
+                       'prediction to guide away from; use guidance 1')
+    if q is not None:
+      untrained = q.kinds - self.kinds
+      if untrained:
+        raise PromptError(f'prompt {"+".join(sorted(untrained))}: this model was trained '
+                          f'with prompt kinds {sorted(self.kinds)} (data.prompt_probs) only')
+      if not q.kinds:
+        raise PromptError('prompt: empty (give points, a box, a mask or a text, or no '
+                          'prompt for the whole scene)')
+
+  # --- decomposition --------------------------------------------------------------------
+
+  def decompose(self, image, prompt=None, *, seeds: int = 1, seed: int = 0,
+                steps: int | None = None, guidance: float = 1.0,
+                max_layers: int | None = None, proposals=None,
+                sample_id: str = 'decomposed') -> LayeredSample:
+    """`image` (path, PIL or array) -> its layers. `prompt`: a `Query`, a text, a dict of
+    Query fields, or None for the whole scene (then `max_layers` objects at most, proposed
+    by `proposals`, a `layerjax.infer.scene.Proposals`; default: the engine's offline
+    detector and depth order). Every input is checked before any compute."""
+    steps = steps or self.config.eval.sample_steps
+    q = as_query(prompt)
+    self._check_settings(q, seeds, steps, guidance)
+    photo = self.load_image(image)
+    settings = dict(seeds=seeds, seed=seed, steps=steps, guidance=float(guidance))
+    if q is None:
+      from layerjax.infer import scene
+      return scene.peel(self, photo, proposals or scene.Proposals(), max_layers, settings,
+                        sample_id)
+    if max_layers is not None:
+      raise PromptError('max_layers is for the whole scene (no prompt); a prompt refers to '
+                        'one object')
+    q = _check_query(q, photo.shape[:2])
+    t0 = time.perf_counter()
+    raw = self.extract(photo, q, **settings)
+    t1 = time.perf_counter()
+    layers, repaired = post.exact_layers(photo, raw.background, [raw.obj])
+    prov = self._provenance(settings, raw.provenance, repaired, photo.shape[:2])
+    prov['prompt'] = _describe(q)
+    sample = assemble(sample_id, layers, prov, prompts=False)
+    target = next(l.name for l in layers if l.kind == 'object')
+    if q.points or q.box is not None or q.mask is not None:
+      sample.prompts.append(Prompt(target, points=q.points, box=q.box, mask=q.mask))
+    sample.provenance['timings']['postprocess'] += time.perf_counter() - t1
+    sample.provenance['timings']['total'] = time.perf_counter() - t0
+    return sample.validate()
+
+  def _provenance(self, settings: dict, raw: dict, repaired: int, size) -> dict:
+    return {'model': self.loaded.source, 'step': self.loaded.step, **settings,
+            'size': list(size), **raw, 'repaired_pixels': repaired}
+
+  def extract(self, photo: np.ndarray, q: Query, *, seeds: int, seed: int, steps: int,
+              guidance: float) -> Raw:
+    """One object (the checked query's) from `photo` [H, W, 3]: every seed sampled, the one
+    closest to the photo kept, its layers brought to the photo's resolution."""
+    g = post.geometry(photo.shape[:2], tuple(self.config.data.image_size), self._step)
+    batch = self._batch(photo, q, g)
+    uncond = flow.unconditional_inputs(batch, self._text([''])) if guidance != 1 else None
+    timings = {'sampling': 0.0, 'decoding': 0.0, 'postprocess': 0.0}
+    scores, best = [], None
+    sh, sw = g.scaled
+    image = batch['image'][0, :sh, :sw]
+    for i in range(seeds):
+      t = time.perf_counter()
+      latents = jax.block_until_ready(self._sample(
+          self._state, batch, uncond, jax.random.PRNGKey(seed + i), steps=steps,
+          guidance=float(guidance)))
+      t2 = time.perf_counter()
+      out = {k: np.asarray(v[0, :sh, :sw], np.float32) for k, v in
+             jax.device_get(self._decode(self._state, latents, batch)).items()}
+      timings['sampling'] += t2 - t
+      timings['decoding'] += time.perf_counter() - t2
+      layers = _layers(out, image)
+      err = float(np.abs(_recompose(*layers) - image).mean())
+      scores.append(err)
+      if best is None or err < scores[best[0]]:
+        best = (i, layers)
+    t = time.perf_counter()
+    background, colour, alpha, shadow = best[1]
+    if 'background' in self.loaded.model.config.layers:
+      background = np.clip(post.resize(background, g.size), 0, 1)
+    else:
+      background = photo
+    if photo.shape[0] > sh or photo.shape[1] > sw:  # upsampling: edges from the photo
+      alpha = post.guided_upsample(alpha, photo)
+    else:
+      alpha = np.clip(post.resize(alpha, g.size), 0, 1)
+    alpha = np.where(alpha < flow.ALPHA_MIN, 0, alpha).astype(np.float32)
+    colour = np.clip(post.resize(colour, g.size), 0, 1)
+    if shadow is not None:
+      premult = post.resize(np.concatenate([shadow[..., :3] * shadow[..., 3:],
+                                            shadow[..., 3:]], -1), g.size)
+      opacity = np.clip(premult[..., 3], 0, 1)
+      opacity = np.where(opacity < SHADOW_MIN, 0, opacity)
+      shadow = None
+      if opacity.any():
+        rgb = np.clip(premult[..., :3] / np.maximum(premult[..., 3:], 1e-6), 0, 1)
+        shadow = np.concatenate([rgb, opacity[..., None]], -1).astype(np.float32)
+    recomposed = _recompose(background, colour, alpha, shadow)
+    timings['postprocess'] += time.perf_counter() - t
+    label = q.text or 'object'
+    obj = post.Extracted(alpha, colour, shadow, label=label,
+                         referring=(q.text,) if q.text else ())
+    prov = {'seeds_tried': [seed + i for i in range(seeds)], 'seed_scores': scores,
+            'chosen_seed': seed + best[0], 'model_size': list(g.padded),
+            # How far the model's own layers are from the photo, before the exact solve:
+            # at the model's resolution, and upsampled to the photo's.
+            'raw_recompose_l1': scores[best[0]],
+            'upsampled_recompose_l1': float(np.abs(recomposed - photo).mean()),
+            'timings': timings}
+    return Raw(background, obj, prov)
+
+  def _batch(self, photo: np.ndarray, q: Query, g: post.Geometry) -> dict:
+    """The model's inputs for one photo and query, as the loader makes them for training."""
+    hw = g.padded
+    spatial = Prompt('target', points=post.points_to_model(q.points, g),
+                     box=None if q.box is None else post.box_to_model(q.box, g),
+                     mask=None if q.mask is None else post.mask_to_model(q.mask, g))
+    d = self.config.data
+    prompt = examples.render_prompt(hw, spatial, q.kinds, d.point_sigma)
+    board = examples.checkerboard(hw, d.checkerboard_cell, np.random.default_rng(0), 0.0)
+    batch = {'image': post.to_model(photo, g)[None], 'prompt': prompt[None],
+             'checkerboard': board[None, ..., :3]}
+    return {**batch, **self._text([q.text])}
+
+
+def _layers(out: dict, image: np.ndarray) -> tuple:
+  """(background RGB, object colour, object alpha, shadow RGBA or None) from the decoded
+  layers; a model without a background layer leaves the photo as it is behind the object."""
+  fg = out['foreground']
+  background = out['background'][..., :3] if 'background' in out else image
+  return background, fg[..., :3], fg[..., 3], out.get('shadow')
+
+
+def _recompose(background, colour, alpha, shadow) -> np.ndarray:
+  ones = np.ones(background.shape[:2] + (1,), np.float32)
+  stack = [np.concatenate([background, ones], -1)]
+  if shadow is not None:
+    stack.append(shadow)
+  stack.append(np.concatenate([colour, alpha[..., None]], -1))
+  return composite(stack)[..., :3]
+
+
+def _describe(q: Query) -> dict:
+  """The prompt as provenance (the mask as its pixel count)."""
+  return {'points': [list(p) for p in q.points],
+          'box': None if q.box is None else list(q.box),
+          'mask_pixels': None if q.mask is None else int(q.mask.sum()), 'text': q.text}
