@@ -91,8 +91,18 @@ def test_exact_layers_recompose_to_the_photo():
   np.testing.assert_allclose(layers[2].rgba[opaque][:, :3], photo[opaque], atol=1e-5)
   np.testing.assert_array_equal(layers[2].rgba[..., 3], alpha)
   assert repaired == 0
-  # A background wrong under the shadow cannot reach the photo through it: those pixels
-  # keep the photo in the background and lose the shadow, and the stack is still exact.
+  # A background wrong under the shadow: where the shadow alone covers it, the photo shows
+  # the true one through the shadow and it is solved back, the shadow kept; only on the
+  # object's soft edge (two unknowns, one photo) may the photo be kept in the background.
   layers, repaired = post.exact_layers(photo, np.clip(bg + 0.2, 0, 1), [est])
   np.testing.assert_allclose(composite(layers)[..., :3], photo, atol=1e-5)
-  assert 0 < repaired <= (shadow[..., 3] > 0).sum()
+  only_shadow = (shadow[..., 3] > 0) & (alpha == 0)
+  np.testing.assert_allclose(layers[0].rgba[only_shadow][:, :3], bg[only_shadow], atol=1e-5)
+  np.testing.assert_array_equal(layers[1].rgba[only_shadow], shadow[only_shadow])
+  assert repaired <= ((alpha > 0) & (alpha < 1)).sum()
+  # A shadow darker than the photo allows (the photo brighter than any background under it
+  # gives): those pixels keep the photo in the background and lose the shadow.
+  dark = post.Extracted(alpha=alpha, colour=fg, shadow=shadow * (1, 1, 1, 1.9), label='disc')
+  layers, repaired = post.exact_layers(photo, bg, [dark])
+  np.testing.assert_allclose(composite(layers)[..., :3], photo, atol=1e-5)
+  assert 0 < repaired <= ((shadow[..., 3] > 0) & (alpha < 1)).sum()

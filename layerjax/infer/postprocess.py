@@ -137,6 +137,23 @@ class Extracted:
   referring: tuple[str, ...] = ()
 
 
+def _under_shadows(photo, background, objects: list[Extracted]) -> np.ndarray:
+  """The background where only shadows cover it, solved from the photo seen through them:
+  I = P + (1 - A) B for the shadows' composite (premultiplied P, alpha A), so the shadows
+  keep their place in the stack instead of being cut where the model's (blurrier)
+  background and the photo disagree. Where no background in [0, 1] explains the photo,
+  the model's is kept (the solve below then keeps the photo there)."""
+  shadows = [o.shadow for o in objects if o.shadow is not None]
+  if not shadows:
+    return background.astype(np.float32)
+  cover = composite(shadows)
+  a = cover[..., 3:]
+  free = np.all([o.alpha == 0 for o in objects], axis=0)[..., None]
+  solved = (photo - cover[..., :3] * a) / np.maximum(1 - a, 1e-6)
+  ok = free & (a > 0) & (a < 0.99) & np.all((solved >= 0) & (solved <= 1), -1, keepdims=True)
+  return np.where(ok, solved, background).astype(np.float32)
+
+
 def exact_layers(photo: np.ndarray, background: np.ndarray,
                  objects: list[Extracted]) -> tuple[list[Layer], int]:
   """Background, then per object (back to front) its shadow and itself, recomposing to
@@ -144,16 +161,18 @@ def exact_layers(photo: np.ndarray, background: np.ndarray,
   model's layers could not reach the photo and the photo was kept in the background.
   Each object's box (`Obj.box`) is not read by the solve."""
   from data_engine import stages  # the engine's own solve, called as a function
-  item = stages.Photo('decompose', '', '', image=photo.astype(np.float32),
-                      background=background.astype(np.float32))
+  completed = _under_shadows(photo, background, objects)
+  item = stages.Photo('decompose', '', '', image=photo.astype(np.float32), background=completed)
   nearer = np.zeros(photo.shape[:2], bool)
+  covered = np.zeros(photo.shape[:2], bool)
   for o in reversed(objects):  # front to back: what the object shows of itself
     visible = (o.alpha > 0.5) & ~nearer
     nearer |= visible
+    covered |= (o.alpha > 0) | (o.shadow is not None and o.shadow[..., 3] > 0)
     item.objects.insert(0, stages.Obj(box=(0, 0, 1, 1), score=1.0, mask=visible,
                                       label=o.label, colour=o.colour, alpha=o.alpha,
                                       shadow=o.shadow))
-  repaired = stages.layer(item, None, tolerance=EXACT)['repaired_pixels']
+  stages.layer(item, None, tolerance=EXACT)
   # The engine repairs once, solving each object where it is seen. Behind a nearer object
   # whose alpha is below 1, a farther object keeps the model's colour, which the nearer one
   # may not be able to cover: there every layer is solved over the photo itself (then each
@@ -165,7 +184,9 @@ def exact_layers(photo: np.ndarray, background: np.ndarray,
       o.mask = o.mask | miss
       if o.shadow is not None:
         o.shadow[miss] = 0
-    repaired += stages.layer(item, None, tolerance=EXACT)['repaired_pixels'] + int(miss.sum())
+    stages.layer(item, None, tolerance=EXACT)
+  kept = np.all(item.layers[0].rgba[..., :3] == photo, -1) & np.any(completed != photo, -1)
+  repaired = int((kept & covered).sum())
   k = 0
   for layer in item.layers:
     if layer.kind == 'object':
