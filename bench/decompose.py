@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
     r = results[name] = {}
     for side in ('ours',) + (() if args.no_peer else ('peer',)):
       out = subprocess.run([sys.executable, __file__, *passed, '--one', name, side],
-                           check=True, capture_output=True, text=True).stdout
+                           check=True, stdout=subprocess.PIPE, text=True).stdout
       r[side] = json.loads(out.strip().splitlines()[-1])
     ours = r['ours']
     s = ours['seconds']

@@ -7,7 +7,10 @@
    changed);
 2. training: `configs/liwi.py:demo` through `layerjax.train.trainer` (resumes if stopped);
 3. evaluation on the held-out test scenes: the model against trivial baselines (background
-   = the input; foreground = the input cut by the prompt box; shadow = empty).
+   = the input; foreground = the input cut by the prompt box; shadow = empty);
+4. the trained model packed for inference (`out/demo/model`), and held-out photos (scaled
+   up 4x, to 128 px) decomposed with it, one with its box as the prompt and one whole
+   scene (`out/demo/decomposed/`); the commands to do the same by hand are printed.
 
     python -m layerjax.demo [--workdir out/demo] [--config configs/liwi.py:demo]
         [--config.total_steps=200 ...]
@@ -34,6 +37,7 @@ COLOURS = {'red': (0.85, 0.15, 0.12), 'green': (0.2, 0.7, 0.25), 'blue': (0.15, 
            'white': (0.95, 0.95, 0.95), 'black': (0.08, 0.08, 0.08)}
 SHAPES = ('disc', 'square', 'triangle', 'ring', 'bar')
 BANK = Artifact('image bank', lambda p: (p / 'backgrounds').is_dir())
+SPLITS = {'train': 0.84, 'validation': 0.08, 'test': 0.08}
 
 
 def _shape(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,7 +99,7 @@ def make_data(workdir: Path, demo, data_dir: Path) -> None:
   config = engine_config.load(None, [
       f'synthesize.size=({size}, {size})', 'synthesize.num_objects=(1, 2)',
       'synthesize.object_height=(0.45, 0.8)', 'synthesize.shadow_blur=(0.5, 2.0)',
-      "runner.splits={'train': 0.84, 'validation': 0.08, 'test': 0.08}"])
+      f'runner.splits={SPLITS}'])
   summary = runners.run_local(jobs.scene_keys(0, demo.scenes),
                               jobs.make_synthesize(config, bank), scenes, demo.workers,
                               progress=False,
@@ -130,6 +134,49 @@ def main(argv) -> None:
   with atomic_file(workdir / 'demo_result.json') as tmp:
     tmp.write_text(json.dumps(result, indent=2) + '\n')
   print(f'grid: {workdir}/train/samples/test_{step}.png')
+  decompose_photos(workdir)
+
+
+def decompose_photos(workdir: Path, count: int = 2) -> None:
+  """Packs the trained model, then decomposes held-out photos with it: the first with its
+  object's box, the second as a whole scene."""
+  from data_engine import jobs
+  from layerjax.data.schema import read_folder, write_folder
+  from layerjax.infer import model as infer_model
+  from layerjax.infer import postprocess
+  from layerjax.infer.decomposer import Decomposer, Query
+  model = infer_model.pack(workdir / 'train', workdir / 'model', overwrite=True)
+  decomposer = Decomposer.load(model)
+  scenes = sorted(p for p in (workdir / 'data' / 'samples').iterdir()
+                  if jobs.split_of(p.name, SPLITS) == 'test')[:count]
+  photos = workdir / 'photos'
+  photos.mkdir(exist_ok=True)
+  print(f'\nDecomposing held-out photos with the packed model {model}:')
+  for i, folder in enumerate(scenes):
+    scene = read_folder(folder)
+    h, w = scene.size
+    photo = np.clip(postprocess.resize(scene.image, (4 * h, 4 * w)), 0, 1)
+    path = photos / f'{scene.id}.png'
+    with atomic_file(path) as tmp:
+      Image.fromarray((photo * 255).round().astype(np.uint8)).save(tmp, format='PNG')
+    if i == 0:
+      target = [l for l in scene.layers if l.kind == 'object'][-1]
+      box = tuple(4 * v for v in target.bbox)
+      sample = decomposer.decompose(path, Query(box=box), seeds=4, sample_id=scene.id)
+      how = f'--box {",".join(map(str, box))} --seeds 4'
+    else:
+      sample = decomposer.decompose(path, sample_id=scene.id)
+      how = '--layers auto'
+    out = workdir / 'decomposed' / scene.id
+    write_folder(sample, out, overwrite=True)
+    p = sample.provenance
+    raw = (f', raw recomposition L1 {p["raw_recompose_l1"]:.3f}' if 'raw_recompose_l1' in p
+           else '')
+    print(f'  {path} ({4 * w}x{4 * h}) -> {out}: '
+          f'{", ".join(l.name for l in sample.layers)}{raw}; '
+          f'{p["timings"]["total"]:.2f} s')
+    print(f'    python -m layerjax.decompose --model {model} --image {path} {how} '
+          f'--out {out} --overwrite')
 
 
 if __name__ == '__main__':

@@ -116,6 +116,11 @@ def test_tiny_decomposer_samples_with_guidance():
   r = np.random.default_rng(1)
   nnx.update(model, jax.tree.unflatten(tree, [
       jnp.asarray(p + 0.05 * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
+  # The same weights with rematerialised blocks (the SD3 configs'): its blocks must run
+  # inside the sampler's fori_loop as well.
+  c.model.remat = True
+  remat = build.build_model(c, 0)
+  nnx.update(remat, nnx.state(model))
   text_fn = build.text_inputs(c)
   rng = np.random.default_rng(0)
   items = [pipeline.make_example(make_sample(h=32, w=32, seed=s), rng, c.data) for s in (0, 1)]
@@ -124,10 +129,13 @@ def test_tiny_decomposer_samples_with_guidance():
 
   @jax.jit
   def run(batch, uncond):
-    return {g: flow.decompose(model, batch, jax.random.PRNGKey(0), 2, c.loss.shift, g, uncond)
-            for g in (1.0, 3.0)}
+    out = {g: flow.decompose(model, batch, jax.random.PRNGKey(0), 2, c.loss.shift, g, uncond)
+           for g in (1.0, 3.0)}
+    return out, flow.decompose(remat, batch, jax.random.PRNGKey(0), 2, c.loss.shift)
 
-  out = run(batch, uncond)
+  out, rematerialised = run(batch, uncond)
+  for k, v in out[1.0].items():
+    np.testing.assert_allclose(rematerialised[k], v, atol=1e-5, err_msg=k)
   for g, layers in out.items():
     for name, v in layers.items():
       assert np.isfinite(v).all(), (g, name)

@@ -313,6 +313,15 @@ def _run_block(block: JointTransformerBlock, x, context, temb):
   return store_grad_on_cpu(x), None if context is None else store_grad_on_cpu(context)
 
 
+def _remat_block(block: JointTransformerBlock, x, context, temb):
+  """`_run_block` rematerialised, as a pure function of the block's state under
+  `jax.checkpoint`: `nnx.remat` writes the block's variables back after the call, which
+  fails inside a `lax` loop the model was not made in (the sampler's `fori_loop`)."""
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda s, *a: _run_block(nnx.merge(graphdef, s), *a))(
+      state, x, context, temb)
+
+
 class SD3Transformer2DModel(nnx.Module):
   """SD3/SD3.5 MMDiT: `(latents NHWC, text [B,T,4096], pooled [B,2048], sigma*1000) -> NHWC`."""
 
@@ -346,7 +355,7 @@ class SD3Transformer2DModel(nnx.Module):
     temb = self.time_text_embed(jnp.broadcast_to(timestep, (x.shape[0],)),
                                 pooled_projections.astype(dtype))
     context = self.context_embedder(encoder_hidden_states.astype(dtype))
-    run = nnx.remat(_run_block) if cfg.remat else _run_block
+    run = _remat_block if cfg.remat else _run_block
     for block in self.transformer_blocks:
       x = parallel.constrain(x, ('batch', 'length', 'embed'))
       context = parallel.constrain(context, ('batch', 'length', 'embed'))
