@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _query(a):
-  from layerjax.infer.decomposer import Query
+  from layerjax.infer.prompts import Query
   if not (a.point or a.box or a.mask or a.text):
     return None
   if a.layers is not None:

@@ -144,7 +144,8 @@ def decompose_photos(workdir: Path, count: int = 2) -> None:
   from layerjax.data.schema import read_folder, write_folder
   from layerjax.infer import model as infer_model
   from layerjax.infer import postprocess
-  from layerjax.infer.decomposer import Decomposer, Query
+  from layerjax.infer.decomposer import Decomposer
+  from layerjax.infer.prompts import Query
   model = infer_model.pack(workdir / 'train', workdir / 'model', overwrite=True)
   decomposer = Decomposer.load(model)
   scenes = sorted(p for p in (workdir / 'data' / 'samples').iterdir()

@@ -2,18 +2,22 @@
 `python -m layerjax.decompose` (on a tiny model trained for 2 steps: what is tested is the
 path from a photo to layers that recompose to it, not the tiny model's quality)."""
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from layerjax import decompose as cli_main
+from layerjax import parallel
 from layerjax.data import images, pipeline
 from layerjax.data.schema import Layer, LayeredSample, assemble, composite, read_folder
 from layerjax.infer import model as infer_model
 from layerjax.infer import postprocess as post
-from layerjax.infer.decomposer import Decomposer, PromptError, Query
+from layerjax.infer.decomposer import Decomposer
+from layerjax.infer.prompts import PromptError, Query
 from layerjax.infer.scene import Proposals
 from data_engine.tools.types import Detection
 
@@ -110,6 +114,25 @@ def test_prompts_are_rendered_as_training_renders_them(decomposer):
     g = post.geometry((32, 32), tuple(cfg.image_size), decomposer._step)
     ours = decomposer._batch(sample.image, query, g)['prompt'][0]
     np.testing.assert_allclose(ours, example['prompt'], atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) devices')
+def test_sharded_over_a_mesh_gives_the_same_layers(decomposer, packed):
+  photo, boxes = scene(1, 32, 32)
+  sharded = Decomposer.load(packed, mesh=parallel.make_mesh((2, 2, 2)))
+  ours = sharded.decompose(photo, Query(box=boxes[0]))
+  ref = decomposer.decompose(photo, Query(box=boxes[0]))
+  assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded._state))
+  for a, b in zip(ours.layers, ref.layers):
+    np.testing.assert_allclose(a.rgba, b.rgba, atol=1e-4)
+
+
+def test_a_text_to_a_model_trained_without_text_is_refused(decomposer):
+  config = decomposer.config.copy_and_resolve_references()
+  config.data.prompt_probs = {'box': 1.0}
+  boxes_only = Decomposer(dataclasses.replace(decomposer.loaded, config=config))
+  with pytest.raises(PromptError, match=r"prompt text: .*prompt kinds \['box'\]"):
+    boxes_only.decompose(np.zeros((32, 32, 3), np.float32), Query(box=(0, 0, 8, 8), text='a'))
 
 
 def test_points_mask_file_and_text(decomposer, tmp_path):
@@ -248,6 +271,7 @@ def test_command_line_one_photo_a_folder_and_resume(packed, tmp_path, capsys):
     (['--point', 'a,b'], 'expected x,y'),
     (['--layers', '0'], 'expected an int >= 1'),
     (['--box', '0,0,8,8', '--layers', '2'], '--layers is for the whole scene'),
+    (['--box', '0,0,8,8', '--model', 'nowhere'], 'nowhere: no such folder'),
 ])
 def test_command_line_bad_arguments(packed, tmp_path, capsys, argv, message):
   Image.fromarray(np.zeros((40, 64, 3), np.uint8)).save(tmp_path / 'p.png')

@@ -42,7 +42,7 @@ PROMPT_KINDS = ('box', 'mask', 'point', 'text')
 SPATIAL = ('box', 'mask', 'point')
 
 
-def _parse_prompt_probs(probs) -> tuple[list[frozenset], np.ndarray]:
+def parse_prompt_probs(probs) -> tuple[list[frozenset], np.ndarray]:
   combos, weights = [], []
   for key, p in dict(probs).items():
     kinds = frozenset(key.split('+'))
@@ -75,7 +75,7 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
     raise ValueError(f'sample {sample.id!r}: no object layer to refer to')
   target = objects[rng.integers(len(objects))]
   prompt = next((p for p in sample.prompts if p.target == target.name), None)
-  combos, weights = _parse_prompt_probs(config.prompt_probs)
+  combos, weights = parse_prompt_probs(config.prompt_probs)
   kinds = combos[rng.choice(len(combos), p=weights)]
   if prompt is None and kinds & set(SPATIAL):
     raise ValueError(f'sample {sample.id!r}: no spatial prompt for {target.name!r}')
@@ -167,7 +167,7 @@ def _collate(items: list[dict]) -> dict[str, np.ndarray]:
 
 
 # {'+'-joined kinds: probability}, normalised.
-PROMPT_PROBS = spec.also(spec.mapping(spec.number(lo=0)), _parse_prompt_probs)
+PROMPT_PROBS = spec.also(spec.mapping(spec.number(lo=0)), parse_prompt_probs)
 # The config keys (see above). scale_range >= 1: a crop never leaves the sample; a
 # checkerboard_jitter <= 0.2 keeps the light squares (0.8 +- jitter) above the dark (0.4).
 _FIELDS = {

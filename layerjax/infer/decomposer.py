@@ -18,10 +18,10 @@ per (shape, steps, guidance) and reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -33,92 +33,13 @@ from layerjax.data import examples, images, pipeline
 from layerjax.data.schema import LayeredSample, Prompt, assemble, composite
 from layerjax.infer import model as infer_model
 from layerjax.infer import postprocess as post
+from layerjax.infer import scene
+from layerjax.infer.prompts import PromptError, Query, as_query, check_query
 
 # Larger photos are refused before they are decoded (a 16k x 16k photo's float32 copies
 # alone take 3 GB each); the model sees a few hundred pixels a side whatever comes in.
 MAX_PIXELS = 64_000_000
 SHADOW_MIN = 0.02  # shadow opacity below it is the model's noise: left in the background
-
-
-class PromptError(ValueError):
-  """A prompt the model cannot take; the message names the prompt field and the problem."""
-
-
-@dataclasses.dataclass
-class Query:
-  """What to decompose: one or several points (x, y), a box (x0, y0, x1, y1, end-exclusive),
-  a mask (bool [H, W], or a path to a PNG whose pixels >= 128 are in it), a text, or any
-  combination. Coordinates are the photo's pixels."""
-  points: tuple[tuple[float, float], ...] = ()
-  box: tuple[int, int, int, int] | None = None
-  mask: Any = None
-  text: str = ''
-
-  @property
-  def kinds(self) -> frozenset[str]:
-    return frozenset(k for k, given in (('point', self.points), ('box', self.box is not None),
-                                        ('mask', self.mask is not None), ('text', self.text))
-                     if given)
-
-
-def as_query(prompt) -> Query | None:
-  """None (whole scene), a `Query`, a text, or a dict of `Query`'s fields."""
-  if prompt is None or isinstance(prompt, Query):
-    return prompt
-  if isinstance(prompt, str):
-    return Query(text=prompt)
-  if isinstance(prompt, dict):
-    unknown = set(prompt) - {f.name for f in dataclasses.fields(Query)}
-    if unknown:
-      raise PromptError(f'prompt: unknown fields {sorted(unknown)} (points, box, mask, text)')
-    return Query(**prompt)
-  raise PromptError(f'prompt: expected None, a text, a dict or a Query, got '
-                    f'{type(prompt).__name__}')
-
-
-def _check_query(q: Query, size: tuple[int, int]) -> Query:
-  """The query with its mask loaded and every field checked against the photo's size."""
-  h, w = size
-  points = []
-  for p in q.points:
-    if len(p) != 2:
-      raise PromptError(f'prompt point {tuple(p)}: expected (x, y)')
-    x, y = float(p[0]), float(p[1])
-    if not (0 <= x < w and 0 <= y < h):
-      raise PromptError(f'prompt point ({x:g}, {y:g}) is outside the {w}x{h} image')
-    points.append((x, y))
-  box = q.box
-  if box is not None:
-    if len(box) != 4:
-      raise PromptError(f'prompt box {tuple(box)}: expected (x0, y0, x1, y1)')
-    box = tuple(int(round(float(v))) for v in box)
-    x0, y0, x1, y1 = box
-    if x1 <= x0 or y1 <= y0:
-      raise PromptError(f'prompt box {box} has zero area (x1 <= x0 or y1 <= y0)')
-    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-      raise PromptError(f'prompt box {box} is outside the {w}x{h} image')
-  mask = q.mask
-  if mask is not None:
-    name = 'prompt mask'
-    if isinstance(mask, (str, Path)):
-      name = f'prompt mask {mask}'
-      if not Path(mask).is_file():
-        raise PromptError(f'{name}: no such file')
-      try:
-        with Image.open(mask) as im:
-          mask = np.asarray(im.convert('L')) >= 128
-      except OSError as e:
-        raise PromptError(f'{name}: not a readable image ({e})') from None
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_:
-      mask = mask > (127 if mask.dtype == np.uint8 else 0.5)
-    if mask.shape != (h, w):
-      raise PromptError(f'{name}: shape {mask.shape[:2]}, but the image is {h}x{w}')
-    if not mask.any():
-      raise PromptError(f'{name} is empty')
-  if not isinstance(q.text, str):
-    raise PromptError(f'prompt text: expected a string, got {type(q.text).__name__}')
-  return Query(tuple(points), box, mask, q.text.strip())
 
 
 @dataclasses.dataclass
@@ -132,9 +53,11 @@ class Raw:
 class Decomposer:
   """A loaded decomposer (`load`) and the settings it decomposes with."""
 
-  def __init__(self, loaded: infer_model.LoadedModel, *, embeddings=None,
+  def __init__(self, loaded: infer_model.LoadedModel, *, mesh=None, embeddings=None,
                max_pixels: int = MAX_PIXELS):
+    """`mesh`: the one `loaded`'s weights are placed on (activations are constrained to it)."""
     self.loaded = loaded
+    self.mesh = mesh
     self.config = loaded.config
     self.max_pixels = max_pixels
     self._text = infer_model.text_inputs(loaded, embeddings)
@@ -142,7 +65,7 @@ class Decomposer:
     cfg = loaded.model.config
     self._step = cfg.latent_factor * cfg.mmdit.patch_size
     self._board_needed = 'checkerboard' in cfg.conditions
-    self.kinds = frozenset().union(*pipeline._parse_prompt_probs(
+    self.kinds = frozenset().union(*pipeline.parse_prompt_probs(
         self.config.data.prompt_probs)[0])
     self._sample = jax.jit(self._sample_fn, static_argnames=('steps', 'guidance'))
     self._decode = jax.jit(self._decode_fn)
@@ -153,7 +76,7 @@ class Decomposer:
     """A packed model folder (`python -m layerjax.decompose pack`) or a training workdir
     (its latest checkpoint, or `step`); `dtype` 'float32' / 'bfloat16' (None: as trained);
     `embeddings`: precomputed text embeddings for text prompts to an SD3-text model."""
-    return cls(infer_model.load(path, step=step, mesh=mesh, dtype=dtype),
+    return cls(infer_model.load(path, step=step, mesh=mesh, dtype=dtype), mesh=mesh,
                embeddings=embeddings, max_pixels=max_pixels)
 
   # --- jitted parts ---------------------------------------------------------------------
@@ -173,7 +96,6 @@ class Decomposer:
   def load_image(self, image) -> np.ndarray:
     """A path, PIL image or array (uint8, or float in [0, 1]) -> float32 [H, W, 3], refused
     above `max_pixels` before it is decoded."""
-    name = None
     if isinstance(image, (str, Path)):
       name = str(image)
       if not Path(image).is_file():
@@ -236,13 +158,12 @@ class Decomposer:
     photo = self.load_image(image)
     settings = dict(seeds=seeds, seed=seed, steps=steps, guidance=float(guidance))
     if q is None:
-      from layerjax.infer import scene
       return scene.peel(self, photo, proposals or scene.Proposals(), max_layers, settings,
                         sample_id)
     if max_layers is not None:
       raise PromptError('max_layers is for the whole scene (no prompt); a prompt refers to '
                         'one object')
-    q = _check_query(q, photo.shape[:2])
+    q = check_query(q, photo.shape[:2])
     t0 = time.perf_counter()
     raw = self.extract(photo, q, **settings)
     t1 = time.perf_counter()
@@ -274,12 +195,13 @@ class Decomposer:
     image = batch['image'][0, :sh, :sw]
     for i in range(seeds):
       t = time.perf_counter()
-      latents = jax.block_until_ready(self._sample(
-          self._state, batch, uncond, jax.random.PRNGKey(seed + i), steps=steps,
-          guidance=float(guidance)))
-      t2 = time.perf_counter()
-      out = {k: np.asarray(v[0, :sh, :sw], np.float32) for k, v in
-             jax.device_get(self._decode(self._state, latents, batch)).items()}
+      with self._on_mesh():
+        latents = jax.block_until_ready(self._sample(
+            self._state, batch, uncond, jax.random.PRNGKey(seed + i), steps=steps,
+            guidance=float(guidance)))
+        t2 = time.perf_counter()
+        decoded = jax.device_get(self._decode(self._state, latents, batch))
+      out = {k: np.asarray(v[0, :sh, :sw], np.float32) for k, v in decoded.items()}
       timings['sampling'] += t2 - t
       timings['decoding'] += time.perf_counter() - t2
       layers = _layers(out, image)
@@ -321,6 +243,9 @@ class Decomposer:
             'upsampled_recompose_l1': float(np.abs(recomposed - photo).mean()),
             'timings': timings}
     return Raw(background, obj, prov)
+
+  def _on_mesh(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def _batch(self, photo: np.ndarray, q: Query, g: post.Geometry) -> dict:
     """The model's inputs for one photo and query, as the loader makes them for training."""

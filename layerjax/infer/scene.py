@@ -21,6 +21,7 @@ import numpy as np
 
 from layerjax.data.schema import LayeredSample, Prompt, assemble
 from layerjax.infer import postprocess as post
+from layerjax.infer.prompts import PromptError, Query
 
 MAX_LAYERS = 8  # objects in whole-scene mode when the caller sets no limit
 
@@ -81,7 +82,6 @@ class Proposals:
 def peel(decomposer, photo: np.ndarray, proposals: Proposals, max_layers: int | None,
          settings: dict, sample_id: str) -> LayeredSample:
   """The whole scene of `photo` as a `LayeredSample` (see the module docstring)."""
-  from layerjax.infer.decomposer import PromptError, Query
   if max_layers is not None and max_layers < 1:
     raise ValueError(f'max_layers must be >= 1, got {max_layers}')
   if 'box' not in decomposer.kinds:
