@@ -134,11 +134,12 @@ def main(argv) -> None:
   with atomic_file(workdir / 'demo_result.json') as tmp:
     tmp.write_text(json.dumps(result, indent=2) + '\n')
   print(f'grid: {workdir}/train/samples/test_{step}.png')
-  decompose_photos(workdir)
+  decompose_photos(workdir, config)
 
 
-def decompose_photos(workdir: Path, count: int = 2) -> None:
-  """Packs the trained model, then decomposes held-out photos with it: the first with its
+def decompose_photos(workdir: Path, config, count: int = 2) -> None:
+  """Packs the trained model (`config`: what it was trained with, for a workdir from before
+  layerjax recorded it), then decomposes held-out photos with it: the first with its
   object's box, the second as a whole scene."""
   from data_engine import jobs
   from layerjax.data.schema import read_folder, write_folder
@@ -146,7 +147,7 @@ def decompose_photos(workdir: Path, count: int = 2) -> None:
   from layerjax.infer import postprocess
   from layerjax.infer.decomposer import Decomposer
   from layerjax.infer.prompts import Query
-  model = infer_model.pack(workdir / 'train', workdir / 'model', overwrite=True)
+  model = infer_model.pack(workdir / 'train', workdir / 'model', overwrite=True, config=config)
   decomposer = Decomposer.load(model)
   scenes = sorted(p for p in (workdir / 'data' / 'samples').iterdir()
                   if jobs.split_of(p.name, SPLITS) == 'test')[:count]

@@ -220,3 +220,17 @@ def test_bad_inputs_are_refused_before_any_work(workdirs, tmp_path, monkeypatch)
   before = (packed / infer.META).stat().st_mtime_ns
   assert infer.pack(workdir, packed, overwrite=True) == packed
   assert (packed / infer.META).stat().st_mtime_ns != before
+
+
+def test_a_workdir_without_its_config_loads_with_one_given(workdirs, tmp_path):
+  """Workdirs trained before layerjax recorded config.json load with the config given."""
+  c, workdir = workdirs('pixels')
+  bare = tmp_path / 'bare'
+  shutil.copytree(workdir / 'checkpoints', bare / 'checkpoints')
+  given = infer.load(bare, config=c)
+  want = flat(nnx.state(infer.load(workdir).model))
+  got = flat(nnx.state(given.model))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert given.step == 2

@@ -144,14 +144,14 @@ class _Workdir:
   checkpoints: trainer.Checkpoints
 
 
-def _open_workdir(path, step: int | None) -> _Workdir:
+def _open_workdir(path, step: int | None, config=None) -> _Workdir:
   path = as_path(path)
   config_file = path / trainer.CONFIG
-  if not config_file.is_file():
+  if config_file.is_file():
+    config = ml_collections.ConfigDict(read_json(config_file, ModelError))
+  elif config is None:
     raise ModelError(f'{config_file}: missing; the workdir does not record the config it was '
-                     'trained with (runs before layerjax recorded it): train one step more '
-                     'with the same config to record it')
-  config = ml_collections.ConfigDict(read_json(config_file, ModelError))
+                     'trained with (runs before layerjax recorded it): give it (config=)')
   ckpt = trainer.Checkpoints(path / 'checkpoints', config.keep_checkpoints, async_save=False,
                              read_only=True)
   steps = ckpt.steps()
@@ -253,25 +253,29 @@ def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedMod
 # --- the API ------------------------------------------------------------------------------
 
 def load(path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
-         dtype: str | None = None) -> LoadedModel:
+         dtype: str | None = None, config=None) -> LoadedModel:
   """A packed model folder or a training workdir (its latest step, or `step`), its weights
   placed on `mesh` (default: the first device) by the model's logical axes. `dtype`: None
   keeps the trained dtypes, 'float32' or 'bfloat16' sets every part's parameter and compute
-  dtype (weights are cast as they are placed, never held in both)."""
+  dtype (weights are cast as they are placed, never held in both). `config`: the experiment
+  config of a workdir that does not record it (trained before layerjax wrote config.json);
+  a recorded one wins."""
   if dtype is not None and dtype not in DTYPE_CHOICES:
     raise ModelError(f'dtype {dtype!r}: expected one of {DTYPE_CHOICES} or None (as trained)')
   if _kind(path) == 'packed':
     return _load_packed(path, step, mesh, dtype)
-  return _load_workdir(_open_workdir(path, step), mesh, dtype)
+  return _load_workdir(_open_workdir(path, step, config), mesh, dtype)
 
 
-def pack(workdir, out, *, step: int | None = None, overwrite: bool = False) -> Path:
+def pack(workdir, out, *, step: int | None = None, overwrite: bool = False,
+         config=None) -> Path:
   """Writes the model of `workdir` (latest step, or `step`) to the folder `out`, atomically;
-  a model folder there is replaced only with `overwrite`, anything else is refused."""
+  a model folder there is replaced only with `overwrite`, anything else is refused.
+  `config`: as `load`'s."""
   check_destination(out, MODEL_FOLDER, overwrite)
   if _kind(workdir) != 'workdir':
     raise ModelError(f'{workdir}: a packed model already, not a training workdir')
-  w = _open_workdir(workdir, step)
+  w = _open_workdir(workdir, step, config)
   needs_text = w.config.model.text.encoder == 'precomputed'
   if needs_text and _embeddings_file(w.config) is None:
     w.checkpoints.close()
