@@ -47,12 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
-SD3_TEXT_TOKENS = 333
+from train_step import SD3_TEXT_TOKENS, load_config, peer_transformer  # noqa: E402
+
 PHASES = ('sampling', 'decoding', 'postprocess')
 
 
 def make_config(name: str, args):
-  from train_step import load_config
   c = load_config(name)
   if name == 'sd3_medium':
     c.init.pretrained = ''
@@ -142,7 +142,6 @@ def run_peer(name: str, args) -> dict:
   import numpy as np
   import torch
   from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-  from diffusers import SD3Transformer2DModel as TorchSD3
   from layerjax.train import build
   config = make_config(name, args)
   cfg = build.decomposer_config(config)
@@ -151,15 +150,7 @@ def run_peer(name: str, args) -> dict:
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
   dtype = torch.bfloat16 if args.dtype == 'bfloat16' else torch.float32
   torch.manual_seed(0)
-  model = TorchSD3(
-      sample_size=m.sample_size, patch_size=m.patch_size, in_channels=m.in_channels,
-      out_channels=m.out_channels, num_layers=m.num_layers,
-      attention_head_dim=m.attention_head_dim, num_attention_heads=m.num_attention_heads,
-      joint_attention_dim=m.joint_attention_dim, caption_projection_dim=m.caption_projection_dim,
-      pooled_projection_dim=m.pooled_projection_dim,
-      pos_embed_max_size=max(m.pos_embed_max_size, k * h // m.patch_size),
-      dual_attention_layers=tuple(m.dual_attention_layers), qk_norm=m.qk_norm
-  ).to(dev, dtype).eval()
+  model = peer_transformer(cfg, h).to(dev, dtype).eval()
   vae = None
   if cfg.latents == 'vae':
     v = cfg.vae

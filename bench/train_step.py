@@ -119,16 +119,12 @@ def time_ours(config, steps: int, warmup: int) -> dict:
               parameters=int(params))
 
 
-def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
-  """diffusers' SD3 transformer step with our transformer's shape and token count."""
-  import torch
+def peer_transformer(cfg, h: int):
+  """diffusers' `SD3Transformer2DModel` of the decomposer's transformer shape (`cfg`, a
+  `DecomposerConfig`), for its K layer latents of height `h` fed as one K times as tall."""
   from diffusers import SD3Transformer2DModel as TorchSD3
-  cfg = build.decomposer_config(config)
   m, k = cfg.mmdit, len(cfg.layers)
-  b = config.data.global_batch_size
-  h, w = (s // cfg.latent_factor for s in config.data.image_size)
-  torch.manual_seed(seed)
-  model = TorchSD3(
+  return TorchSD3(
       sample_size=m.sample_size, patch_size=m.patch_size, in_channels=m.in_channels,
       out_channels=m.out_channels, num_layers=m.num_layers,
       attention_head_dim=m.attention_head_dim, num_attention_heads=m.num_attention_heads,
@@ -136,6 +132,17 @@ def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
       pooled_projection_dim=m.pooled_projection_dim,
       pos_embed_max_size=max(m.pos_embed_max_size, k * h // m.patch_size),
       dual_attention_layers=tuple(m.dual_attention_layers), qk_norm=m.qk_norm)
+
+
+def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
+  """diffusers' SD3 transformer step with our transformer's shape and token count."""
+  import torch
+  cfg = build.decomposer_config(config)
+  m, k = cfg.mmdit, len(cfg.layers)
+  b = config.data.global_batch_size
+  h, w = (s // cfg.latent_factor for s in config.data.image_size)
+  torch.manual_seed(seed)
+  model = peer_transformer(cfg, h)
   rng = np.random.default_rng(seed)
   text_tokens = cfg.text.max_len if cfg.text is not None else SD3_TEXT_TOKENS
   f32 = lambda *s: rng.normal(size=s).astype(np.float32)
