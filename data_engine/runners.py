@@ -120,14 +120,15 @@ def _run_in_worker(key: str) -> Result:
 
 def run_local(keys: Iterable[str], make_work: Callable[[], Callable[[str], Result]],
               output: Path, workers: int = 0, progress: bool = True,
-              fingerprint: Fingerprint = None) -> dict:
+              fingerprint: Fingerprint = None, desc: str = 'engine') -> dict:
   """Processes every pending key; `make_work()` builds the work function (in each worker);
-  `fingerprint(key)` is that of the key's input and config (see the module's docstring)."""
+  `fingerprint(key)` is that of the key's input and config (see the module's docstring);
+  `desc` names the progress bar."""
   from tqdm import tqdm
   output = Path(output)
   with output_lock(output):
     pending = _prepare(keys, output, fingerprint)
-    bar = tqdm(total=len(pending), disable=not progress, unit='input', desc='engine')
+    bar = tqdm(total=len(pending), disable=not progress, unit='input', desc=desc)
     if workers > 0 and pending:
       ctx = multiprocessing.get_context('spawn')  # no forked JAX/OpenCV thread state
       with ctx.Pool(workers, initializer=_init_worker, initargs=(make_work,),

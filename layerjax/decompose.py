@@ -209,7 +209,7 @@ def _run_folder(model, a, query, settings) -> int:
       return runners.Result(key, [sample], record)
     return work
 
-  summary = runners.run_local(keys, make_work, a.out, 0, a.progress, of)
+  summary = runners.run_local(keys, make_work, a.out, 0, a.progress, of, desc='decompose')
   print(f'{a.out}: {summary["samples"]} of {summary["inputs"]} photos decomposed'
         + (f', {summary["dropped"]} failed: {summary["drop_reasons"]}'
            if summary['dropped'] else ''))

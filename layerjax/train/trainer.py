@@ -192,6 +192,11 @@ def make_step(setup: Setup) -> Callable:
 CONFIG = 'config.json'  # the experiment config, in the workdir: the last run's
 
 
+def _not_read_only_notice(record) -> bool:
+  """Orbax warns that a manager it was asked to open read-only is read-only."""
+  return not record.getMessage().startswith('Given directory is read only')
+
+
 class Checkpoints:
   """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
 
@@ -202,6 +207,8 @@ class Checkpoints:
     self.directory = directory if is_url(directory) else directory.absolute()
     writer = dict(read_only=True, create=False, max_to_keep=None, save_interval_steps=0) \
         if read_only else dict(max_to_keep=keep, cleanup_tmp_directories=True)
+    if read_only:
+      logging.get_absl_logger().addFilter(_not_read_only_notice)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, **writer),
