@@ -81,7 +81,7 @@ def _embeddings(folder: Path, cfg) -> Path:
   """Random 'precomputed SD3 embeddings' of the empty text (timing does not care)."""
   import numpy as np
   from safetensors.numpy import save_file
-  from layerjax.train.build import TextEmbeddings
+  from layerjax.build import TextEmbeddings
   k = TextEmbeddings.key('')
   rng = np.random.default_rng(0)
   path = folder / 'embeddings.safetensors'
@@ -112,7 +112,7 @@ def run_ours(name: str, args) -> dict:
   from layerjax.infer.decomposer import Decomposer
   from layerjax.infer.prompts import Query
   from layerjax.infer.model import LoadedModel
-  from layerjax.train import build
+  from layerjax import build
   config = make_config(name, args)
   model = build.build_model(config, 0)
   with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +142,7 @@ def run_peer(name: str, args) -> dict:
   import numpy as np
   import torch
   from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-  from layerjax.train import build
+  from layerjax import build
   config = make_config(name, args)
   cfg = build.decomposer_config(config)
   m, k = cfg.mmdit, len(cfg.layers)

@@ -42,7 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from layerjax.train import build, trainer  # noqa: E402
+from layerjax import build  # noqa: E402
+from layerjax.train import trainer  # noqa: E402
 from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
                         xla_flops)
 

@@ -12,7 +12,7 @@ Variants:
   sd35_medium   SD3.5 medium (2.5B, dual attention, qk RMSNorm)
   sd35_large    SD3.5 large (8B), FSDP over up to 8 devices
 Keys: pretrained (a local diffusers folder, transformer/ + vae/), embeddings (precomputed
-SD3 text embeddings, see `layerjax.train.build.TextEmbeddings`), data_dir, steps, batch.
+SD3 text embeddings, see `layerjax.build.TextEmbeddings`), data_dir, steps, batch.
 The SD3 variants need a local copy of the weights and the embeddings (both checked before
 anything is loaded); they are never downloaded.
 

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from data_engine import config as engine_config
 from data_engine.__main__ import main as engine_main
-from layerjax import cli, config_spec, parallel
+from layerjax import checkpoints, cli, config_spec, parallel
 from layerjax.convert import __main__ as convert_main
 from layerjax.convert import checkpoint, diffusers
 from layerjax.convert.files import WEIGHTS
@@ -300,7 +300,7 @@ def checkpointed(tmp_path_factory, data_dir):
   setup = trainer.create(c, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
   iterator = iter(pipeline.make_loader(c.data, 'train', None))
   workdir = tmp_path_factory.mktemp('checkpointed')
-  ckpt = trainer.Checkpoints(workdir / 'checkpoints', 3, async_save=False)
+  ckpt = checkpoints.Checkpoints(workdir / 'checkpoints', 3, async_save=False)
   for step in (1, 2):
     next(iterator)
     ckpt.save(step, {**setup.state, 'step': jnp.int32(step)}, iterator)
@@ -321,7 +321,7 @@ def test_truncated_checkpoint_names_step_and_the_way_back(checkpointed, tmp_path
   biggest.write_bytes(biggest.read_bytes()[:100])
 
   def restore_latest():  # as `restore_for_eval` does, without building the model again
-    ckpt = trainer.Checkpoints(ckpts, 3, async_save=False)
+    ckpt = checkpoints.Checkpoints(ckpts, 3, async_save=False)
     return ckpt.restore(ckpt.latest(), setup.state)['step']
   assert cli.run(restore_latest, verbose=False) == 2
   line = one_error_line(capsys)
@@ -340,7 +340,7 @@ def test_corrupt_loader_state_stops_training_before_compiling(checkpointed, tmp_
   (ckpts / '2' / 'data' / 'process_0-of-1.json').write_text('{"trunc')
   monkeypatch.setattr(trainer, 'create', lambda config, mesh=None: setup)
   monkeypatch.setattr(trainer, 'make_step', lambda setup: pytest.fail('compiled'))
-  with pytest.raises(trainer.UnreadableCheckpoint, match=r'checkpoint step 2: .*start from '
+  with pytest.raises(checkpoints.UnreadableCheckpoint, match=r'checkpoint step 2: .*start from '
                                                           r'step 1 by moving it aside: mv'):
     trainer.train(config, run)
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layerjax import flow
+from layerjax import build, flow
 from layerjax.data import examples, pipeline
-from layerjax.train import build
 from test_schema import make_sample
 from train_utils import tiny
 

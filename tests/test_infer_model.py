@@ -16,10 +16,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from layerjax import parallel
+from layerjax import build, checkpoints, parallel
 from layerjax.fileio import OutputError
 from layerjax.infer import model as infer
-from layerjax.train import build, trainer
+from layerjax.train import trainer
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) devices')
 
@@ -89,8 +89,8 @@ def test_loading_a_workdir_never_builds_optimizer_state(workdirs, monkeypatch):
     raise AssertionError('optimizer built')
   monkeypatch.setattr(trainer, 'make_optimizer', refuse)
   restored = []
-  restore = trainer.Checkpoints.restore
-  monkeypatch.setattr(trainer.Checkpoints, 'restore',
+  restore = checkpoints.Checkpoints.restore
+  monkeypatch.setattr(checkpoints.Checkpoints, 'restore',
                       lambda self, *a, **k: restored.append(restore(self, *a, **k))
                       or restored[-1])
   infer.load(workdir)

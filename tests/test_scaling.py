@@ -44,9 +44,9 @@ import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']
 import jax, numpy as np
 from flax import nnx
-from layerjax import parallel
+from layerjax import build, parallel
 from layerjax.models import common
-from layerjax.train import build, evaluate, trainer
+from layerjax.train import evaluate, trainer
 from train_utils import load_config_file
 out = {}
 for name, variant in json.loads(sys.argv[2]):

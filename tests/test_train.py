@@ -20,7 +20,8 @@ from layerjax.convert import diffusers as convert
 from layerjax.data import pipeline
 from layerjax.models import mmdit
 from layerjax.models.vae import AutoencoderKL, VAEConfig
-from layerjax.train import build, evaluate, trainer
+from layerjax import build
+from layerjax.train import evaluate, trainer
 from layerjax.train import config as train_config
 from train_utils import ROOT, load_config_file, make_dataset, tiny, write_embeddings
 

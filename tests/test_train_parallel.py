@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from layerjax import parallel
+from layerjax import build, parallel
 from layerjax.models import common
 from layerjax.data.pipeline import make_loader
-from layerjax.train import build, objectives, trainer
+from layerjax.train import objectives, trainer
 from train_utils import ROOT, load_config_file, make_dataset, tiny
 
 

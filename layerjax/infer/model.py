@@ -33,14 +33,13 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from layerjax import parallel
+from layerjax import build, checkpoints, parallel
 from layerjax.fileio import Artifact, as_path, atomic_dir, check_destination, is_url, read_json
 from layerjax.models import common
 from layerjax.models.decomposer import (TRAINABLE, DecomposerConfig, LayerDecomposer,
                                         TextEncoderConfig, tokenize)
 from layerjax.models.mmdit import MMDiTConfig
 from layerjax.models.vae import VAEConfig
-from layerjax.train import build, trainer
 
 FORMAT = 'layerjax.decomposer/1'
 META = 'decomposer.json'
@@ -141,18 +140,18 @@ class _Workdir:
   path: Any
   config: ml_collections.ConfigDict
   step: int
-  checkpoints: trainer.Checkpoints
+  checkpoints: checkpoints.Checkpoints
 
 
 def _open_workdir(path, step: int | None, config=None) -> _Workdir:
   path = as_path(path)
-  config_file = path / trainer.CONFIG
+  config_file = path / checkpoints.CONFIG
   if config_file.is_file():
     config = ml_collections.ConfigDict(read_json(config_file, ModelError))
   elif config is None:
     raise ModelError(f'{config_file}: missing; the workdir does not record the config it was '
                      'trained with (runs before layerjax recorded it): give it (config=)')
-  ckpt = trainer.Checkpoints(path / 'checkpoints', config.keep_checkpoints, async_save=False,
+  ckpt = checkpoints.Checkpoints(path / 'checkpoints', config.keep_checkpoints, async_save=False,
                              read_only=True)
   steps = ckpt.steps()
   if not steps:

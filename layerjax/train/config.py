@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from layerjax import config_spec as spec
-from layerjax import parallel
+from layerjax import build, parallel
 from layerjax.convert import diffusers as convert
 from layerjax.convert import files
 from layerjax.data import pipeline
@@ -24,7 +24,7 @@ from layerjax.fileio import is_url
 from layerjax.models import mmdit
 from layerjax.models.decomposer import CONDITIONS, LAYERS
 from layerjax.models.vae import VAEConfig
-from layerjax.train import build, objectives
+from layerjax.train import objectives
 
 ConfigDict = ml_collections.ConfigDict
 

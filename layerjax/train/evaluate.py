@@ -22,12 +22,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from layerjax import flow, metrics, parallel
+from layerjax import build, flow, metrics, parallel
 from layerjax.fileio import as_path, atomic_file
 from layerjax.data import examples
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import over
-from layerjax.train import build
 
 LAYERS = ('background', 'foreground', 'shadow')
 

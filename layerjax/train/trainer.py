@@ -20,28 +20,26 @@ import dataclasses
 import json
 import math
 import re
-import shlex
 import signal
 import time
 from typing import Any, Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from layerjax import parallel
-from layerjax.fileio import (OutputLocked, as_path, atomic_file, is_url, output_lock, read_json,
+from layerjax import build, parallel
+from layerjax.fileio import (OutputLocked, as_path, atomic_file, output_lock, read_json,
                              sweep)
 from layerjax.data.pipeline import make_loader
 from layerjax.models.decomposer import TRAINABLE
-from layerjax.train import agreement, build, evaluate, objectives
+from layerjax.checkpoints import CONFIG, Checkpoints
+from layerjax.train import agreement, evaluate, objectives
 from layerjax.train import config as train_config
 from layerjax.train.writers import create_writer
 
@@ -189,80 +187,6 @@ def make_step(setup: Setup) -> Callable:
   return jax.jit(step, out_shardings=(setup.state_shardings, None), donate_argnums=0)
 
 
-CONFIG = 'config.json'  # the experiment config, in the workdir: the last run's
-
-
-def _not_read_only_notice(record) -> bool:
-  """Orbax warns that a manager it was asked to open read-only is read-only."""
-  return not record.getMessage().startswith('Given directory is read only')
-
-
-class Checkpoints:
-  """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
-
-  def __init__(self, directory, keep: int, async_save: bool = True, read_only: bool = False):
-    """`read_only`: for readers (inference), which must leave a running trainer's temporary
-    folders and old steps alone."""
-    directory = as_path(directory)  # a URL stays one: Orbax reaches stores through epath
-    self.directory = directory if is_url(directory) else directory.absolute()
-    writer = dict(read_only=True, create=False, max_to_keep=None, save_interval_steps=0) \
-        if read_only else dict(max_to_keep=keep, cleanup_tmp_directories=True)
-    if read_only:
-      logging.get_absl_logger().addFilter(_not_read_only_notice)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, **writer),
-        item_names=('state', 'data'))
-
-  def latest(self) -> int | None:
-    return self.manager.latest_step()
-
-  def steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
-
-  def save(self, step: int, state: dict, iterator, *, wait: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
-        force=True)
-    if wait:
-      self.manager.wait_until_finished()
-
-  def restore(self, step: int, state: dict, iterator=None, partial: bool = False) -> dict:
-    """The state saved at `step` (shaped like `state`: arrays or `jax.ShapeDtypeStruct`s, whose
-    shardings and dtypes the restored arrays take); also restores `iterator` if given.
-    `partial`: `state` names some entries only (e.g. {'step', 'ema'}) and only those are read,
-    so inference never holds the optimizer state. A step that cannot be read raises
-    `UnreadableCheckpoint`, saying how to go back."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    if partial:
-      items = {'state': ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)}
-    else:
-      items = {'state': ocp.args.StandardRestore(target)}
-    if iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(iterator)
-    try:
-      return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
-    except Exception as e:  # pylint: disable=broad-except  # whatever Orbax or Grain raise
-      cause = e
-      while cause.__cause__ or cause.__context__:
-        cause = cause.__cause__ or cause.__context__
-      folder = self.directory / str(step)
-      earlier = [s for s in self.manager.all_steps() if s < step]
-      back = f'step {max(earlier)}' if earlier else 'scratch'
-      reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-      aside = shlex.join([*(['gcloud', 'storage'] if is_url(folder) else []), 'mv', str(folder),
-                          f'{folder}.unreadable'])
-      raise UnreadableCheckpoint(
-          f'checkpoint step {step}: {folder} cannot be read ({reason}); if it is corrupt or '
-          f'truncated, start from {back} by moving it aside: {aside}') from e
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
 class _Preemption:
   """Whether to save and exit after a step, decided at the same step on every process.
 
@@ -304,10 +228,6 @@ class _Preemption:
 
 
 class NonFiniteLoss(FloatingPointError):
-  pass
-
-
-class UnreadableCheckpoint(ValueError):
   pass
 
 
