@@ -13,9 +13,10 @@ of the same width, depth, heads and input channels, fed the K layer latents as o
 times as tall (the same number of image tokens) and the same text tokens, stepped by
 `FlowMatchEulerDiscreteScheduler` for the same number of steps, after encoding the condition
 maps (image, prompt) with diffusers' `AutoencoderKL`; then its `decode` once per
-VAE-decoder-shaped pass we make (background, foreground, alpha head, shadow head). It does no prompt rendering, no condition encoding and no
-post-processing, so a ratio above 1 understates our speed. The demo model's latents are
-lossless pixels (no VAE), so its peer decodes nothing.
+VAE-decoder-shaped pass we make (background, foreground, alpha head, shadow head). It does
+no prompt rendering, resizing or post-processing, so a ratio above 1 understates our
+speed. The demo model's latents are lossless pixels (no VAE), so its peer encodes and
+decodes nothing.
 
 Configs
   demo        configs/liwi.py:demo (a 4-block model at 32 px), as `make demo` trains it

@@ -1,15 +1,16 @@
 """`Decomposer`: a trained layer decomposer as users call it.
 
     d = Decomposer.load('out/demo/model')            # a packed model, or a training workdir
-    sample = d.decompose('photo.jpg', Query(box=(40, 30, 200, 220)), seeds=4)
+    sample = d.decompose('photo.jpg', Query(box=(40, 30, 200, 220)), seeds=4)   # prompts.Query
     sample = d.decompose(photo, 'the red mug')        # a text prompt
     sample = d.decompose(photo)                       # whole scene: every object it finds
 
 The result is a `LayeredSample` at the photo's resolution: the completed background, then
 the referred object's shadow (when it casts one) and the object, recomposing to the photo
-exactly on visible pixels; without a prompt, every object the proposal tools find, peeled
-front to back (`layerjax.infer.scene`). Prompts are rendered exactly as training renders
-them (`examples.render_prompt` at the model's resolution, the text as the loader gives it).
+(to 1e-5, `postprocess.exact_layers`); without a prompt, every object the proposal tools
+find, peeled front to back (`layerjax.infer.scene`). Prompts are rendered exactly as
+training renders them (`examples.render_prompt` at the model's resolution, the text as the
+loader gives it).
 Seeds are sampled one at a time (seed `seed + i`, so a seed's result does not depend on how
 many are asked for); the one whose raw recomposition is closest to the photo is kept, and
 every seed's score is in the provenance. The jitted sampler and decoder are compiled once
