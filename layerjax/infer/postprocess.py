@@ -11,9 +11,10 @@
   is such a function exactly (I = a F + (1 - a) B), so the edge comes back at the photo's
   sharpness instead of the model's.
 * `exact_layers`: the engine's exact layering (`data_engine.stages.layer`), called as a
-  function: the background keeps the photo wherever no layer covers it, and each object's
-  colour is solved back to front where the photo sees it, so the layers recompose to the
-  photo exactly on visible pixels.
+  function: the background keeps the photo wherever no layer covers it (and is solved from
+  it where only shadows do), each object's colour is solved back to front where the photo
+  sees it, and where no solve reaches the photo it stays in the background; the layers
+  recompose to the photo on every pixel (to `EXACT`).
 """
 
 from __future__ import annotations
