@@ -281,11 +281,22 @@ def pack(workdir, out, *, step: int | None = None, overwrite: bool = False,
     raise ModelError(f'model.text.embeddings: {w.config.model.text.embeddings!r}: no such '
                      f"file; {workdir}'s model reads precomputed text embeddings and the "
                      "packed model keeps the empty text's")
-  loaded = _load_workdir(w, None, None)
+  return save(_load_workdir(w, None, None), out, overwrite=overwrite)
+
+
+def save(loaded: LoadedModel, out, *, overwrite: bool = False) -> Path:
+  """Writes `loaded` (e.g. `load`'s, or a model built in memory) as a packed model folder
+  `out`, atomically; `overwrite` as `pack`'s. A model reading precomputed text embeddings
+  needs them (`loaded.texts`) with the empty text's in them."""
+  check_destination(out, MODEL_FOLDER, overwrite)
+  needs_text = loaded.model.config.text is None
+  if needs_text and loaded.texts is None:
+    raise ModelError(f'{loaded.source}: the model reads precomputed text embeddings, and none '
+                     "came with it: the packed model keeps the empty text's")
   tensors = {_key(p): np.asarray(jax.device_get(v[...]))
              for p, v in nnx.to_flat_state(nnx.state(loaded.model))}
-  meta = {'format': FORMAT, 'step': loaded.step, 'source': str(w.path),
-          'config': w.config.to_dict(), 'model': config_json(loaded.model.config)}
+  meta = {'format': FORMAT, 'step': loaded.step, 'source': loaded.source,
+          'config': loaded.config.to_dict(), 'model': config_json(loaded.model.config)}
   with atomic_dir(out, MODEL_FOLDER, overwrite) as tmp:
     save_file(tensors, str(tmp / WEIGHTS))
     if needs_text:
