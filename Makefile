@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH)'
-	$(PY) -m pip install -q -e '.[torch,engine,beam,models,gcs,dev]'
+	$(PY) -m pip install -q -e '.[torch,engine,beam,models,gcs,export,dev]'
 	touch $@
 
 demo: $(VENV)/.installed
