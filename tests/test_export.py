@@ -142,3 +142,26 @@ def test_png_zip_round_trip(tmp_path):
   for a, b in zip(back.layers, s.layers):
     np.testing.assert_allclose(a.rgba, b.rgba, atol=0.5 * STEP + 1e-6)
   assert back.layers[-1].label == 'tasse à café'
+
+
+def test_command_line_writes_every_format_of_every_sample(tmp_path, capsys):
+  from layerjax.export.__main__ import main
+  folders = [schema.write_folder(make_sample(seed=i), tmp_path / f's{i}') for i in (0, 1)]
+  out = tmp_path / 'files'
+  assert main([*map(str, folders), '--format', 'ora,zip', '--out', str(out)]) == 0
+  assert sorted(p.name for p in out.iterdir()) == [
+      'synthetic-0.ora', 'synthetic-0.zip', 'synthetic-1.ora', 'synthetic-1.zip']
+  np.testing.assert_allclose(ora.read_ora(out / 'synthetic-1.ora').image,
+                             make_sample(seed=1).image, atol=4 * STEP)
+  capsys.readouterr()
+  # Nothing is written when one destination is taken, or a format is unknown.
+  for f in out.iterdir():
+    f.unlink()
+  (out / 'synthetic-0.ora').write_bytes(b'mine')
+  assert main([*map(str, folders), '--format', 'zip,ora', '--out', str(out)]) == 2
+  assert 'synthetic-0.ora: exists' in capsys.readouterr().err
+  assert [p.name for p in out.iterdir()] == ['synthetic-0.ora']
+  assert (out / 'synthetic-0.ora').read_bytes() == b'mine'
+  assert main([str(folders[0]), '--format', 'ora,gif', '--out', str(out)]) == 2
+  assert 'expected some of' in capsys.readouterr().err
+  assert main([str(tmp_path / 'nowhere'), '--format', 'ora', '--out', str(out)]) == 2
