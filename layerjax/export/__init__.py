@@ -1,14 +1,16 @@
 """Layer files people open: OpenRaster (`ora`) and the PNG folder as a ZIP (`png`), each
-written from a `LayeredSample` and read back into one; `write` picks the writer by format."""
+written from a `LayeredSample` and read back into one, and a contact sheet to look at
+(`preview`); `write` picks the writer by format."""
 
 from __future__ import annotations
 
-from layerjax.export import ora, png
+from layerjax.export import ora, png, preview
 
-# Format name (the file's extension) -> writer(sample, path, overwrite).
-FORMATS = {'ora': ora.write_ora, 'zip': png.write_zip}
+# Format name -> (file extension, writer(sample, path, overwrite)).
+FORMATS = {'ora': ('.ora', ora.write_ora), 'zip': ('.zip', png.write_zip),
+           'preview': ('.preview.png', preview.write_preview)}
 
 
 def write(sample, fmt: str, path, overwrite: bool = False):
   """`sample` as a `fmt` file at `path` (see `FORMATS`)."""
-  return FORMATS[fmt](sample, path, overwrite)
+  return FORMATS[fmt][1](sample, path, overwrite)

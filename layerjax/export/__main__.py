@@ -1,9 +1,10 @@
 """Command line: layer files from sample folders (what `python -m layerjax.decompose` and the
 data engine write).
 
-  python -m layerjax.export SAMPLE_DIR [SAMPLE_DIR ...] --format ora,zip --out OUT [--overwrite]
+  python -m layerjax.export SAMPLE_DIR [SAMPLE_DIR ...] --format ora,zip,preview --out OUT
 
-Writes OUT/<sample id>.<format> for each sample and format. Every sample is read and every
+Writes OUT/<sample id>.ora, .zip and .preview.png (a contact sheet) for each sample and
+format asked for. Every sample is read and every
 destination checked before anything is written; an existing file is replaced only with
 `--overwrite`. Errors are one line on stderr (exit 2 for bad input).
 """
@@ -32,7 +33,8 @@ def formats(text: str) -> tuple[str, ...]:
 @cli.entry
 def main(argv: list[str]) -> int:
   p = cli.ArgumentParser(prog='python -m layerjax.export',
-                         description='Layer files (OpenRaster, ZIP of PNGs) from sample folders.')
+                         description='Layer files (OpenRaster, ZIP of PNGs, contact sheet) from '
+                                     'sample folders.')
   p.add_argument('samples', nargs='+', type=Path, help='sample folders')
   p.add_argument('--format', type=formats, required=True, help=','.join(FORMATS))
   p.add_argument('--out', type=Path, required=True, help='the folder to write the files into')
@@ -41,7 +43,8 @@ def main(argv: list[str]) -> int:
   if a.out.exists() and not a.out.is_dir():
     raise OutputError(f'{a.out}: is a file, not a folder')
   samples = [read_folder(folder) for folder in a.samples]
-  jobs = [(s, fmt, a.out / f'{safe_name(s.id)}.{fmt}') for s in samples for fmt in a.format]
+  jobs = [(s, fmt, a.out / f'{safe_name(s.id)}{FORMATS[fmt][0]}') for s in samples
+          for fmt in a.format]
   seen = set()
   for _, _, path in jobs:
     if path in seen:
