@@ -92,8 +92,8 @@ def test_round_trip_keeps_layers_kinds_owner_and_texts(tmp_path):
   back = read_psd(write_psd(sample, tmp_path / 's.psd'))
   assert back.id == 'psd-test'
   assert [layer.name for layer in back.layers] == [layer.name for layer in sample.layers]
-  assert [(l.kind, l.owner, l.label, l.caption, l.referring) for l in back.layers] == [
-      (l.kind, l.owner, l.label, l.caption, l.referring) for l in sample.layers]
+  texts = lambda s: [(x.kind, x.owner, x.label, x.caption, x.referring) for x in s.layers]
+  assert texts(back) == texts(sample)
   for a, b in zip(back.layers, sample.layers):
     _close(a.rgba, b.rgba)
     assert a.bbox == b.bbox
@@ -127,7 +127,7 @@ def test_a_foreign_psd_reads_as_objects_over_a_white_flattened_background(tmp_pa
                                   left=1))
   psd.save(tmp_path / 'f.psd')
   back = read_psd(tmp_path / 'f.psd')
-  assert [(l.name, l.kind, l.label) for l in back.layers] == [
+  assert [(x.name, x.kind, x.label) for x in back.layers] == [
       ('paper', 'background', 'paper'), ('dot', 'object', 'dot')]
   # red 0.2 over white: (1, 0.8, 0.8), opaque.
   np.testing.assert_allclose(back.layers[0].rgba[0, 0], [1, 0.8, 0.8, 1], atol=1e-6)

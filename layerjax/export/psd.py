@@ -207,7 +207,8 @@ def read_psd(path) -> LayeredSample:
     psd = PSDImage.open(f)
   pixel_layers = _check(src, psd)
   recorded = _recorded(src, psd)
-  entries = {e['psd']: e for e in recorded.get('layers', []) if isinstance(e, dict)}
+  entries = {e['psd']: e for e in recorded.get('layers', [])
+             if isinstance(e, dict) and isinstance(e.get('psd'), str) and e.get('name')}
   h, w = psd.height, psd.width
   provenance = {'psd': str(src)}
   matched = [entries.pop(pl.name, None) for pl in pixel_layers]  # each entry serves once
