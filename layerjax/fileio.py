@@ -162,6 +162,12 @@ def check_destination(dst, artifact: Artifact, overwrite: bool = False,
     raise OutputError(f'{dst}: a {artifact.name} is already there; pass {flag} to replace it')
 
 
+def check_file(dst, overwrite: bool = False, flag: str = '--overwrite') -> None:
+  """Raises `OutputError` if the file `dst` exists and `overwrite` is not set."""
+  if as_path(dst).exists() and not overwrite:
+    raise OutputError(f'{dst}: exists; pass {flag} to replace it')
+
+
 def check_not_inside(src, dst) -> None:
   """Refuses a destination equal to, inside, or containing the source folder."""
   s, d = Path(src).resolve(), Path(dst).resolve()

@@ -148,10 +148,10 @@ def test_command_line_writes_every_format_of_every_sample(tmp_path, capsys):
   from layerjax.export.__main__ import main
   folders = [schema.write_folder(make_sample(seed=i), tmp_path / f's{i}') for i in (0, 1)]
   out = tmp_path / 'files'
-  assert main([*map(str, folders), '--format', 'ora,zip,preview', '--out', str(out)]) == 0
+  assert main([*map(str, folders), '--format', 'psd,ora,zip,preview', '--out', str(out)]) == 0
   assert sorted(p.name for p in out.iterdir()) == [
-      'synthetic-0.ora', 'synthetic-0.preview.png', 'synthetic-0.zip', 'synthetic-1.ora',
-      'synthetic-1.preview.png', 'synthetic-1.zip']
+      'synthetic-0.ora', 'synthetic-0.preview.png', 'synthetic-0.psd', 'synthetic-0.zip',
+      'synthetic-1.ora', 'synthetic-1.preview.png', 'synthetic-1.psd', 'synthetic-1.zip']
   np.testing.assert_allclose(ora.read_ora(out / 'synthetic-1.ora').image,
                              make_sample(seed=1).image, atol=4 * STEP)
   capsys.readouterr()

@@ -18,7 +18,7 @@ from pathlib import Path
 from layerjax import cli
 from layerjax.data.schema import read_folder
 from layerjax.export import FORMATS, write
-from layerjax.fileio import OutputError, safe_name
+from layerjax.fileio import OutputError, check_file, safe_name
 
 
 def formats(text: str) -> tuple[str, ...]:
@@ -50,8 +50,7 @@ def main(argv: list[str]) -> int:
     if path in seen:
       raise ValueError(f'{path}: two samples have the same id')
     seen.add(path)
-    if path.exists() and not a.overwrite:
-      raise OutputError(f'{path}: exists; pass --overwrite to replace it')
+    check_file(path, a.overwrite)
   for sample, fmt, path in jobs:
     write(sample, fmt, path, overwrite=a.overwrite)
     print(f'{path}: {len(sample.layers)} layers ({fmt})')

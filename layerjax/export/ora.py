@@ -26,7 +26,7 @@ from PIL import Image
 
 from layerjax.data.schema import (Layer, LayeredSample, alpha_bbox, composite, decode_png,
                                   default_atol, encode_png, visible_masks)
-from layerjax.fileio import OutputError, atomic_file
+from layerjax.fileio import atomic_file, check_file
 
 MIMETYPE = 'image/openraster'
 NS = 'urn:layerjax'  # our attributes: kind, owner, layer name
@@ -51,8 +51,7 @@ def write_ora(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   """Writes `sample` as an OpenRaster file at `path`, atomically; an existing file is
   replaced only with `overwrite`."""
   path = Path(path)
-  if path.exists() and not overwrite:
-    raise OutputError(f'{path}: exists; pass --overwrite to replace it')
+  check_file(path, overwrite)
   sample.validate()
   h, w = sample.size
   ET.register_namespace('layerjax', NS)

@@ -8,15 +8,14 @@ import zipfile
 from pathlib import Path
 
 from layerjax.data.schema import LayeredSample, read_folder, write_folder
-from layerjax.fileio import OutputError, atomic_file
+from layerjax.fileio import atomic_file, check_file
 
 
 def write_zip(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   """`sample`'s folder zipped at `path` (its files at the archive's top level), atomically;
   an existing file is replaced only with `overwrite`."""
   path = Path(path)
-  if path.exists() and not overwrite:
-    raise OutputError(f'{path}: exists; pass --overwrite to replace it')
+  check_file(path, overwrite)
   with tempfile.TemporaryDirectory() as tmp:
     folder = write_folder(sample, Path(tmp) / 'sample')
     with atomic_file(path) as out, zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED) as z:

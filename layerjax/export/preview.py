@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from layerjax.data import examples
 from layerjax.data.schema import LayeredSample, composite, over
-from layerjax.fileio import OutputError, atomic_file
+from layerjax.fileio import atomic_file, check_file
 
 CAPTION = 14  # pixels under each tile for its name
 GAP = 4
@@ -39,8 +39,7 @@ def contact_sheet(sample: LayeredSample, tile: int = 192) -> np.ndarray:
 def write_preview(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   """The contact sheet as a PNG at `path`, atomically; replaced only with `overwrite`."""
   path = Path(path)
-  if path.exists() and not overwrite:
-    raise OutputError(f'{path}: exists; pass --overwrite to replace it')
+  check_file(path, overwrite)
   with atomic_file(path) as tmp:
     Image.fromarray(contact_sheet(sample)).save(tmp, format='PNG')
   return path

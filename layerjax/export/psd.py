@@ -45,7 +45,7 @@ from psd_tools.psd.image_data import ImageData
 from psd_tools.psd.image_resources import ImageResource
 
 from layerjax.data.schema import Layer, LayeredSample, alpha_bbox, assemble, composite
-from layerjax.fileio import OutputError, as_path, atomic_file
+from layerjax.fileio import as_path, atomic_file, check_file
 
 MAX_SIDE = 30000      # a PSD's largest canvas and layer side (PSB goes further; we write PSD)
 MAX_NAME = 255        # characters in a Photoshop layer name
@@ -106,8 +106,7 @@ def write_psd(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   """Writes the sample as a layered PSD at `path`, atomically (see the module docstring);
   an existing file is replaced only with `overwrite`. Returns the path."""
   dst = as_path(path)
-  if dst.exists() and not overwrite:
-    raise OutputError(f'{dst}: exists; pass overwrite=True to replace it')
+  check_file(dst, overwrite)
   h, w = sample.size
   if max(h, w) > MAX_SIDE:
     raise PsdError(f'{dst}: sample {sample.id!r} is {w}x{h}; a PSD layer or canvas side is at '
