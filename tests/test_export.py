@@ -11,7 +11,7 @@ from PIL import Image
 
 from layerjax.data import schema
 from layerjax.data.schema import Layer, LayeredSample
-from layerjax.export import ora, png, preview
+from layerjax.export import ora, png, powerpoint, preview
 from layerjax.fileio import OutputError
 from test_schema import make_sample
 
@@ -118,7 +118,7 @@ def test_bad_ora_files(tmp_path, stack, message):
     ora.read_ora(tmp_path / 'not.ora')
 
 
-@pytest.mark.parametrize('write', [ora.write_ora, png.write_zip])
+@pytest.mark.parametrize('write', [ora.write_ora, png.write_zip, powerpoint.write_pptx])
 def test_writers_replace_a_file_only_when_asked(tmp_path, write):
   s = make_sample()
   path = tmp_path / 'out'
@@ -148,10 +148,11 @@ def test_command_line_writes_every_format_of_every_sample(tmp_path, capsys):
   from layerjax.export.__main__ import main
   folders = [schema.write_folder(make_sample(seed=i), tmp_path / f's{i}') for i in (0, 1)]
   out = tmp_path / 'files'
-  assert main([*map(str, folders), '--format', 'psd,ora,zip,preview', '--out', str(out)]) == 0
+  assert main([*map(str, folders), '--format', 'psd,ora,pptx,zip,preview', '--out',
+               str(out)]) == 0
   assert sorted(p.name for p in out.iterdir()) == [
-      'synthetic-0.ora', 'synthetic-0.preview.png', 'synthetic-0.psd', 'synthetic-0.zip',
-      'synthetic-1.ora', 'synthetic-1.preview.png', 'synthetic-1.psd', 'synthetic-1.zip']
+      f'synthetic-{i}.{ext}' for i in (0, 1)
+      for ext in ('ora', 'pptx', 'preview.png', 'psd', 'zip')]
   np.testing.assert_allclose(ora.read_ora(out / 'synthetic-1.ora').image,
                              make_sample(seed=1).image, atol=4 * STEP)
   capsys.readouterr()
@@ -180,3 +181,29 @@ def test_contact_sheet_shows_input_layers_and_recomposition():
   # The first tile is the input and the last its recomposition: the same picture.
   assert np.abs(first - last).mean() < 1.0
   assert np.abs(first - sheet[g:g + 70, g + 98 + g:g + 2 * 98 + g]).mean() < 40  # background
+
+
+def test_pptx_pictures_placed_as_the_layers(tmp_path):
+  """Read back with python-pptx: one picture per visible layer, in stacking order, named,
+  at its box; Pillow compositing the pictures where they sit gives our composite."""
+  from pptx import Presentation
+  s = two_objects()
+  h, w = s.size
+  path = powerpoint.write_pptx(s, tmp_path / 's.pptx')
+  prs = Presentation(str(path))
+  emu = prs.slide_width // w
+  assert (prs.slide_width, prs.slide_height) == (emu * w, emu * h)
+  shapes = list(prs.slides[0].shapes)
+  assert [p.name for p in shapes] == ['background', 'shadow_1', 'ball', 'tasse à café']
+  canvas = Image.new('RGBA', (w, h))
+  for shape, layer in zip(shapes, s.layers):
+    x0, y0, x1, y1 = schema.alpha_bbox(layer.rgba[..., 3])
+    assert (shape.left, shape.top, shape.width, shape.height) == \
+        (emu * x0, emu * y0, emu * (x1 - x0), emu * (y1 - y0))
+    with Image.open(io.BytesIO(shape.image.blob)) as im:
+      assert im.size == (x1 - x0, y1 - y0)
+      placed = Image.new('RGBA', (w, h))
+      placed.paste(im.convert('RGBA'), (shape.left // emu, shape.top // emu))
+    canvas = Image.alpha_composite(canvas, placed)
+  ours = schema.composite(s.layers)[..., :3] * 255
+  assert np.abs(np.asarray(canvas)[..., :3] - ours).max() <= 3

@@ -1,14 +1,15 @@
 """Layer files people open: Photoshop (`psd`), OpenRaster (`ora`) and the PNG folder as a
-ZIP (`png`), each written from a `LayeredSample` and read back into one, and a contact
-sheet to look at (`preview`); `write` picks the writer by format."""
+ZIP (`png`), each written from a `LayeredSample` and read back into one, PowerPoint
+(`powerpoint`, written only), and a contact sheet to look at (`preview`); `write` picks the
+writer by format."""
 
 from __future__ import annotations
 
-from layerjax.export import ora, png, preview, psd
+from layerjax.export import ora, png, powerpoint, preview, psd
 
 # Format name -> (file extension, writer(sample, path, overwrite)).
 FORMATS = {'psd': ('.psd', psd.write_psd), 'ora': ('.ora', ora.write_ora),
-           'zip': ('.zip', png.write_zip),
+           'pptx': ('.pptx', powerpoint.write_pptx), 'zip': ('.zip', png.write_zip),
            'preview': ('.preview.png', preview.write_preview)}
 
 
