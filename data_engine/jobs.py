@@ -53,14 +53,18 @@ def config_fingerprint(config) -> str:
   return fingerprint({k: v for k, v in config.to_dict().items() if k != 'runner'})
 
 
-def decompose_fingerprint(config, root):
-  base = config_fingerprint(config)
-
+def photo_fingerprint(base: str, root):
+  """key -> the fingerprint of `base` (what the outputs depend on besides the photo) and
+  the photo at `key` under `root`: its path there, size and modification time."""
   def of(key: str) -> str:
     st = os.stat(key)
     return fingerprint(base, Path(key).relative_to(root).as_posix(), st.st_size,
                        st.st_mtime_ns)
   return of
+
+
+def decompose_fingerprint(config, root):
+  return photo_fingerprint(config_fingerprint(config), root)
 
 
 def synthesize_fingerprint(config, bank_path):

@@ -192,11 +192,6 @@ def _run_folder(model, a, query, settings) -> int:
   base = fingerprint(loaded.source, loaded.step, options,
                      mask and (mask.st_size, mask.st_mtime_ns))
 
-  def of(key: str) -> str:
-    st = Path(key).stat()
-    return fingerprint(base, Path(key).relative_to(root).as_posix(), st.st_size,
-                       st.st_mtime_ns)
-
   def make_work():
     def work(key: str):
       path = Path(key)
@@ -209,7 +204,8 @@ def _run_folder(model, a, query, settings) -> int:
       return runners.Result(key, [sample], record)
     return work
 
-  summary = runners.run_local(keys, make_work, a.out, 0, a.progress, of, desc='decompose')
+  summary = runners.run_local(keys, make_work, a.out, 0, a.progress,
+                              jobs.photo_fingerprint(base, root), desc='decompose')
   print(f'{a.out}: {summary["samples"]} of {summary["inputs"]} photos decomposed'
         + (f', {summary["dropped"]} failed: {summary["drop_reasons"]}'
            if summary['dropped'] else ''))

@@ -142,7 +142,7 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> None:
   layerjax recorded it), then decomposes held-out photos with it: the first with its
   object's box, the second as a whole scene."""
   from data_engine import jobs
-  from layerjax.data.schema import read_folder, write_folder
+  from layerjax.data.schema import encode_png, read_folder, write_folder
   from layerjax.infer import model as infer_model
   from layerjax.infer import postprocess
   from layerjax.infer.decomposer import Decomposer
@@ -160,7 +160,7 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> None:
     photo = np.clip(postprocess.resize(scene.image, (4 * h, 4 * w)), 0, 1)
     path = photos / f'{scene.id}.png'
     with atomic_file(path) as tmp:
-      Image.fromarray((photo * 255).round().astype(np.uint8)).save(tmp, format='PNG')
+      tmp.write_bytes(encode_png(photo))
     if i == 0:
       target = [l for l in scene.layers if l.kind == 'object'][-1]
       box = tuple(4 * v for v in target.bbox)

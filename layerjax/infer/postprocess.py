@@ -25,6 +25,7 @@ import math
 import cv2
 import numpy as np
 
+from data_engine.tools import imaging
 from layerjax.data.schema import Layer, composite
 
 GUIDED_RADIUS = 1  # low-resolution pixels: a 3 x 3 window of model pixels
@@ -55,14 +56,12 @@ def geometry(size: tuple[int, int], model_size: tuple[int, int], step: int) -> G
 
 
 def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """[H, W(, C)] float to `size` (H, W): area averaging to shrink, bilinear to grow."""
+  """[H, W(, C)] float to `size` (H, W): the engine's `imaging.resize` (area averaging to
+  shrink, bilinear to grow), in (H, W) and keeping the channel axis."""
   x = np.ascontiguousarray(x, np.float32)
   if x.shape[:2] == tuple(size):
     return x.copy()
-  shrink = size[0] * size[1] < x.shape[0] * x.shape[1]
-  out = cv2.resize(x, (size[1], size[0]),
-                   interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-  return out.reshape(size + x.shape[2:])
+  return imaging.resize(x, (size[1], size[0])).reshape(tuple(size) + x.shape[2:])
 
 
 def to_model(image: np.ndarray, g: Geometry) -> np.ndarray:
