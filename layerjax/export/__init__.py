@@ -5,7 +5,11 @@ writer by format."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 from layerjax.export import ora, png, powerpoint, preview, psd
+from layerjax.fileio import check_file
 
 # Format name -> (file extension, writer(sample, path, overwrite)).
 FORMATS = {'psd': ('.psd', psd.write_psd), 'ora': ('.ora', ora.write_ora),
@@ -16,3 +20,23 @@ FORMATS = {'psd': ('.psd', psd.write_psd), 'ora': ('.ora', ora.write_ora),
 def write(sample, fmt: str, path, overwrite: bool = False):
   """`sample` as a `fmt` file at `path` (see `FORMATS`)."""
   return FORMATS[fmt][1](sample, path, overwrite)
+
+
+def formats(text: str) -> tuple[str, ...]:
+  """An argparse type: comma-separated names from `FORMATS`."""
+  names = tuple(dict.fromkeys(n.strip() for n in text.split(',') if n.strip()))
+  unknown = [n for n in names if n not in FORMATS]
+  if not names or unknown:
+    raise argparse.ArgumentTypeError(f'expected some of {",".join(FORMATS)}, got {text!r}')
+  return names
+
+
+def destinations(stem, fmts, overwrite: bool = False) -> list[tuple[str, Path]]:
+  """(format, path) for each of `fmts`: `stem` with the format's extension added
+  (`out/mug` -> `out/mug.psd`), each checked as its writer will (`check_file`), so that a
+  command refuses before it writes anything."""
+  stem = Path(stem)
+  out = [(fmt, stem.with_name(stem.name + FORMATS[fmt][0])) for fmt in fmts]
+  for _, path in out:
+    check_file(path, overwrite)
+  return out

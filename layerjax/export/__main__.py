@@ -11,23 +11,13 @@ destination checked before anything is written; an existing file is replaced onl
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from layerjax import cli
 from layerjax.data.schema import read_folder
-from layerjax.export import FORMATS, write
-from layerjax.fileio import OutputError, check_file, safe_name
-
-
-def formats(text: str) -> tuple[str, ...]:
-  """An argparse type: comma-separated names from `FORMATS`."""
-  names = tuple(dict.fromkeys(n.strip() for n in text.split(',') if n.strip()))
-  unknown = [n for n in names if n not in FORMATS]
-  if not names or unknown:
-    raise argparse.ArgumentTypeError(f'expected some of {",".join(FORMATS)}, got {text!r}')
-  return names
+from layerjax.export import FORMATS, destinations, formats, write
+from layerjax.fileio import OutputError, safe_name
 
 
 @cli.entry
@@ -43,14 +33,12 @@ def main(argv: list[str]) -> int:
   if a.out.exists() and not a.out.is_dir():
     raise OutputError(f'{a.out}: is a file, not a folder')
   samples = [read_folder(folder) for folder in a.samples]
-  jobs = [(s, fmt, a.out / f'{safe_name(s.id)}{FORMATS[fmt][0]}') for s in samples
-          for fmt in a.format]
-  seen = set()
-  for _, _, path in jobs:
-    if path in seen:
+  jobs = [(s, fmt, path) for s in samples
+          for fmt, path in destinations(a.out / safe_name(s.id), a.format, a.overwrite)]
+  paths = [path for _, _, path in jobs]
+  for path in paths:
+    if paths.count(path) > 1:
       raise ValueError(f'{path}: two samples have the same id')
-    seen.add(path)
-    check_file(path, a.overwrite)
   for sample, fmt, path in jobs:
     write(sample, fmt, path, overwrite=a.overwrite)
     print(f'{path}: {len(sample.layers)} layers ({fmt})')
