@@ -3,7 +3,8 @@
   python -m layerjax.decompose pack --workdir W [--step N] --out MODEL [--overwrite]
   python -m layerjax.decompose --model MODEL --image photo.jpg
       [--box x0,y0,x1,y1] [--point x,y ...] [--mask m.png] [--text "the red mug"]
-      [--layers auto|N] [--seeds K] [--steps N] [--guidance G] --out OUT
+      [--layers auto|N] [--seeds K] [--steps N] [--guidance G]
+      [--format psd,ora,pptx,zip] [--preview] --out OUT
 
 `pack` writes the EMA weights and the config of a training workdir's checkpoint (latest, or
 `--step`) as an inference model, without optimizer state. `--model` takes such a folder or
@@ -15,9 +16,14 @@ one PNG per layer: background, the object's shadow, the object). Without one, th
 scene: every object the proposal tools find (`--detector`, `--depth`, `--threshold`), at
 most `--layers N` (`auto`: until no proposal is left, at most 8), peeled front to back.
 
+`--format` writes layer files as well (`layerjax.export`: Photoshop, OpenRaster,
+PowerPoint, a ZIP of the PNGs), next to the sample folder as OUT.psd, OUT.ora, ...;
+`--preview` a contact sheet, OUT.preview.png.
+
 `--image DIR` decomposes every photo under DIR (one sample folder per photo in
-OUT/samples/, a manifest and OUT/engine_summary.json, with a progress bar), resumable as the
-data engine's runs are: a re-run skips the photos done with the same model and settings.
+OUT/samples/, its files in OUT/files/, a manifest and OUT/engine_summary.json, with a
+progress bar), resumable as the data engine's runs are: a re-run skips the photos done with
+the same model and settings.
 Errors are one line on stderr (exit 2 for bad input), checked before the model is loaded.
 """
 
@@ -30,8 +36,9 @@ import time
 from pathlib import Path
 
 from layerjax import cli
+from layerjax.data.schema import SAMPLE_FOLDER, read_folder, sample_folders, write_folder
+from layerjax.export import destinations, formats, write
 from layerjax.fileio import Artifact, check_destination, fingerprint
-from layerjax.data.schema import SAMPLE_FOLDER, write_folder
 
 RUN_FOLDER = Artifact('decompose run', lambda p: (p / 'engine_manifest.jsonl').is_file())
 
@@ -116,8 +123,12 @@ def _parser() -> argparse.ArgumentParser:
                  help='whole scene: the engine depth tool (name or JSON spec)')
   p.add_argument('--threshold', type=float, default=None,
                  help='whole scene: the lowest detection score kept (default 0.05)')
+  p.add_argument('--format', type=formats, default=(),
+                 help='layer files to write as well: psd, ora, pptx, zip (comma-separated)')
+  p.add_argument('--preview', action='store_true',
+                 help='a contact sheet: the photo, each layer, the recomposition')
   p.add_argument('--overwrite', action='store_true',
-                 help='one photo: replace a sample folder at --out')
+                 help='one photo: replace a sample folder (and its files) at --out')
   p.add_argument('--no-progress', dest='progress', action='store_false',
                  help='a folder of photos: no progress bar')
   return p
@@ -140,10 +151,12 @@ def main(argv: list[str]) -> int:
   if not a.image.exists():
     raise FileNotFoundError(f'{a.image}: no such file or folder')
   folder = a.image.is_dir()
+  a.files = a.format + (('preview',) if a.preview else ())
   if folder:
     check_destination(a.out, RUN_FOLDER, overwrite=True)  # a run there is resumed
   else:
     check_destination(a.out, SAMPLE_FOLDER, a.overwrite)
+    files = destinations(a.out, a.files, a.overwrite)
   query = _query(a)
   from layerjax.infer import decomposer as dec
   from layerjax.infer.scene import Proposals
@@ -158,7 +171,11 @@ def main(argv: list[str]) -> int:
     t = time.perf_counter()
     sample = model.decompose(a.image, query, sample_id=a.image.stem, **settings)
     write_folder(sample, a.out, overwrite=a.overwrite)
+    for fmt, path in files:
+      write(sample, fmt, path, overwrite=a.overwrite)
     _report(sample, a.out, time.perf_counter() - t)
+    for _, path in files:
+      print(f'  {path}')
     return 0
   return _run_folder(model, a, query, settings)
 
@@ -187,7 +204,8 @@ def _run_folder(model, a, query, settings) -> int:
   # What the samples depend on: the model, every option but where and how output is
   # shown, and the mask file's contents (by size and time, as the photos).
   options = {k: str(v) for k, v in vars(a).items()
-             if k not in ('out', 'progress', 'overwrite', 'verbose')}
+             if k not in ('out', 'progress', 'overwrite', 'verbose', 'format', 'preview',
+                          'files')}  # files are made from the samples, after the run
   mask = a.mask.stat() if a.mask else None
   base = fingerprint(loaded.source, loaded.step, options,
                      mask and (mask.st_size, mask.st_mtime_ns))
@@ -209,7 +227,25 @@ def _run_folder(model, a, query, settings) -> int:
   print(f'{a.out}: {summary["samples"]} of {summary["inputs"]} photos decomposed'
         + (f', {summary["dropped"]} failed: {summary["drop_reasons"]}'
            if summary['dropped'] else ''))
+  if a.files:
+    print(f'{a.out / "files"}: {_write_files(a.out, a.files)} files written')
   return 0 if not summary['dropped'] else cli.FAILED
+
+
+def _write_files(run: Path, fmts) -> int:
+  """The layer files of every sample of a run, in run/files/: those missing or older than
+  their sample (the run folder is this command's own, so a sample done again replaces its
+  files), also for samples an earlier run made without `--format`."""
+  written = 0
+  for folder in sample_folders(run / 'samples'):
+    made = (folder / 'manifest.json').stat().st_mtime_ns
+    todo = [(fmt, path) for fmt, path in destinations(run / 'files' / folder.name, fmts, True)
+            if not path.exists() or path.stat().st_mtime_ns < made]
+    sample = read_folder(folder) if todo else None
+    for fmt, path in todo:
+      write(sample, fmt, path, overwrite=True)
+    written += len(todo)
+  return written
 
 
 if __name__ == '__main__':

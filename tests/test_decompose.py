@@ -14,6 +14,7 @@ from layerjax import decompose as cli_main
 from layerjax import parallel
 from layerjax.data import images, pipeline
 from layerjax.data.schema import Layer, LayeredSample, assemble, composite, read_folder
+from layerjax.export import ora, png
 from layerjax.infer import model as infer_model
 from layerjax.infer import postprocess as post
 from layerjax.infer.decomposer import Decomposer
@@ -241,10 +242,17 @@ def test_command_line_one_photo_a_folder_and_resume(packed, tmp_path, capsys):
   out = tmp_path / 'one'
   box = ','.join(map(str, boxes[0]))
   assert cli_main.main(['--model', str(packed), '--image', str(photos / 'p0.png'),
-                        '--box', box, '--out', str(out)]) == 0
+                        '--box', box, '--out', str(out), '--format', 'ora,zip',
+                        '--preview']) == 0
   sample = read_folder(out)
   assert sample.image.shape == (40, 64, 3) and sample.layers[-1].kind == 'object'
   assert 'raw recomposition L1' in capsys.readouterr().out
+  # Its layer files beside it, read back by the export package's readers.
+  for back in (ora.read_ora(tmp_path / 'one.ora'), png.read_zip(tmp_path / 'one.zip')):
+    assert [l.name for l in back.layers] == [l.name for l in sample.layers]
+    np.testing.assert_allclose(back.image, sample.image, atol=1 / 255)
+  with Image.open(tmp_path / 'one.preview.png') as sheet:
+    assert sheet.width > 3 * sheet.height  # photo, 3 layers and the recomposition in a row
   # An existing sample folder is replaced only with --overwrite.
   assert cli_main.main(['--model', str(packed), '--image',
                                         str(photos / 'p0.png'), '--box', box,
@@ -264,6 +272,12 @@ def test_command_line_one_photo_a_folder_and_resume(packed, tmp_path, capsys):
   stamp = [f.stat().st_mtime_ns for f in folders]
   assert cli_main.main(args) == 0  # resumed: nothing redone
   assert [f.stat().st_mtime_ns for f in sorted((run / 'samples').iterdir())] == stamp
+  # Files asked for later are made from the samples, without decomposing again.
+  assert cli_main.main(args + ['--format', 'psd']) == 0
+  assert [f.stat().st_mtime_ns for f in sorted((run / 'samples').iterdir())] == stamp
+  assert sorted(p.name for p in (run / 'files').iterdir()) == [
+      f'{f.name}.psd' for f in folders]
+  assert 'files: 3 files written' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('argv,message', [
