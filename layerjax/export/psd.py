@@ -11,9 +11,10 @@ shadow its owner, the reader the same count. The merged image is `schema.composi
 layers, so a viewer that reads only the merged image shows our picture.
 
 What the layer names cannot carry (schema name, kind, shadow owner, label, caption,
-referring expressions) is recorded in the document's XMP metadata, which Photoshop keeps
-across edits: the property `layerjax:layers` holds a JSON list, bottom layer first, one
-entry per PSD layer naming it by its PSD name, and `layerjax:id` the sample id.
+referring expressions) is recorded in the document's XMP metadata, which Photoshop and
+Krita 5.1 keep across edits (GIMP 2.10 drops it): the property `layerjax:layers` holds a JSON
+list, bottom layer first, one entry per PSD layer naming it by its PSD name, and `layerjax:id`
+the sample id.
 
 `read_psd`: the visible pixel layers, bottom first, back into full-canvas straight RGBA
 layers (parts outside the canvas are cut; a layer's opacity is folded into its alpha). A
