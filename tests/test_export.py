@@ -39,8 +39,9 @@ def test_ora_as_the_spec_lays_it_out(tmp_path):
     root = ET.fromstring(z.read('stack.xml'))
     assert (root.get('w'), root.get('h')) == ('56', '40')
     entries = root.find('stack').findall('layer')
-    # Top first; named by label; each at its alpha's box.
-    assert [e.get('name') for e in entries] == ['tasse à café', 'ball', 'shadow_1', 'background']
+    # Top first; named by label, a shadow after its object; each at its alpha's box.
+    assert [e.get('name') for e in entries] == ['tasse à café', 'ball', 'ball shadow',
+                                                'background']
     for e, layer in zip(entries, reversed(s.layers)):
       x0, y0, x1, y1 = schema.alpha_bbox(layer.rgba[..., 3])
       assert (int(e.get('x')), int(e.get('y'))) == (x0, y0)

@@ -9,7 +9,8 @@ from psd_tools.api.layers import Group, PixelLayer
 
 from layerjax.data import schema
 from layerjax.data.schema import Layer
-from layerjax.export.psd import PsdError, psd_names, read_psd, write_psd
+from layerjax.export.names import layer_names
+from layerjax.export.psd import PsdError, read_psd, write_psd
 from layerjax.fileio import OutputError
 
 H, W = 30, 44
@@ -17,7 +18,7 @@ STEP = 1 / 255
 # (x0, y0, x1, y1): where each non-background layer's alpha is non-zero, by construction.
 BOXES = {'shadow_1': (6, 20, 30, 27), 'object_1': (8, 4, 24, 22), 'object_2': (26, 10, 40, 26),
          'object_3': (30, 2, 43, 9)}
-NAMES = ['background', 'shadow_1', 'mug', 'mug 2', 'tasse à café']
+NAMES = ['background', 'mug shadow', 'mug', 'mug 2', 'tasse à café']
 
 
 def _soft(box, peak=1.0) -> np.ndarray:
@@ -114,7 +115,7 @@ def test_long_and_duplicate_names_are_cut_and_numbered():
   for layer in sample.layers[2:4]:
     layer.label = 'a' * 300
   sample.layers[4].label = 'tab\there\x00 '
-  names = psd_names(sample, 'x.psd')
+  names = layer_names(sample, 'x.psd', PsdError)
   assert names[2:] == ['a' * 255, 'a' * 253 + ' 2', 'tabhere']
 
 
@@ -156,7 +157,7 @@ def test_a_canvas_over_30000_px_is_refused(tmp_path):
 def test_a_label_empty_once_cleaned_is_refused(tmp_path):
   sample = make_sample()
   sample.layers[2].label = ' \n\x07 '
-  with pytest.raises(PsdError, match="layer 'object_1' has no usable PSD name"):
+  with pytest.raises(PsdError, match="layer 'object_1' has no usable layer name"):
     write_psd(sample, tmp_path / 's.psd')
   assert not list(tmp_path.iterdir())
 

@@ -8,10 +8,12 @@ The file is a ZIP, as the OpenRaster spec (0.0.6) lays it out:
   data/NN_<kind>.png        each layer cropped to its alpha's box, straight 8-bit RGBA
   mergedimage.png           the composite (`schema.composite`), full size
   Thumbnails/thumbnail.png  the composite within 256 x 256
-The layer's name is its label (else its name); what our reader needs beyond the spec (the
-kind, a shadow's owner, the layer's own name) is kept in attributes of our own namespace,
-which the spec allows and other programs ignore. A file from elsewhere reads with its bottom
-layer as the background and every other layer an object.
+Layers are named as `names.layer_names` says (the label, else the schema name; a shadow 'mug
+shadow'; unique); what our reader needs beyond the spec (the kind, a shadow's owner, the
+layer's own name and label) is kept in attributes of our own namespace, which the spec allows
+and other programs ignore: Krita 5.1 drops them when it saves. A layer without them (every
+layer of a file from elsewhere) is told by its name and place as `names` states: the bottom
+layer the background, 'X shadow' the shadow of object X, any other an object.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from PIL import Image
 
 from layerjax.data.schema import (Layer, LayeredSample, alpha_bbox, composite, decode_png,
                                   default_atol, encode_png, visible_masks)
+from layerjax.export.names import identify, layer_names
 from layerjax.fileio import atomic_file, check_file
 
 MIMETYPE = 'image/openraster'
-NS = 'urn:layerjax'  # our attributes: kind, owner, layer name
+NS = 'urn:layerjax'  # our attributes: kind, owner, layer name and label
 THUMBNAIL = 256
 
 
@@ -53,6 +56,7 @@ def write_ora(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   path = Path(path)
   check_file(path, overwrite)
   sample.validate()
+  names = layer_names(sample, path, OraError)
   h, w = sample.size
   ET.register_namespace('layerjax', NS)
   image = ET.Element('image', {'version': '0.0.6', 'w': str(w), 'h': str(h)})
@@ -68,9 +72,9 @@ def write_ora(sample: LayeredSample, path, overwrite: bool = False) -> Path:
       pixels, x, y = _crop(layer)
       src = f'data/{i:02d}_{layer.kind}.png'
       z.writestr(src, encode_png(pixels))
-      attrs = {'name': layer.label or layer.name, 'src': src, 'x': str(x), 'y': str(y),
-               'opacity': '1.0', 'visibility': 'visible', f'{{{NS}}}kind': layer.kind,
-               f'{{{NS}}}name': layer.name}
+      attrs = {'name': names[i], 'src': src, 'x': str(x), 'y': str(y), 'opacity': '1.0',
+               'visibility': 'visible', f'{{{NS}}}kind': layer.kind,
+               f'{{{NS}}}name': layer.name, f'{{{NS}}}label': layer.label}
       if layer.owner:
         attrs[f'{{{NS}}}owner'] = layer.owner
       ET.SubElement(stack, 'layer', attrs)
@@ -112,9 +116,14 @@ def read_ora(path) -> LayeredSample:
       raise OraError(f'{path}: stack.xml has no image size or no stack')
     if stack.find('stack') is not None:
       raise OraError(f'{path}: holds layer groups (nested stacks); flatten them first')
-    layers = []
     entries = [e for e in stack.findall('layer') if e.get('visibility', 'visible') != 'hidden']
-    for i, e in enumerate(reversed(entries)):  # back to front
+    entries.reverse()  # back to front
+    fields = identify([e.get('name', '') for e in entries],
+                      [{'name': e.get(f'{{{NS}}}name'), 'kind': e.get(f'{{{NS}}}kind'),
+                        'owner': e.get(f'{{{NS}}}owner'), 'label': e.get(f'{{{NS}}}label', '')}
+                       if e.get(f'{{{NS}}}name') else None for e in entries])
+    layers = []
+    for e, f in zip(entries, fields):
       src = e.get('src', '')
       if src not in names:  # only members of this archive, never a path on disk
         raise OraError(f'{path}: layer {e.get("name")!r}: src {src!r} is not in the file')
@@ -125,11 +134,7 @@ def read_ora(path) -> LayeredSample:
       ys, xs = slice(max(y, 0), min(y + ph, h)), slice(max(x, 0), min(x + pw, w))
       rgba[ys, xs] = pixels[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x]
       rgba[..., 3] *= float(e.get('opacity', '1'))
-      kind = e.get(f'{{{NS}}}kind') or ('background' if i == 0 else 'object')
-      name = e.get(f'{{{NS}}}name') or f'{kind}_{i}'
-      label = e.get('name', '')
-      layers.append(Layer(name, kind, rgba, owner=e.get(f'{{{NS}}}owner'),
-                          label='' if label == name else label))
+      layers.append(Layer(rgba=rgba, **f))
   if not layers:
     raise OraError(f'{path}: no visible layer')
   if layers[0].rgba[..., 3].min() < 1:

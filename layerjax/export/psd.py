@@ -3,25 +3,27 @@
 `write_psd`: an 8-bit RGB document of the image's size, one pixel layer per layer, back to
 front (so each shadow lies right under its object, as in the sample), each cropped to the box
 of its 8-bit alpha and placed at that box's (top, left), straight colour plus a transparency
-channel as Photoshop keeps them. A layer's name is its label, else its schema name, cleaned
-(control characters dropped, at most 255 characters: Photoshop's limit) and made unique
-('mug', 'mug 2'). A layer with no visible pixel is written empty (a 0x0 layer, as Photoshop
-stores one), not skipped: the stack keeps its layers, a shadow its owner, the reader the
-same count. The merged image is `schema.composite` of the layers, so a viewer that reads only
-the merged image shows our picture.
+channel as Photoshop keeps them. Layers are named as `names.layer_names` says (the label, else
+the schema name; a shadow 'mug shadow'; unique, at most 255 characters: Photoshop's limit),
+in the Unicode name block as well as the legacy one. A layer with no visible pixel is written
+empty (a 0x0 layer, as Photoshop stores one), not skipped: the stack keeps its layers, a
+shadow its owner, the reader the same count. The merged image is `schema.composite` of the
+layers, so a viewer that reads only the merged image shows our picture.
 
 What the layer names cannot carry (schema name, kind, shadow owner, label, caption,
-referring expressions) is recorded in the document's XMP metadata, which Photoshop keeps
-across edits: the property `layerjax:layers` holds a JSON list, bottom layer first, one
-entry per PSD layer naming it by its PSD name, and `layerjax:id` the sample id.
+referring expressions) is recorded in the document's XMP metadata, which Photoshop and
+Krita 5.1 keep across edits (GIMP 2.10 drops it): the property `layerjax:layers` holds a JSON
+list, bottom layer first, one entry per PSD layer naming it by its PSD name, and `layerjax:id`
+the sample id.
 
 `read_psd`: the visible pixel layers, bottom first, back into full-canvas straight RGBA
 layers (parts outside the canvas are cut; a layer's opacity is folded into its alpha). A
 layer whose PSD name matches a recorded entry takes that entry's name, kind, owner and texts;
-any other layer (added or renamed in an editor) is an 'object' named and labelled after its
-PSD name; a shadow whose owner is gone becomes an object. The bottom layer is the background:
-where it is not opaque it is composited over white, as Photoshop's Flatten Image does, and
-the sample's provenance says so. Groups, adjustment, fill, type, shape and smart-object
+any other layer (added or renamed in an editor, or every layer of a file whose XMP an editor
+dropped, as GIMP does) is told by its name and place as `names` states: 'X shadow' the shadow
+of object X, any other an object. The bottom layer is the background: where it is not opaque
+it is composited over white, as Photoshop's Flatten Image does, and the sample's provenance
+says so. Groups, adjustment, fill, type, shape and smart-object
 layers, masks, effects, clipping, blend modes other than normal, and documents other than
 8-bit RGB are refused with one line naming the file and the problem. Prompts are not stored.
 """
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import io
 import json
-import unicodedata
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -45,47 +46,15 @@ from psd_tools.psd.image_data import ImageData
 from psd_tools.psd.image_resources import ImageResource
 
 from layerjax.data.schema import Layer, LayeredSample, alpha_bbox, assemble, composite
+from layerjax.export.names import clean, identify, layer_names
 from layerjax.fileio import as_path, atomic_file, check_file
 
 MAX_SIDE = 30000      # a PSD's largest canvas and layer side (PSB goes further; we write PSD)
-MAX_NAME = 255        # characters in a Photoshop layer name
 NS = 'https://github.com/layerjax/layerjax/ns/psd/1.0/'
-ABOVE = ('object', 'shadow')  # the recorded kinds a layer above the bottom one keeps
 
 
 class PsdError(ValueError):
   """A PSD or a sample that cannot be converted; the message names the file and why."""
-
-
-def _clean(name: str) -> str:
-  """`name` without control or format characters, trimmed, cut to `MAX_NAME` characters."""
-  kept = ''.join(c for c in name if unicodedata.category(c)[0] != 'C')
-  return kept.strip()[:MAX_NAME].strip()
-
-
-def _unique(name: str, taken: set[str]) -> str:
-  """`name`, or `name 2`, `name 3` ... (cut to fit `MAX_NAME`), whichever is not in `taken`;
-  added to `taken`."""
-  out, n = name, 1
-  while out in taken:
-    n += 1
-    suffix = f' {n}'
-    out = name[:MAX_NAME - len(suffix)] + suffix
-  taken.add(out)
-  return out
-
-
-def psd_names(sample: LayeredSample, path) -> list[str]:
-  """The PSD layer names `write_psd` gives the sample's layers, bottom first."""
-  taken, names = set(), []
-  for layer in sample.layers:
-    name = _clean(layer.label or layer.name)
-    if not name:
-      raise PsdError(f'{path}: layer {layer.name!r} has no usable PSD name (its '
-                     f'{"label" if layer.label else "name"} {layer.label or layer.name!r} is '
-                     f'empty once control characters and spaces are dropped)')
-    names.append(_unique(name, taken))
-  return names
 
 
 def _u8(x: np.ndarray) -> np.ndarray:
@@ -111,15 +80,18 @@ def write_psd(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   if max(h, w) > MAX_SIDE:
     raise PsdError(f'{dst}: sample {sample.id!r} is {w}x{h}; a PSD layer or canvas side is at '
                    f'most {MAX_SIDE} px')
-  names = psd_names(sample, dst)
   sample.validate()
+  names = layer_names(sample, dst, PsdError)
 
   psd = PSDImage.new('RGBA', (w, h))  # 'RGBA': layers keep a transparency channel, not a mask
   for layer, name in zip(sample.layers, names):
     rgba = _u8(layer.rgba)
     x0, y0, x1, y1 = alpha_bbox(rgba[..., 3]) or (0, 0, 0, 0)
-    psd.append(PixelLayer.frompil(Image.fromarray(rgba[y0:y1, x0:x1], 'RGBA'), psd, name=name,
-                                  top=y0, left=x0, compression=Compression.RLE))
+    pixel = PixelLayer.frompil(Image.fromarray(rgba[y0:y1, x0:x1], 'RGBA'), psd, top=y0,
+                               left=x0, compression=Compression.RLE)
+    # The setter adds the Unicode name Photoshop writes; GIMP reads only it or ASCII.
+    pixel.name = name
+    psd.append(pixel)
   buf = io.BytesIO()
   psd.save(buf)
   # psd-tools renders its own merged image on save; ours replaces it in the file's record.
@@ -210,25 +182,16 @@ def read_psd(path) -> LayeredSample:
              if isinstance(e, dict) and isinstance(e.get('psd'), str) and e.get('name')}
   h, w = psd.height, psd.width
   provenance = {'psd': str(src)}
-  matched = [entries.pop(pl.name, None) for pl in pixel_layers]  # each entry serves once
-  # Recorded names first, so an unrecorded layer never takes the name a shadow's owner has.
-  taken = {e['name'] for e in matched if e}
+  # Krita ends the names it writes with a NUL: names are compared cleaned.
+  psd_names = [clean(pl.name) for pl in pixel_layers]
+  fields = identify(psd_names, [entries.pop(n, None) for n in psd_names])  # one layer each
   layers = []
-  for i, (pl, e) in enumerate(zip(pixel_layers, matched)):
+  for i, (pl, f) in enumerate(zip(pixel_layers, fields)):
     rgba = _canvas_rgba(pl, h, w)
     if i == 0 and rgba[..., 3].min() < 1:
       rgba = composite([np.ones_like(rgba), rgba])
       provenance['background'] = 'composited over white where the bottom layer was not opaque'
-    kind = 'background' if i == 0 else e['kind'] if e and e.get('kind') in ABOVE else 'object'
-    e = e or {'name': _unique(_clean(pl.name) or 'layer', taken), 'label': pl.name}
-    layers.append(Layer(name=e['name'], kind=kind, rgba=rgba,
-                        owner=e.get('owner') if kind == 'shadow' else None,
-                        label=e.get('label', ''), caption=e.get('caption', ''),
-                        referring=tuple(e.get('referring', ()))))
-  objects = {layer.name for layer in layers if layer.kind == 'object'}
-  for layer in layers:
-    if layer.kind == 'shadow' and layer.owner not in objects:
-      layer.kind, layer.owner = 'object', None
+    layers.append(Layer(rgba=rgba, **f))
   sample_id = recorded.get('id') if isinstance(recorded.get('id'), str) else Path(src.name).stem
   return assemble(sample_id or 'psd', layers, provenance, prompts=False)
 
