@@ -2,6 +2,10 @@
 transparent tiles, a decomposition's contact sheet and the evaluation grid drawn with them,
 checked against hand-computed pixel positions and values."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -97,3 +101,12 @@ def test_evaluation_grid_is_one_sheet_row_per_example():
     np.testing.assert_array_equal(cell(r, 5), colours[r][::-1] * 255)
     for c in (2, 4):  # the layers it does not predict: empty, so the light cell shows
       np.testing.assert_array_equal(cell(r, c), [LIGHT] * 3)
+
+
+def test_training_draws_its_grids_without_the_export_extra():
+  """psd-tools and python-pptx are the [export] extra; a TPU pod installs [tpu,gcs] only."""
+  code = ('import sys, layerjax.train.trainer; '
+          "print(sorted({'psd_tools', 'pptx'} & set(sys.modules)))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).parents[1])
+  assert out.stdout.strip() == '[]'
