@@ -51,6 +51,8 @@ def test_sheet_lays_out_scaled_captioned_tiles_row_by_row():
   assert not (out[G + 40:G + 40 + C, G + 84:] < 255).any()
   with pytest.raises(ValueError, match='at least one tile in every row'):
     preview.sheet([[('red', solid(2, 2, red))], []])
+  with pytest.raises(ValueError, match=r"tile 'mask' has shape \(2, 2\), expected"):
+    preview.sheet([[('red', solid(2, 2, red)), ('mask', np.ones((2, 2)))]])
 
 
 def test_transparent_tiles_are_drawn_over_the_checkerboard():

@@ -49,6 +49,10 @@ def sheet(rows: Sequence[Sequence[Tile]], tile: int = 192) -> np.ndarray:
   / dark grey checkerboard of `CHECKER`-pixel cells starting light at the tile's top left."""
   if not rows or not all(rows):
     raise ValueError('sheet: expected at least one row and at least one tile in every row')
+  for caption, img in (t for r in rows for t in r):
+    if np.ndim(img) != 3 or np.shape(img)[-1] not in (3, 4):
+      raise ValueError(f'sheet: tile {caption!r} has shape {np.shape(img)}, expected '
+                       '[H, W, 3] (RGB) or [H, W, 4] (RGBA)')
   scaled = [[tuple(max(1, round(n * tile / max(img.shape[:2]))) for n in img.shape[:2])
              for _, img in row] for row in rows]
   ch = max(h for row in scaled for h, _ in row)
