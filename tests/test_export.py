@@ -11,7 +11,7 @@ from PIL import Image
 
 from layerjax.data import schema
 from layerjax.data.schema import Layer, LayeredSample
-from layerjax.export import ora, png, powerpoint, preview
+from layerjax.export import ora, png, powerpoint
 from layerjax.fileio import OutputError
 from test_schema import make_sample
 
@@ -168,20 +168,6 @@ def test_command_line_writes_every_format_of_every_sample(tmp_path, capsys):
   assert main([str(folders[0]), '--format', 'ora,gif', '--out', str(out)]) == 2
   assert 'expected some of' in capsys.readouterr().err
   assert main([str(tmp_path / 'nowhere'), '--format', 'ora', '--out', str(out)]) == 2
-
-
-def test_contact_sheet_shows_input_layers_and_recomposition():
-  s = two_objects()  # 40 x 56: tiles of 137 x 98 at 98 px
-  sheet = preview.contact_sheet(s, tile=98)
-  n = len(s.layers) + 2
-  assert sheet.shape == (70 + preview.CAPTION + 2 * preview.GAP,
-                         n * (98 + preview.GAP) + preview.GAP, 3)
-  g = preview.GAP
-  first = sheet[g:g + 70, g:g + 98].astype(float)
-  last = sheet[g:g + 70, g + (n - 1) * (98 + g):g + (n - 1) * (98 + g) + 98].astype(float)
-  # The first tile is the input and the last its recomposition: the same picture.
-  assert np.abs(first - last).mean() < 1.0
-  assert np.abs(first - sheet[g:g + 70, g + 98 + g:g + 2 * 98 + g]).mean() < 40  # background
 
 
 def test_pptx_pictures_placed_as_the_layers(tmp_path):

@@ -8,11 +8,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerjax.export import ora, png, powerpoint, preview, psd
+from layerjax.export import ora, png, powerpoint, preview
 from layerjax.fileio import check_file
 
+
+def _write_psd(sample, path, overwrite: bool = False):
+  # psd-tools (the [export] extra) loads on use: training draws its evaluation grids with
+  # `preview` and runs where only [tpu,gcs] is installed.
+  from layerjax.export import psd
+  return psd.write_psd(sample, path, overwrite)
+
+
 # Format name -> (file extension, writer(sample, path, overwrite)).
-FORMATS = {'psd': ('.psd', psd.write_psd), 'ora': ('.ora', ora.write_ora),
+FORMATS = {'psd': ('.psd', _write_psd), 'ora': ('.ora', ora.write_ora),
            'pptx': ('.pptx', powerpoint.write_pptx), 'zip': ('.zip', png.write_zip),
            'preview': ('.preview.png', preview.write_preview)}
 

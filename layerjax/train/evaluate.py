@@ -6,8 +6,8 @@ trivial baselines:
   shadow      an empty layer
 Examples are drawn deterministically (`config.eval.seed`) with the eval prompt kinds and no
 degradation, flip or zoom. Writes `eval/<split>_<step>.json` and a sample grid
-`samples/<split>_<step>.png` (input | prompt | background | foreground on checkerboard |
-shadow over white | recomposition) into the workdir.
+`samples/<split>_<step>.png` (input | prompt | background | foreground | shadow |
+recomposition, the layers over a checkerboard: `export.preview.sheet`) into the workdir.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from PIL import Image
 
 from layerjax import build, flow, metrics, parallel
 from layerjax.fileio import as_path, atomic_file
-from layerjax.data import examples
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import over
+from layerjax.export import preview
 
 LAYERS = ('background', 'foreground', 'shadow')
 
@@ -76,19 +76,16 @@ def score(pred: dict, gt: dict, layers) -> dict[str, list[float]]:
 
 
 def grid(batch: dict, pred: dict, rows: int) -> np.ndarray:
-  """uint8 [rows * H, 6 * W, 3]: input | prompt | background | foreground | shadow | recomp."""
+  """uint8: a `preview.sheet` at the images' own size, one row per example (the first
+  `rows`): input | prompt | background | foreground | shadow | recomposition, the predicted
+  layers over the checkerboard; one the model does not predict is an empty tile captioned
+  '<name>: none'."""
   b, h, w = batch['image'].shape[:3]
-  board = examples.checkerboard((h, w), max(h // 8, 1), np.random.default_rng(0), 0.0)
-  white = np.ones((h, w, 4), np.float32)
-  blank = np.zeros((b, h, w, 3), np.float32)
-  cols = [batch['image'], batch['prompt'],
-          pred['background'][..., :3] if 'background' in pred else blank,
-          over(pred['foreground'], board)[..., :3] if 'foreground' in pred else blank,
-          over(pred['shadow'], white)[..., :3] if 'shadow' in pred else blank,
-          pred.get('recomposition', blank)]
-  rows = min(rows, b)
-  out = np.concatenate([np.concatenate([c[i] for c in cols], 1) for i in range(rows)], 0)
-  return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+  empty = np.zeros((h, w, 4), np.float32)
+  cols = (*LAYERS, 'recomposition')
+  return preview.sheet([[('input', batch['image'][i]), ('prompt', batch['prompt'][i])]
+                        + [(n, pred[n][i]) if n in pred else (f'{n}: none', empty) for n in cols]
+                        for i in range(min(rows, b))], tile=max(h, w))
 
 
 def _to_host(tree):
