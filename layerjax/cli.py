@@ -9,8 +9,10 @@ An error prints `error: <file or key>: <problem>` on one line and exits 2 for ba
 (a bad argument, flag, config key or value, a missing or unreadable input: `ValueError` and
 the path errors of `OSError`), 1 for anything else (a disk that fills up, a training run
 stopped by a non-finite loss, a bug). The traceback is printed only with `--verbose` (absl
-apps: `-v 1` or higher). An absl app logs this project's progress and results; the INFO logs
-of libraries (orbax, tfds, jax) only at `-v 1`.
+apps: `-v 1` or higher). An absl app logs this project's progress and results on the
+terminal; the INFO logs of libraries (orbax, tfds, jax) and this project's details (records
+logged with `extra=DETAIL`: every metric of every step) go to the run's log file
+(`log_file`), and to the terminal too at `-v 1`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirec
                 PermissionError)
 # Packages whose INFO logs are this project's progress and results.
 _OWN = tuple(str(Path(__file__).resolve().parents[1] / p) for p in ('layerjax', 'data_engine'))
+
+
+DETAIL = {'detail': True}  # `logging.info(..., extra=DETAIL)`: for the log file, not the terminal
 
 
 class UsageError(ValueError):
@@ -105,10 +110,32 @@ def entry(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
 
 
 class _OwnInfo(logging.Filter):
-  """Warnings and errors from anywhere, INFO and below only from this project."""
+  """Warnings and errors from anywhere, INFO and below only from this project and not its
+  details."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or record.pathname.startswith(_OWN)
+    return record.levelno >= logging.WARNING or (record.pathname.startswith(_OWN) and
+                                                 not getattr(record, 'detail', False))
+
+
+def log_file(path) -> Path | None:
+  """From now on, every log record at INFO and above (libraries' included) is appended to
+  `path` as well, in absl's format; returns the path. Only for a local `path`: on an object
+  store (`gs://`), nothing (a log is appended line by line; an object is written whole)."""
+  if '://' in str(path):
+    return None
+  from absl import logging as absl_logging
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handler = logging.FileHandler(path, encoding='utf-8')
+  handler.setFormatter(absl_logging.PythonFormatter())
+  handler.setLevel(logging.INFO)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  # absl's verbosity sets the absl logger's level; the root's (WARNING) would drop the
+  # libraries' INFO records (jax, orbax through the standard logging) before any handler.
+  root.setLevel(min(root.level, logging.INFO))
+  return path
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:

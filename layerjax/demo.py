@@ -8,9 +8,15 @@
 2. training: `configs/liwi.py:demo` through `layerjax.train.trainer` (resumes if stopped);
 3. evaluation on the held-out test scenes: the model against trivial baselines (background
    = the input; foreground = the input cut by the prompt box; shadow = empty);
-4. the trained model packed for inference (`out/demo/model`), and held-out photos (scaled
-   up 4x, to 128 px) decomposed with it, one with its box as the prompt and one whole
-   scene (`out/demo/decomposed/`); the commands to do the same by hand are printed.
+4. the trained model packed for inference (`out/demo/model`), held-out photos (scaled up
+   4x, to 128 px; one with its box as the prompt, one whole scene) and scikit-image's
+   coffee photo (its cup's box, and whole) decomposed with it into sample folders with
+   Photoshop, OpenRaster and contact-sheet files (`out/demo/decomposed/`), and the first
+   one's object moved with its shadow (`out/demo/edited/`); a table says what was written
+   where, and the commands to do the same by hand are printed.
+
+The terminal shows progress and results; every log line (Orbax's, TFDS's, absl's) goes to
+`out/demo/demo.log`.
 
     python -m layerjax.demo [--workdir out/demo] [--config configs/liwi.py:demo]
         [--config.total_steps=200 ...]
@@ -18,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -87,8 +94,9 @@ def make_bank(root: Path, seed: int = 0, backgrounds: int = 24, objects: int = 8
   return root
 
 
-def make_data(workdir: Path, demo, data_dir: Path) -> None:
-  """Bank -> synthesised scenes -> TFDS; a re-run redoes only what changed."""
+def make_data(workdir: Path, demo, data_dir: Path) -> tuple[dict, dict]:
+  """Bank -> synthesised scenes -> TFDS; a re-run redoes only what changed. Returns the
+  engine's summary and `build_tfds`'s."""
   from data_engine import config as engine_config
   from data_engine import jobs, runners
   bank = workdir / 'bank'
@@ -107,9 +115,7 @@ def make_data(workdir: Path, demo, data_dir: Path) -> None:
   # The demo owns a data_dir inside its workdir; any other one is replaced only if it holds
   # a dataset of these scenes.
   owned = data_dir.resolve().is_relative_to(workdir.resolve())
-  built = jobs.build_tfds(scenes, data_dir, dict(config.runner.splits), 'raise', owned)
-  print(f'demo data: {summary["samples"]} scenes in {scenes}, dataset {data_dir} '
-        f'({"up to date" if built["up_to_date"] else "built"}: {built["splits"]})')
+  return summary, jobs.build_tfds(scenes, data_dir, dict(config.runner.splits), 'raise', owned)
 
 
 def main(argv) -> None:
@@ -122,7 +128,15 @@ def main(argv) -> None:
                          'configs/liwi.py:demo has')
   trainer.check_config(config)  # before minutes of making data
   workdir = Path(_WORKDIR.value)
-  make_data(workdir, config.demo, Path(config.data.data_dir))
+  log = cli.log_file(workdir / 'demo.log')
+  print(f'demo: making the data, training {config.total_steps} steps on the CPU, evaluating, '
+        f'then decomposing photos into layer files (about 8 minutes; every log line: {log})')
+  with open(log, 'a', encoding='utf-8') as f, contextlib.redirect_stdout(f), \
+      contextlib.redirect_stderr(f):  # TFDS's own prints and progress bars
+    summary, built = make_data(workdir, config.demo, Path(config.data.data_dir))
+  print(f'demo data: {summary["samples"]} scenes in {workdir / "data"}, dataset '
+        f'{config.data.data_dir} ({"up to date" if built["up_to_date"] else "built"}: '
+        f'{built["splits"]})')
   if 'preempted_at' in trainer.train(config, workdir / 'train'):
     print('stopped by SIGTERM after saving; run the same command again to continue')
     return
@@ -134,15 +148,26 @@ def main(argv) -> None:
   with atomic_file(workdir / 'demo_result.json') as tmp:
     tmp.write_text(json.dumps(result, indent=2) + '\n')
   print(f'grid: {workdir}/train/samples/test_{step}.png')
-  decompose_photos(workdir, config)
+  print_files(decompose_photos(workdir, config))
+  print(f'log: {log}')
 
 
-def decompose_photos(workdir: Path, config, count: int = 2) -> None:
+FILES = ('psd', 'ora', 'preview')  # what the demo writes beside each sample folder
+COFFEE_CUP = (170, 15, 410, 305)  # the cup (with its handle) in scikit-image's coffee photo
+
+
+def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, Path, int]]:
   """Packs the trained model (`config`: what it was trained with, for a workdir from before
-  layerjax recorded it), then decomposes held-out photos with it: the first with its
-  object's box, the second as a whole scene."""
+  layerjax recorded it), then decomposes held-out scenes (scaled up 4x; the first with its
+  object's box, the second as a whole scene) and scikit-image's coffee photo (its cup's box,
+  and the whole scene), writes each as a sample folder with its Photoshop, OpenRaster and
+  contact-sheet files, and moves the first scene's object with its shadow
+  (`layerjax.edit`). Returns (what, sample folder, layers) for the table."""
+  from skimage import data as skimage_data
   from data_engine import jobs
+  from layerjax import export
   from layerjax.data.schema import encode_png, read_folder, write_folder
+  from layerjax.edit import Document
   from layerjax.infer import model as infer_model
   from layerjax.infer import postprocess
   from layerjax.infer.decomposer import Decomposer
@@ -153,32 +178,73 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> None:
                   if jobs.split_of(p.name, SPLITS) == 'test')[:count]
   photos = workdir / 'photos'
   photos.mkdir(exist_ok=True)
-  print(f'\nDecomposing held-out photos with the packed model {model}:')
+  jobs_ = []  # (what, photo, query, sample id, command-line prompt)
   for i, folder in enumerate(scenes):
     scene = read_folder(folder)
     h, w = scene.size
-    photo = np.clip(postprocess.resize(scene.image, (4 * h, 4 * w)), 0, 1)
     path = photos / f'{scene.id}.png'
     with atomic_file(path) as tmp:
-      tmp.write_bytes(encode_png(photo))
+      tmp.write_bytes(encode_png(np.clip(postprocess.resize(scene.image, (4 * h, 4 * w)), 0, 1)))
     if i == 0:
       target = [l for l in scene.layers if l.kind == 'object'][-1]
       box = tuple(4 * v for v in target.bbox)
-      sample = decomposer.decompose(path, Query(box=box), seeds=4, sample_id=scene.id)
-      how = f'--box {",".join(map(str, box))} --seeds 4'
+      jobs_.append((f'held-out scene, its {target.label or "object"}\'s box', path,
+                    Query(box=box), scene.id, f'--box {",".join(map(str, box))} --seeds 4'))
     else:
-      sample = decomposer.decompose(path, sample_id=scene.id)
-      how = '--layers auto'
-    out = workdir / 'decomposed' / scene.id
-    write_folder(sample, out, overwrite=True)
+      jobs_.append(('held-out scene, whole', path, None, scene.id, '--layers auto'))
+  coffee = photos / 'coffee.png'
+  with atomic_file(coffee) as tmp:
+    tmp.write_bytes(encode_png(skimage_data.coffee() / 255))
+  jobs_ += [('scikit-image coffee, the cup\'s box', coffee, Query(box=COFFEE_CUP), 'coffee-cup',
+             f'--box {",".join(map(str, COFFEE_CUP))} --seeds 4'),
+            ('scikit-image coffee, whole', coffee, None, 'coffee', '--layers auto')]
+  print(f'\nDecomposing photos with the packed model {model} (the demo model knows only '
+        f'its synthetic shapes: on the coffee photo it shows the files, not the quality):')
+  out = workdir / 'decomposed'
+  rows = []
+  for what, path, query, sid, how in jobs_:
+    sample = decomposer.decompose(path, query, seeds=4 if query else 1, sample_id=sid)
+    folder = _write(sample, out / sid, export, write_folder)
+    rows.append((what, folder, len(sample.layers)))
     p = sample.provenance
     raw = (f', raw recomposition L1 {p["raw_recompose_l1"]:.3f}' if 'raw_recompose_l1' in p
            else '')
-    print(f'  {path} ({4 * w}x{4 * h}) -> {out}: '
-          f'{", ".join(l.name for l in sample.layers)}{raw}; '
+    print(f'  {path} -> {folder}: {", ".join(l.name for l in sample.layers)}{raw}; '
           f'{p["timings"]["total"]:.2f} s')
     print(f'    python -m layerjax.decompose --model {model} --image {path} {how} '
-          f'--out {out} --overwrite')
+          f'--format {",".join(FILES[:-1])} --preview --out {folder} --overwrite')
+    if len(rows) == 1:
+      first = sample
+  name = [l for l in first.layers if l.kind == 'object'][-1].name
+  dx = first.size[1] // 4
+  edited = Document(first).move(name, dx, 0).render(f'{first.id}-moved')
+  folder = _write(edited, workdir / 'edited' / edited.id, export, write_folder)
+  with atomic_file(folder.with_name(folder.name + '.png')) as tmp:
+    tmp.write_bytes(encode_png(edited.image))
+  rows.append((f'{name} moved {dx} px right, its shadow following', folder,
+               len(edited.layers)))
+  print(f'  {out / first.id}: {name} moved {dx} px right with its shadow -> {folder}')
+  print(f'    python -m layerjax.edit {out / first.id} --move {name}:+{dx},0 --id {edited.id} '
+        f'--format {",".join(FILES[:-1])} --out {folder.parent} --overwrite')
+  return rows
+
+
+def _write(sample, folder: Path, export, write_folder) -> Path:
+  """The sample folder and its `FILES` beside it (`folder.psd`, ...), replacing the demo's
+  own earlier ones."""
+  write_folder(sample, folder, overwrite=True)
+  for fmt, path in export.destinations(folder, FILES, overwrite=True):
+    export.write(sample, fmt, path, overwrite=True)
+  return folder
+
+
+def print_files(rows) -> None:
+  print('\nWhat the demo wrote (each sample folder holds the photo, one PNG per layer and '
+        'manifest.json; beside it its .psd for Photoshop, .ora for GIMP and Krita, and a '
+        '.preview.png contact sheet):')
+  width = max(len(what) for what, _, _ in rows)
+  for what, folder, layers in rows:
+    print(f'  {what:<{width}}  {layers} layers  {folder}')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,9 @@ The workdir holds `checkpoints/` (Orbax; a rerun resumes), `tensorboard/`, `eval
 and `samples/*.png`. `--distributed` initialises multi-host JAX from the environment (Cloud
 TPU pods, Slurm); the explicit coordinator flags serve several processes on one machine.
 The config is checked before anything else; an error is one line on stderr (exit 2 for a
-bad flag or config), with the traceback and the libraries' INFO logs at `-v 1`.
+bad flag or config), with the traceback at `-v 1`. The terminal shows progress and results;
+every log line, the libraries' included, goes to `log.txt` in a local workdir (process i > 0:
+`log.<i>.txt`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main(argv) -> None:
   train_config.check(config)  # before distributed initialisation, on every process alike
   initialize_distributed()
   from layerjax.train import evaluate, trainer  # after distributed initialisation
+  i = jax.process_index()
+  cli.log_file(f'{_WORKDIR.value}/log{f".{i}" if i else ""}.txt')
   logging.info('process %d/%d, %d devices (%s)', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.default_backend())
   if _MODE.value == 'train':

@@ -406,6 +406,13 @@ def test_nan_stop_numbers_steps_as_the_log_and_exits_cleanly(tmp_path, data_dir)
                     f"checkpoint: step 2 in {workdir / 'checkpoints'}"]
   assert 'Traceback' not in proc.stderr and 'Exception ignored' not in proc.stderr
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['1', '2']
+  # The terminal has the progress lines; the log file has them, every metric (the writer's
+  # details) and the libraries' INFO lines (Orbax's checkpointing).
+  log = (workdir / 'log.txt').read_text()
+  assert '] step 1/8' in log and '] [1] examples_per_s=' in log
+  assert '] [1] ' not in proc.stderr and 'hparams' not in proc.stderr
+  orbax = [l for l in log.splitlines() if 'checkpoint_manager.py' in l]
+  assert orbax and not any('checkpoint_manager.py' in l for l in lines)
 
 
 # --- non-finite weights in conversions ----------------------------------------------------

@@ -137,13 +137,13 @@ def run(setup, state: dict, config, split: str, workdir, step: int, writer=None)
 
 def table(result: dict, layers=LAYERS) -> str:
   """A plain-text comparison of the model with the baselines."""
-  lines = [f'{"":<24}{"model":>10}{"baseline":>10}']
+  lines = [f'{"":<30}{"model":>10}{"baseline":>10}']
   for name in layers:
     for m, better in (('rgb_l1', 'lower'), ('alpha_iou', 'higher')):
       k = f'{name}/{m}'
       if f'model/{k}' in result:
-        lines.append(f'{k + " (" + better + ")":<24}{result[f"model/{k}"]:>10.4f}'
+        lines.append(f'{k + " (" + better + ")":<30}{result[f"model/{k}"]:>10.4f}'
                      f'{result.get(f"baseline/{k}", float("nan")):>10.4f}')
   if 'model/recompose_l1' in result:
-    lines.append(f'{"recompose_l1 (lower)":<24}{result["model/recompose_l1"]:>10.4f}')
+    lines.append(f'{"recompose_l1 (lower)":<30}{result["model/recompose_l1"]:>10.4f}')
   return '\n'.join(lines)

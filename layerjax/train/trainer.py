@@ -370,6 +370,8 @@ def _train(config, workdir, loader, mesh) -> dict:
       if run_eval:
         result['eval'] = evaluate.run(setup, state, config, config.eval.split, workdir, done,
                                       writer)
+        logging.info('eval on %s at step %d: %s', config.eval.split, done,
+                     _eval_line(result['eval']))
         t_log, steps_since = time.perf_counter(), 0
       if save:
         ckpt.save(done, state, iterator, wait=stop)
@@ -382,6 +384,17 @@ def _train(config, workdir, loader, mesh) -> dict:
     with atomic_file(workdir / 'train_result.json') as tmp:
       tmp.write_text(json.dumps(result, indent=2, default=float) + '\n')
   return result
+
+
+def _eval_line(result: dict) -> str:
+  """Alpha IoU per layer against the baseline's, and the recomposition error: one line."""
+  parts = [f'{k[len("model/"):-len("/alpha_iou")]} IoU {v:.3f} (baseline '
+           f'{result.get("baseline" + k[len("model"):], float("nan")):.3f})'
+           for k, v in sorted(result.items())
+           if k.startswith('model/') and k.endswith('/alpha_iou') and 'background' not in k]
+  if 'model/recompose_l1' in result:
+    parts.append(f'recomposition L1 {result["model/recompose_l1"]:.3f}')
+  return ', '.join(parts)
 
 
 def _flops(step_fn, state, frozen, batch) -> float | None:

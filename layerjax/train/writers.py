@@ -16,19 +16,24 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from layerjax.cli import DETAIL
 from layerjax.fileio import as_path, atomic_file, is_url
 
 
 class ConsoleWriter:
+  """Every value into the log (the run's log file; the terminal at -v 1): the trainer prints
+  its own short progress and result lines."""
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items())))
+    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items())),
+                 extra=DETAIL)
 
   def write_images(self, step: int, images: dict) -> None:
-    logging.info('[%d] images: %s', step, ', '.join(f'{k} {np.shape(v)}' for k, v in images.items()))
+    logging.info('[%d] images: %s', step,
+                 ', '.join(f'{k} {np.shape(v)}' for k, v in images.items()), extra=DETAIL)
 
   def write_hparams(self, hparams: dict) -> None:
-    logging.info('hparams: %s', hparams)
+    logging.info('hparams: %s', hparams, extra=DETAIL)
 
   def flush(self) -> None:
     pass
