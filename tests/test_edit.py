@@ -272,7 +272,7 @@ def test_command_line_writes_the_edit_and_its_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('args, message', [
-    ([], 'no edit given'),
+    (['--move', 'mug:1,1', '--format', 'gif'], r"--format: expected some of psd,ora"),
     (['--move', 'mug:4'], r"--move: expected NAME:DX,DY \(pixels\), got 'mug:4'"),
     (['--scale', 'mug'], r"--scale: expected NAME:FACTOR, got 'mug'"),
     (['--recolor', 'mug:hue*2'], r"'hue\*2' in 'mug:hue\*2': expected hue\+DEG"),
@@ -300,3 +300,24 @@ def test_command_line_exact_size_refuses_another_size(tmp_path, capsys):
   assert code == 2
   assert 'sky.png: 90x30, the sample is 64x48 (--exact-size)' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_psd_edited_elsewhere_is_recomposed_and_edited(tmp_path, capsys):
+  """What a user does after editing in Photoshop: the saved PSD back into a sample folder and
+  its composite (no edit), or edited further here."""
+  s = scene()
+  psd.write_psd(s, tmp_path / 'mine.psd')
+  out = tmp_path / 'out'
+  assert edit_cli.main([str(tmp_path / 'mine.psd'), '--id', 'back', '--out', str(out)]) == 0
+  assert 'recomposed' in capsys.readouterr().out
+  back = schema.read_folder(out / 'back')
+  assert [l.name for l in back.layers] == [l.name for l in s.layers]
+  np.testing.assert_allclose(back.image, s.image, atol=1.5 / 255)
+  assert edit_cli.main([str(tmp_path / 'mine.psd'), '--remove', 'cat', '--out', str(out)]) == 0
+  assert 'object_3' not in [l.name for l in schema.read_folder(out / 'scene-edited').layers]
+  assert edit_cli.main([str(tmp_path / 'notes.txt'), '--out', str(out)]) == 2
+  assert 'notes.txt: no such file or folder' in capsys.readouterr().err
+  (tmp_path / 'notes.txt').write_text('hello')
+  assert edit_cli.main([str(tmp_path / 'notes.txt'), '--out', str(out)]) == 2
+  assert 'notes.txt: not a sample folder nor a layer file (.psd, .ora, .zip)' in \
+      capsys.readouterr().err

@@ -1,10 +1,12 @@
-"""Command line: edit a decomposition, its shadows following its objects.
+"""Command line: edit a decomposition, its shadows following its objects, or recompose one.
 
-  python -m layerjax.edit SAMPLE_DIR --move mug:+40,0 --scale mug:1.2 --remove cat \\
+  python -m layerjax.edit SAMPLE --move mug:+40,0 --scale mug:1.2 --remove cat \\
       --recolor mug:hue+30 --order mug:top --background new.jpg --out edited/ \\
       [--format psd,ora,zip,pptx,preview] [--id NAME] [--overwrite]
 
-An object is named by its layer name (`object_2`) or its label (`mug`); its shadow follows
+SAMPLE is a sample folder or a layer file (`.psd`, `.ora`, `.zip`: one edited in Photoshop,
+GIMP or Krita and saved, say); with no edit, it is recomposed as it is. An object is named
+by its layer name (`object_2`) or its label (`mug`); its shadow follows
 it. Edits (each may be repeated):
   --move NAME:DX,DY       pixels, x right, y down
   --scale NAME:F          F > 0, about the object's ground contact
@@ -29,9 +31,9 @@ from pathlib import Path
 
 from layerjax import cli
 from layerjax.data import images
-from layerjax.data.schema import SAMPLE_FOLDER, encode_png, read_folder, write_folder
+from layerjax.data.schema import SAMPLE_FOLDER, encode_png, write_folder
 from layerjax.edit.document import ORDER, Document, EditError
-from layerjax.export import destinations, formats, write
+from layerjax.export import destinations, formats, read, write
 from layerjax.fileio import OutputError, atomic_file, check_destination, check_file, safe_name
 
 
@@ -93,7 +95,8 @@ def _order(text: str):
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m layerjax.edit',
                          description='Edit a decomposition: its shadows follow its objects.')
-  p.add_argument('sample', type=Path, help='a sample folder (python -m layerjax.decompose)')
+  p.add_argument('sample', type=Path,
+                 help='a sample folder (python -m layerjax.decompose) or a .psd, .ora, .zip')
   p.add_argument('--out', required=True, type=Path, help='the folder to write into')
   p.add_argument('--move', type=_move, action='append', default=[], metavar='NAME:DX,DY')
   p.add_argument('--scale', type=_scale, action='append', default=[], metavar='NAME:F')
@@ -143,12 +146,9 @@ def edit(doc: Document, a) -> str | None:
 @cli.entry
 def main(argv: list[str]) -> int:
   a = _parser().parse_args(argv)
-  if not (a.move or a.scale or a.remove or a.recolour or a.order or a.background):
-    raise cli.UsageError('python -m layerjax.edit: no edit given (--move, --scale, --remove, '
-                         '--recolor, --order, --background)')
   if a.out.exists() and not a.out.is_dir():
     raise OutputError(f'{a.out}: is a file, not a folder')
-  doc = Document(read_folder(a.sample))
+  doc = Document(read(a.sample))
   try:
     note = edit(doc, a)
   except EditError as e:
@@ -167,8 +167,9 @@ def main(argv: list[str]) -> int:
     tmp.write_bytes(encode_png(sample.image))
   for fmt, path in files:
     write(sample, fmt, path, overwrite=a.overwrite)
-  print(f'{stem}: {len(sample.layers)} layers after {len(doc.edits)} edits '
-        f'({", ".join(e["edit"] for e in doc.edits)})')
+  done = (f'after {len(doc.edits)} edits ({", ".join(e["edit"] for e in doc.edits)})'
+          if doc.edits else 'recomposed')
+  print(f'{stem}: {len(sample.layers)} layers {done}')
   for path in [picture] + [p for _, p in files]:
     print(f'  {path}')
   return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layerjax.data.schema import read_folder
 from layerjax.export import ora, png, powerpoint, preview
 from layerjax.fileio import check_file
 
@@ -23,6 +24,30 @@ def _write_psd(sample, path, overwrite: bool = False):
 FORMATS = {'psd': ('.psd', _write_psd), 'ora': ('.ora', ora.write_ora),
            'pptx': ('.pptx', powerpoint.write_pptx), 'zip': ('.zip', png.write_zip),
            'preview': ('.preview.png', preview.write_preview)}
+
+
+def _read_psd(path):
+  from layerjax.export import psd
+  return psd.read_psd(path)
+
+
+# File extension -> reader(path): the formats that come back into a `LayeredSample`.
+READERS = {'.psd': _read_psd, '.ora': ora.read_ora, '.zip': png.read_zip}
+
+
+def read(path):
+  """A `LayeredSample` from a sample folder or a `.psd`, `.ora` or `.zip` layer file (one a
+  user edited in Photoshop, GIMP or Krita and saved, say)."""
+  path = Path(path)
+  if path.is_dir():
+    return read_folder(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no such file or folder')
+  reader = READERS.get(path.suffix.lower())
+  if reader is None:
+    raise ValueError(f'{path}: not a sample folder nor a layer file '
+                     f'({", ".join(READERS)})')
+  return reader(path)
 
 
 def write(sample, fmt: str, path, overwrite: bool = False):
