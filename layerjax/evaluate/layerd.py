@@ -163,6 +163,21 @@ def _group(stack: list[_Layer]) -> list[_Layer]:
   return [reduce(lambda back, front: front.over(back), [stack[k] for k in g]) for g in groups]
 
 
+def pair_scores(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+  """(rgb_l1, alpha_iou, cost) of uint8 RGBA layers a and b as LayerD's `RGBL1`, `AlphaIoU`
+  and `RGBL1_AIoU` compute them (called with a as prediction, b as ground truth)."""
+  a, b = to_uint8_layers([a, b], 'pair_scores layers')
+  return _scores(a.astype(float) / 255, b.astype(float) / 255)
+
+
+def _scores(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+  """`pair_scores` of float64 / 255 layers."""
+  l1 = rgb_l1(a, b)
+  iou = alpha_iou(a[..., 3], b[..., 3])
+  iou = 0.0 if math.isnan(iou) else iou      # LayerD: IoU of two empty alphas is 0
+  return l1, iou, (l1 + (1 - iou)) / 2
+
+
 class _Scorer:
   """Pair metrics (rgb_l1, alpha_iou, cost) of (a, b), RGB L1 masked by b's alpha, memoised
   for one sample: DTW and the merge search ask for the same pairs again and again. The memo
@@ -174,10 +189,7 @@ class _Scorer:
   def __call__(self, a: _Layer, b: _Layer) -> tuple[float, float, float]:
     key = (id(a), id(b))
     if key not in self._memo:
-      l1 = rgb_l1(a.f, b.f)
-      iou = alpha_iou(a.f[..., 3], b.f[..., 3])
-      iou = 0.0 if math.isnan(iou) else iou      # LayerD: IoU of two empty alphas is 0
-      self._memo[key] = (a, b, (l1, iou, (l1 + (1 - iou)) / 2))
+      self._memo[key] = (a, b, _scores(a.f, b.f))
     return self._memo[key][2]
 
   def sim(self, a: _Layer, b: _Layer) -> float:
