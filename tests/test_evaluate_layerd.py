@@ -142,8 +142,11 @@ def test_aggregate_carries_early_stoppers_forward():
 
 
 def test_no_merge_on_two_layer_sides_and_max_edits():
-  """A side of 2 layers is never merged (LayerD's min_layers); max_edits=0 scores only k=0."""
-  result = layerd.evaluate_sample([BG, rect(2, 4)], [BG, X])
+  """A side of 2 layers is never merged (LayerD's min_layers), though merging the prediction's
+  halves of X here would gain 1 + 1 - (5/6 + 2/3) = 1/2 against the ground truth's one group
+  (X and an empty layer); max_edits=0 scores only k=0."""
+  result = layerd.evaluate_sample([rect(2, 5), rect(4, 6)], [X, np.zeros_like(X)])
+  assert result.groups == {'pred': 2, 'gt': 1}
   assert result.merges == [] and len(result.scores) == 1
   result = layerd.evaluate_sample([BG, rect(2, 5), rect(4, 6)], [BG, X], max_edits=0)
   assert len(result.scores) == 1 and result.merges == []
