@@ -180,7 +180,8 @@ def test_layers_from_sample_are_the_stored_pngs():
   """Our samples score as their 8-bit layer files would: the bytes `schema.encode_png` writes."""
   rng = np.random.default_rng(0)
   fg = rng.uniform(size=(H, W, 4)).astype(np.float32)
-  sample = schema.assemble('s', [schema.Layer('background', 'background', (BG / 255).astype(np.float32)),
+  bg = (BG / 255).astype(np.float32)
+  sample = schema.assemble('s', [schema.Layer('background', 'background', bg),
                                  schema.Layer('object_1', 'object', fg)], prompts=False)
   stored = [np.asarray(Image.open(io.BytesIO(schema.encode_png(layer.rgba))))
             for layer in sample.layers]

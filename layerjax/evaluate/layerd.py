@@ -1,11 +1,13 @@
 """LayerD's Crello protocol (Suzuki et al., ICCV'25), exactly as its published code computes it.
 
 The definition is LayerD's evaluation code, not its later `docs/evaluation.md` (which describes
-insert/delete costs and a normalised edit distance the code does not have). Followed, in the
-stored fork `zyz-2299mod10/TAS-LayerD` (its `src/layerd/` is unchanged LayerD code; only its
-`tools/evaluator.py` is the fork's own and is NOT this protocol):
-`src/layerd/evaluation/{metrics,dtw,edits,edit_distance}.py`,
-`src/layerd/data/crello.py:group_top_layers_indices`, and LayerD's `tools/evaluate.py`.
+insert/delete costs and a normalised edit distance the code does not have). Followed: in the
+fork `zyz-2299mod10/TAS-LayerD` (CyberAgentAILab/LayerD itself is not in the stored index, so
+the fork's copy is not checked line by line against it),
+`src/layerd/evaluation/{metrics,dtw,edits,edit_distance}.py` and
+`src/layerd/data/crello.py:group_top_layers_indices`, with the API LayerD's README and its
+`tools/evaluate.py` (a stored copy) call; the fork's own `tools/evaluator.py` is another
+metric, not this protocol.
 
 Per sample (`evaluate_sample`), on 8-bit straight RGBA layers back to front:
 1. Grouping, each side: with hard masks `alpha > 0`, every remaining layer that no *later*
@@ -18,7 +20,9 @@ Per sample (`evaluate_sample`), on 8-bit straight RGBA layers back to front:
    diagonal, then (i-1, j), then (i, j-1). Scores are means over the path (edits = 0).
 4. Up to `max_edits` merges of adjacent layers, prediction or ground-truth side (`_best_merge`
    states the gain rule), each the single best positive gain; DTW redone after each; stop when
-   no merge gains. A side with 2 layers or fewer is never merged.
+   no merge gains. A side with 2 layers or fewer is never merged. Ties go to the lowest index
+   within a side and to the ground truth between sides. On the ground-truth side a candidate
+   is scored as `cost(candidate, prediction layer)`, so RGB L1 is masked by the prediction.
 `aggregate` averages per edit count k, a sample that stopped earlier giving its last scores.
 
 Compositing is PIL's `Image.alpha_composite` on uint8, the call LayerD makes: its integer
