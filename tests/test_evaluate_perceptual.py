@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_parity, nchw_to_nhwc, nhwc_to_nchw, torch_reference
 from torch import nn
 
-from conftest import assert_parity, nchw_to_nhwc, nhwc_to_nchw, torch_reference
 from layerjax.convert.diffusers import CheckpointMismatch
 from layerjax.evaluate import inception, lpips
 

@@ -13,6 +13,7 @@ names as not part of the network (e.g. a classifier head), or loading fails list
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -44,9 +45,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   import torch  # only for the published .pth files
   try:
     state = torch.load(str(path), map_location='cpu', weights_only=True)
-  except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ...
-    raise ValueError(f'{path}: not a weights-only torch state dict ({type(e).__name__}: '
-                     f'{str(e).splitlines()[0] if str(e) else ""})') from None
+  except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    # torch's own message suggests weights_only=False, which would run pickled code.
+    raise ValueError(f'{path}: not a weights-only torch state dict ({type(e).__name__}); '
+                     'pickled objects are never loaded') from None
   if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
     raise ValueError(f'{path}: expected a state dict of tensors, got {type(state).__name__}')
   return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).numpy()

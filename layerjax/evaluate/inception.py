@@ -108,7 +108,7 @@ class InceptionB(nnx.Module):
 
 class InceptionC(nnx.Module):
   def __init__(self, cin: int, c7: int, *, rngs: nnx.Rngs):
-    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+    row, col = {'kernel': (1, 7), 'padding': (0, 3)}, {'kernel': (7, 1), 'padding': (3, 0)}
     self.branch1x1 = BasicConv2d(cin, 192, 1, rngs=rngs)
     self.branch7x7_1 = BasicConv2d(cin, c7, 1, rngs=rngs)
     self.branch7x7_2 = BasicConv2d(c7, c7, **row, rngs=rngs)
