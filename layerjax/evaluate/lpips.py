@@ -83,10 +83,10 @@ class Trunk(nnx.Module):
     for s in range(5):
       convs = getattr(self, f'slice{s + 1}')
       for i in range(bounds[s], bounds[s + 1]):
-        kind = layers[i][0]
-        if kind == 'conv':
+        op = layers[i][0]
+        if op == 'conv':
           x = convs[str(i)](x)
-        elif kind == 'relu':
+        elif op == 'relu':
           x = jax.nn.relu(x)
         else:
           x = nnx.max_pool(x, (layers[i][1],) * 2, (layers[i][2],) * 2, 'VALID')
@@ -107,6 +107,11 @@ class LinearHead(nnx.Module):
     return self.model['1'](x)
 
 
+def _unit(f: jax.Array) -> jax.Array:
+  """The package's `normalize_tensor`: unit length over channels, eps outside the root."""
+  return f / (jnp.sqrt(jnp.sum(f * f, -1, keepdims=True)) + 1e-10)
+
+
 class LPIPSNet(nnx.Module):
   """The network: (x, y) NHWC in [0, 1] -> LPIPS distance [B]."""
 
@@ -123,9 +128,7 @@ class LPIPSNet(nnx.Module):
     fx, fy = (self.net(((2 * v - 1) - shift) / scale) for v in (x, y))
     total = 0.0
     for l, (a, b) in enumerate(zip(fx, fy)):
-      a = a / (jnp.sqrt(jnp.sum(a * a, -1, keepdims=True)) + 1e-10)
-      b = b / (jnp.sqrt(jnp.sum(b * b, -1, keepdims=True)) + 1e-10)
-      total = total + getattr(self, f'lin{l}')((a - b) ** 2).mean((1, 2, 3))
+      total = total + getattr(self, f'lin{l}')((_unit(a) - _unit(b)) ** 2).mean((1, 2, 3))
     return total
 
 
