@@ -4,6 +4,7 @@ against RefLade's published table, and CLIP features against transformers' own p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -175,8 +176,7 @@ def test_every_summary_line_names_bounds_and_weights_and_flags_random_weights():
   assert result['is_metric']
   assert all('NOT the metric' not in ln and 'clip: /w/clip' in ln
              for ln in reflade.summary(result))
-  partial = reflade.Networks(*list(_standins(real).__dict__.values())[:4],
-                             weights={'lpips': 'a', 'clip': 'b'})
+  partial = dataclasses.replace(_standins(), weights={'lpips': 'a', 'clip': 'b'})
   assert not partial.is_metric                         # the Inception's weights unstated
 
 

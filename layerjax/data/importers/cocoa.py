@@ -184,11 +184,11 @@ def _polygon_counts(xy: list[float], h: int, w: int) -> list[int]:
   for j in range(1, len(u)):
     if u[j] == u[j - 1]:
       continue
-    xd = (u[j] if u[j] < u[j - 1] else u[j] - 1 + 0.0)
+    xd = u[j] if u[j] < u[j - 1] else u[j] - 1
     xd = (xd + .5) / scale - .5
     if math.floor(xd) != xd or xd < 0 or xd > w - 1:
       continue
-    yd = (v[j] if v[j] < v[j - 1] else v[j - 1]) + 0.0
+    yd = v[j] if v[j] < v[j - 1] else v[j - 1]
     yd = min(max((yd + .5) / scale - .5, 0.0), float(h))
     starts.append(int(xd) * h + int(math.ceil(yd)))
   a = sorted(starts + [h * w])
