@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from layerjax import flow, metrics
+from layerjax import flow
+from layerjax.evaluate import metrics
 from layerjax.data import schema
 from layerjax.train import evaluate, objectives, trainer
 

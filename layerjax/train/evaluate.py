@@ -1,5 +1,5 @@
 """Evaluation: sample decompositions of held-out examples with the flow sampler and score them
-(`layerjax.metrics`: RGB L1 and Alpha IoU per layer, plus the recomposition error), next to
+(`layerjax.evaluate.metrics`: RGB L1 and Alpha IoU per layer, plus the recomposition error), next to
 trivial baselines:
   background  the input image itself
   foreground  the input cut by the prompt's box or mask (alpha 1 inside, 0 outside)
@@ -22,7 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from layerjax import build, flow, metrics, parallel
+from layerjax import build, flow, parallel
 from layerjax.fileio import as_path, atomic_file
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import over
