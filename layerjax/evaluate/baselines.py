@@ -81,11 +81,18 @@ class Classical:
     self.matting = core.create('matting', self.matting)
     self.inpainter = core.create('inpainter', self.inpainter)
 
-  def __call__(self, photo: np.ndarray, sample_id: str = CLASSICAL) -> LayeredSample:
+  def __call__(self, photo: np.ndarray, sample_id: str = CLASSICAL,
+               boxes=None) -> LayeredSample:
+    """The layers of `photo`; `boxes` (x0, y0, x1, y1), front to back, are peeled instead
+    of the proposals when given (a box-prompted baseline)."""
     from data_engine.tools import imaging
+    from data_engine.tools.types import Detection
     from layerjax.infer import postprocess as post
     photo = np.asarray(photo, np.float32)
-    found, detected = self.proposals(photo)
+    if boxes is None:
+      found, detected = self.proposals(photo)
+    else:
+      found, detected = [Detection(tuple(b), 1.0) for b in boxes], len(boxes)
     current = photo
     peeled = []  # front to back
     for det in found[:self.max_layers]:
