@@ -302,3 +302,27 @@ def test_evaluation_compiles_once_and_repeats(tmp_path, monkeypatch):
   assert len(traces) == 1 and ev.decompose._cache_size() == 1
   assert first == second
   assert first['examples'] == 8 and first['trivial/layers/background/alpha_iou'] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('view', folder.VIEWS)
+def test_folder_command_with_a_model(trained_workdirs, tmp_path, view):
+  """`--model` decomposes every ground-truth photo into PRED (written in our schema), then
+  scores it beside both baselines on the same samples."""
+  gt, pred, out = tmp_path / 'gt', tmp_path / 'pred', tmp_path / 'out'
+  for i in range(2):
+    schema.write_folder(make_sample(h=32, w=32, seed=i), gt / f's{i}')
+  workdir = trained_workdirs('pixels')[1]
+  assert main(['--benchmark', 'folder', '--ground-truth', str(gt), '--predictions', str(pred),
+               '--model', str(workdir), '--out', str(out), '--view', view,
+               '--no-progress']) == 0
+  ids = ['s0', 's1'] if view == 'scene' else ['s0.object_1', 's1.object_1']
+  assert sorted(p.name for p in pred.iterdir()) == ids
+  assert schema.read_folder(pred / ids[0]).provenance['model']
+  r = json.loads((out / 'results.json').read_text())
+  assert r['systems'] == {'model': str(pred), 'trivial': 'trivial', 'classical': 'classical'}
+  for system in ('model', 'trivial', 'classical'):
+    assert r['scores'][f'{system}/layers/count/samples'] == 2
+  if view == 'box':  # the decomposer names its layers as the object view does
+    assert r['scores']['model/layers/count/unpaired_samples'] == 0
+    assert np.isfinite(r['scores']['model/layers/object_1/alpha_iou'])
