@@ -14,7 +14,7 @@ from PIL import Image
 
 from layerjax import config_spec as spec
 from layerjax.data import schema
-from layerjax.data.schema import Layer, LayeredSample, Prompt
+from layerjax.data.schema import Layer, LayeredSample
 from layerjax.evaluate import baselines, evaluators, folder, outputs
 from layerjax.evaluate.__main__ import main
 from layerjax.train import config as train_config
