@@ -141,7 +141,7 @@ def main(argv) -> None:
     print('stopped by SIGTERM after saving; run the same command again to continue')
     return
   setup, state, step = trainer.restore_for_eval(config, workdir / 'train')
-  result = evaluate.run(setup, state, config, 'test', workdir / 'train', step)
+  result = evaluate.Evaluation(setup, config).run(state, 'test', workdir / 'train', step)
   print(f'\nHeld-out synthetic scenes (test split, {result["examples"]} examples, '
         f'box prompts, {config.eval.sample_steps} sampler steps), step {step}:')
   print(evaluate.table(result))

@@ -65,8 +65,8 @@ def main(argv) -> None:
     result = trainer.train(config, _WORKDIR.value)
   else:
     setup, state, step = trainer.restore_for_eval(config, _WORKDIR.value)
-    result = evaluate.run(setup, state, config, _SPLIT.value or config.eval.split,
-                          _WORKDIR.value, step)
+    result = evaluate.Evaluation(setup, config).run(state, _SPLIT.value or config.eval.split,
+                                                    _WORKDIR.value, step)
     print(evaluate.table(result))
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, default=float))

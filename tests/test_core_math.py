@@ -16,9 +16,10 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from layerjax import flow, metrics
+from layerjax import flow
+from layerjax.evaluate import metrics
 from layerjax.data import schema
-from layerjax.train import evaluate, objectives, trainer
+from layerjax.train import objectives, trainer
 
 # --- metrics --------------------------------------------------------------------------------
 
@@ -42,47 +43,6 @@ def test_alpha_iou_by_hand():
   assert metrics.alpha_iou(pred, gt) == pytest.approx(1.1 / 1.9, rel=1e-12)
   assert metrics.alpha_iou(pred, np.zeros((2, 2))) == 0
   assert np.isnan(metrics.alpha_iou(np.zeros((2, 2)), np.zeros((2, 2))))
-
-
-def test_evaluate_scores_by_hand():
-  """`score` is per example and per layer; `recompose_l1` is the mean |error| per example."""
-  gt_fg = np.zeros((2, 1, 2, 4))
-  gt_fg[0, 0, 0] = (1, 1, 1, 1)
-  gt_fg[1, 0, :] = (0, 0, 0, 0.5)
-  pred_fg = np.zeros((2, 1, 2, 4))
-  pred_fg[0, 0, 0] = (0.7, 0.7, 0.7, 0.5)   # rgb |d| .3 on the one covered pixel
-  pred_fg[1, 0, 0] = (0.3, 0.0, 0.0, 0.25)  # rgb |d| mean .1 there, 0 on the other pixel
-  gt_image = np.zeros((2, 1, 2, 3))
-  recomposition = np.zeros((2, 1, 2, 3))
-  recomposition[0] = 0.6
-  recomposition[1, 0, 1] = (0.3, 0.3, 0.0)
-  out = evaluate.score({'foreground': pred_fg, 'recomposition': recomposition},
-                       {'foreground': gt_fg, 'image': gt_image}, ['foreground'])
-  np.testing.assert_allclose(out['foreground/rgb_l1'], [0.3, 0.1 / 2], rtol=1e-6)
-  # example 0: min .5 / max 1; example 1: (.25 + 0) / (.5 + .5)
-  np.testing.assert_allclose(out['foreground/alpha_iou'], [0.5, 0.25], rtol=1e-12)
-  np.testing.assert_allclose(out['recompose_l1'], [0.6, 0.6 / 6], rtol=1e-6)
-
-
-def test_baselines_and_ground_truth_by_hand():
-  image = np.zeros((1, 2, 3, 3), np.float32)
-  image[0, 0, 0] = (0.1, 0.2, 0.3)
-  prompt = np.zeros((1, 2, 3, 3), np.float32)
-  prompt[..., 2] = 1                          # blue: outside the prompt
-  prompt[0, 1, 1:] = (0, 1, 0)                # a green box on two pixels
-  out = evaluate.baselines({'image': image, 'prompt': prompt})
-  np.testing.assert_array_equal(out['foreground'][0, ..., 3], [[0, 0, 0], [0, 1, 1]])
-  np.testing.assert_array_equal(out['foreground'][..., :3], image)
-  np.testing.assert_array_equal(out['background'][..., :3], image)
-  assert (out['background'][..., 3] == 1).all() and (out['shadow'] == 0).all()
-  batch = {'image': image, 'background': np.full((1, 2, 3, 3), 0.8, np.float32),
-           'foreground': np.zeros((1, 2, 3, 4), np.float32),
-           'shadow': np.zeros((1, 2, 3, 4), np.float32)}
-  batch['foreground'][0, 0, 0] = (1.0, 0.0, 0.0, 0.5)
-  batch['shadow'][0, 0, 0] = (0.0, 0.0, 0.0, 0.5)
-  # background .8 darkened by the half-opaque black shadow: .4; then half red over it
-  np.testing.assert_allclose(evaluate.ground_truth(batch)['image'][0, 0, 0],
-                             (0.5 * 1 + 0.5 * 0.4, 0.5 * 0.4, 0.5 * 0.4), rtol=1e-6)
 
 
 # --- compositing ----------------------------------------------------------------------------

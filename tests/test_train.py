@@ -291,16 +291,17 @@ def test_precomputed_embeddings_and_vae_latents_train_and_evaluate(tmp_path, dat
   assert ev['examples'] == 8
   for layer in ('background', 'foreground', 'shadow'):
     for m in ('rgb_l1', 'alpha_iou'):
-      assert np.isfinite(ev[f'model/{layer}/{m}']) or layer == 'shadow'
+      assert np.isfinite(ev[f'model/layers/{layer}/{m}']) or layer == 'shadow'
   # Known values: both backgrounds are opaque (IoU 1); the empty shadow baseline against the
   # samples' black shadows has IoU 0 and no colour error.
-  assert ev['model/background/alpha_iou'] == ev['baseline/background/alpha_iou'] == 1
-  assert ev['baseline/shadow/alpha_iou'] == 0 and ev['baseline/shadow/rgb_l1'] == 0
+  assert (ev['model/layers/background/alpha_iou'] == ev['trivial/layers/background/alpha_iou']
+          == 1)
+  assert ev['trivial/layers/shadow/alpha_iou'] == 0 and ev['trivial/layers/shadow/rgb_l1'] == 0
   assert (tmp_path / 'run' / 'eval' / 'validation_4.json').is_file()
   assert (tmp_path / 'run' / 'samples' / 'validation_4.png').is_file()
   assert list((tmp_path / 'run' / 'tensorboard').glob('events.out.tfevents.*'))
   table = evaluate.table(ev)
-  assert 'foreground/alpha_iou' in table and 'baseline' in table
+  assert 'layers/foreground/alpha_iou' in table and 'trivial' in table
   with pytest.raises(KeyError, match='no embedding for text'):
     build.TextEmbeddings(emb)(['never seen'])
 

@@ -20,6 +20,7 @@ from layerjax import build, parallel
 from layerjax.convert import diffusers as convert
 from layerjax.convert import files
 from layerjax.data import pipeline
+from layerjax.evaluate import evaluators
 from layerjax.fileio import is_url
 from layerjax.models import mmdit
 from layerjax.models.decomposer import CONDITIONS, LAYERS
@@ -103,7 +104,10 @@ def base() -> ConfigDict:
       # every device samples the same number of examples whatever the mesh, so an evaluation
       # takes the same time on a pod as on one device and sees more examples there.
       split='validation', batch_per_device=8, num_batches=4, sample_steps=28, seed=1234,
-      use_ema=True, prompt_probs={'box': 1.0}, grid_rows=4))
+      use_ema=True, prompt_probs={'box': 1.0}, grid_rows=4,
+      # Evaluator name -> its options (`layerjax.evaluate.evaluators.REGISTRY`), each run on
+      # the model and on the trivial baseline.
+      evaluators={'layers': {}}))
   return c
 
 
@@ -119,6 +123,12 @@ def _lr_mult(rule) -> None:
 
 
 _POSITIVE = spec.integer(lo=1)
+
+
+def _check_evaluators(value) -> None:
+  for name, options in value.items():
+    evaluators.check_options(name, options)
+
 _MMDIT = {k: _POSITIVE for k in mmdit.MMDiTConfig.ARCH_FIELDS}
 _MMDIT.update(dual_attention_layers=spec.seq(spec.integer(lo=0)),
               qk_norm=spec.maybe(spec.string(('rms_norm',))))
@@ -164,7 +174,9 @@ SPEC = spec.section({
     'eval': spec.section({
         'split': spec.string(), 'batch_per_device': _POSITIVE, 'num_batches': _POSITIVE,
         'sample_steps': _POSITIVE, 'seed': spec.integer(), 'use_ema': spec.boolean(),
-        'prompt_probs': pipeline.PROMPT_PROBS, 'grid_rows': _POSITIVE}),
+        'prompt_probs': pipeline.PROMPT_PROBS, 'grid_rows': _POSITIVE,
+        'evaluators': spec.also(spec.mapping(spec.mapping(spec.anything()),
+                                             evaluators.REGISTRY), _check_evaluators)}),
     'demo': spec.section({'scenes': _POSITIVE, 'size': _POSITIVE,
                           'workers': spec.integer(lo=0)}),
 }, optional=('demo',))

@@ -1,9 +1,10 @@
-"""Evaluation: sample decompositions of held-out examples with the flow sampler and score them
-(`layerjax.metrics`: RGB L1 and Alpha IoU per layer, plus the recomposition error), next to
-trivial baselines:
-  background  the input image itself
-  foreground  the input cut by the prompt's box or mask (alpha 1 inside, 0 outside)
-  shadow      an empty layer
+"""The trainer's periodic evaluation: sample decompositions of held-out examples with the flow
+sampler and run the configured evaluators (`config.eval.evaluators`, looked up by name in
+`layerjax.evaluate.evaluators`; by default `layers`: RGB L1 and Alpha IoU per layer and the
+recomposition error) on the model and on the trivial baseline (`evaluate.baselines.trivial`:
+the input as the background, the input cut by the prompt's box or mask as the foreground, an
+empty shadow). `Evaluation` jits the sampler once per training run, so only the first
+evaluation compiles.
 Examples are drawn deterministically (`config.eval.seed`) with the eval prompt kinds and no
 degradation, flip or zoom. Writes `eval/<split>_<step>.json` and a sample grid
 `samples/<split>_<step>.png` (input | prompt | background | foreground | shadow |
@@ -13,7 +14,6 @@ recomposition, the layers over a checkerboard: `export.preview.sheet`) into the 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 
 import jax
 import ml_collections
@@ -22,13 +22,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from layerjax import build, flow, metrics, parallel
+from layerjax import build, flow, parallel
 from layerjax.fileio import as_path, atomic_file
 from layerjax.data.pipeline import make_loader
-from layerjax.data.schema import over
+from layerjax.data.schema import Layer, LayeredSample, Prompt
+from layerjax.evaluate import baselines, evaluators, outputs
 from layerjax.export import preview
 
 LAYERS = ('background', 'foreground', 'shadow')
+KINDS = {'background': 'background', 'foreground': 'object', 'shadow': 'shadow'}
+MODEL = 'model'
 
 
 def eval_data_config(config, mesh) -> ml_collections.ConfigDict:
@@ -45,34 +48,34 @@ def eval_data_config(config, mesh) -> ml_collections.ConfigDict:
   return d
 
 
-def baselines(batch: dict) -> dict[str, np.ndarray]:
-  """The trivial decompositions (RGBA, [B, H, W, 4]) the model must beat."""
-  image = batch['image']
-  ones = np.ones(image.shape[:-1] + (1,), np.float32)
-  region = (batch['prompt'][..., 2:3] < 0.5).astype(np.float32)  # box / mask: not blue
-  return {'background': np.concatenate([image, ones], -1),
-          'foreground': np.concatenate([image, region], -1),
-          'shadow': np.zeros(image.shape[:-1] + (4,), np.float32)}
+def region(batch: dict) -> np.ndarray:
+  """[B, H, W] bool: the prompt map's box or mask (not blue), the trivial baseline's cut."""
+  return batch['prompt'][..., 2] < 0.5
 
 
-def ground_truth(batch: dict) -> dict[str, np.ndarray]:
+def as_samples(layers: dict[str, np.ndarray], image: np.ndarray, ids: list[str],
+               regions: np.ndarray | None = None) -> list[LayeredSample]:
+  """Per example, the `LAYERS` present in `layers` ({name: RGBA [B, H, W, 4]}) as a
+  `LayeredSample` of photo `image` [B, H, W, 3], back to front (background, shadow,
+  foreground), with the foreground's prompt region as its prompt's mask; not validated
+  (a model's layers need not recompose to the photo)."""
+  names = [n for n in ('background', 'shadow', 'foreground') if n in layers]
+  out = []
+  for i, sid in enumerate(ids):
+    stack = [Layer(n, KINDS[n], np.asarray(layers[n][i], np.float32),
+                   owner='foreground' if n == 'shadow' else None) for n in names]
+    prompts = ([Prompt('foreground', mask=regions[i])]
+               if regions is not None and 'foreground' in names else [])
+    out.append(LayeredSample(sid, np.asarray(image[i], np.float32), stack, prompts))
+  return out
+
+
+def ground_truth(batch: dict, layers, ids: list[str]) -> list[LayeredSample]:
+  """The examples' layers among `layers` as samples of their input photo."""
   ones = np.ones(batch['image'].shape[:-1] + (1,), np.float32)
   gt = {'background': np.concatenate([batch['background'], ones], -1),
         'foreground': batch['foreground'], 'shadow': batch['shadow']}
-  gt['image'] = over(gt['foreground'], over(gt['shadow'], gt['background']))[..., :3]
-  return gt
-
-
-def score(pred: dict, gt: dict, layers) -> dict[str, list[float]]:
-  """Per-example scores: `<layer>/rgb_l1`, `<layer>/alpha_iou` (and `recompose_l1`)."""
-  out = defaultdict(list)
-  for name in layers:
-    for p, g in zip(pred[name], gt[name]):
-      out[f'{name}/rgb_l1'].append(metrics.rgb_l1(p, g))
-      out[f'{name}/alpha_iou'].append(metrics.alpha_iou(p[..., 3], g[..., 3]))
-  if 'recomposition' in pred:
-    out['recompose_l1'] = list(np.abs(pred['recomposition'] - gt['image']).mean(axis=(1, 2, 3)))
-  return out
+  return as_samples({n: gt[n] for n in layers}, batch['image'], ids, region(batch))
 
 
 def grid(batch: dict, pred: dict, rows: int) -> np.ndarray:
@@ -92,58 +95,70 @@ def _to_host(tree):
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def run(setup, state: dict, config, split: str, workdir, step: int, writer=None) -> dict:
-  """Evaluates `state` (its EMA parameters if `eval.use_ema`) on `split`; returns the means."""
-  ev = config.eval
-  params = state['ema'] if ev.use_ema else state['params']
-  graphdef = setup.graphdef
-  layers = tuple(config.model.layers)
+class Evaluation:
+  """The periodic evaluation of one training run: its sampler jitted once (so every
+  evaluation after the first reuses the compiled program), its evaluators built once from
+  `eval.evaluators`, a loader per split."""
 
-  @jax.jit
-  def decompose(params, frozen, batch, rng):
-    model = nnx.merge(graphdef, params, frozen)
-    return flow.decompose(model, batch, rng, ev.sample_steps, config.loss.shift)
+  def __init__(self, setup, config):
+    self.setup, self.config = setup, config
+    ev = config.eval
+    graphdef = setup.graphdef
 
-  text_fn = build.text_inputs(config)
-  it = iter(make_loader(eval_data_config(config, setup.mesh), split, setup.mesh))
-  scores = {'model': defaultdict(list), 'baseline': defaultdict(list)}
-  picture = None
-  with jax.set_mesh(setup.mesh):
-    for i in range(ev.num_batches):
-      batch = parallel.global_batch(build.model_batch(next(it), text_fn), setup.mesh)
-      pred = _to_host(decompose(params, setup.frozen, batch,
-                                jax.random.fold_in(jax.random.PRNGKey(ev.seed), i)))
-      host = _to_host({k: batch[k] for k in build.ARRAY_KEYS})
-      gt = ground_truth(host)
-      for who, p in (('model', pred), ('baseline', baselines(host))):
-        for k, v in score(p, gt, layers).items():
-          scores[who][k].extend(v)
-      if picture is None:
-        picture = grid(host, pred, ev.grid_rows)
-  result = {f'{who}/{k}': float(np.nanmean(v)) for who, s in scores.items()
-            for k, v in sorted(s.items()) if who == 'model' or k != 'recompose_l1'}
-  result['examples'] = len(next(iter(scores['model'].values())))
-  if jax.process_index() == 0:
-    workdir = as_path(workdir)
-    with atomic_file(workdir / 'eval' / f'{split}_{step}.json') as tmp:
-      tmp.write_text(json.dumps(result, indent=2) + '\n')
-    with atomic_file(workdir / 'samples' / f'{split}_{step}.png') as tmp:
-      Image.fromarray(picture).save(tmp, format='PNG')
-    if writer is not None:
-      writer.write_scalars(step, {f'{split}/{k}': v for k, v in result.items()})
-      writer.write_images(step, {f'{split}/samples': picture})
-  return result
+    def decompose(params, frozen, batch, rng):
+      model = nnx.merge(graphdef, params, frozen)
+      return flow.decompose(model, batch, rng, ev.sample_steps, config.loss.shift)
+
+    self.decompose = jax.jit(decompose)
+    self.evaluators = {name: evaluators.create(name, **dict(options))
+                       for name, options in ev.evaluators.items()}
+    self.text_fn = build.text_inputs(config)
+    self.loaders = {}
+
+  def run(self, state: dict, split: str, workdir, step: int, writer=None) -> dict:
+    """Evaluates `state` (its EMA parameters if `eval.use_ema`) on `split`; returns the
+    flat scores (`outputs.flatten`) and `examples`."""
+    ev, mesh = self.config.eval, self.setup.mesh
+    params = state['ema'] if ev.use_ema else state['params']
+    if split not in self.loaders:
+      self.loaders[split] = make_loader(eval_data_config(self.config, mesh), split, mesh)
+    it = iter(self.loaders[split])
+    systems = (MODEL, baselines.TRIVIAL)
+    rows = {s: {name: [] for name in self.evaluators} for s in systems}
+    picture = None
+    with jax.set_mesh(mesh):
+      for i in range(ev.num_batches):
+        batch = parallel.global_batch(build.model_batch(next(it), self.text_fn), mesh)
+        pred = _to_host(self.decompose(params, self.setup.frozen, batch,
+                                       jax.random.fold_in(jax.random.PRNGKey(ev.seed), i)))
+        host = _to_host({k: batch[k] for k in build.ARRAY_KEYS})
+        ids = [f'{split}/{i}/{j}' for j in range(len(host['image']))]
+        gts = ground_truth(host, self.config.model.layers, ids)
+        preds = {MODEL: as_samples(pred, host['image'], ids),
+                 baselines.TRIVIAL: [baselines.trivial(g) for g in gts]}
+        for system in systems:
+          for name, e in self.evaluators.items():
+            rows[system][name] += [e.score(g.id, p, g) for p, g in zip(preds[system], gts)]
+        if picture is None:
+          picture = grid(host, pred, ev.grid_rows)
+    results = {s: {n: self.evaluators[n].summarise(r) for n, r in by.items()}
+               for s, by in rows.items()}
+    result = outputs.flatten(results)
+    result['examples'] = ev.num_batches * len(ids)
+    notes = {f'{s}/{n}': r.notes for s, by in results.items() for n, r in by.items() if r.notes}
+    if jax.process_index() == 0:
+      workdir = as_path(workdir)
+      with atomic_file(workdir / 'eval' / f'{split}_{step}.json') as tmp:
+        tmp.write_text(json.dumps({**result, **({'notes': notes} if notes else {})},
+                                  indent=2, default=str) + '\n')
+      with atomic_file(workdir / 'samples' / f'{split}_{step}.png') as tmp:
+        Image.fromarray(picture).save(tmp, format='PNG')
+      if writer is not None:
+        writer.write_scalars(step, {f'{split}/{k}': v for k, v in result.items()})
+        writer.write_images(step, {f'{split}/samples': picture})
+    return result
 
 
-def table(result: dict, layers=LAYERS) -> str:
-  """A plain-text comparison of the model with the baselines."""
-  lines = [f'{"":<30}{"model":>10}{"baseline":>10}']
-  for name in layers:
-    for m, better in (('rgb_l1', 'lower'), ('alpha_iou', 'higher')):
-      k = f'{name}/{m}'
-      if f'model/{k}' in result:
-        lines.append(f'{k + " (" + better + ")":<30}{result[f"model/{k}"]:>10.4f}'
-                     f'{result.get(f"baseline/{k}", float("nan")):>10.4f}')
-  if 'model/recompose_l1' in result:
-    lines.append(f'{"recompose_l1 (lower)":<30}{result["model/recompose_l1"]:>10.4f}')
-  return '\n'.join(lines)
+def table(result: dict) -> str:
+  """The model beside the baselines: `outputs.markdown` of the flat scores."""
+  return outputs.markdown(result)

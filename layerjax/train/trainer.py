@@ -37,6 +37,7 @@ from layerjax import build, parallel
 from layerjax.fileio import (OutputLocked, as_path, atomic_file, output_lock, read_json,
                              sweep)
 from layerjax.data.pipeline import make_loader
+from layerjax.evaluate import baselines
 from layerjax.models.decomposer import TRAINABLE
 from layerjax.checkpoints import CONFIG, Checkpoints
 from layerjax.train import agreement, evaluate, objectives
@@ -313,6 +314,7 @@ def _train(config, workdir, loader, mesh) -> dict:
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   step_fn = make_step(setup)
+  evaluation = evaluate.Evaluation(setup, config) if config.eval_every else None
   result: dict = {}
   pending = None  # (step, metrics) of the last dispatched step, checked one step late
 
@@ -368,8 +370,7 @@ def _train(config, workdir, loader, mesh) -> dict:
         result['train'] = scalars
         t_log, steps_since = time.perf_counter(), 0
       if run_eval:
-        result['eval'] = evaluate.run(setup, state, config, config.eval.split, workdir, done,
-                                      writer)
+        result['eval'] = evaluation.run(state, config.eval.split, workdir, done, writer)
         logging.info('eval on %s at step %d: %s', config.eval.split, done,
                      _eval_line(result['eval']))
         t_log, steps_since = time.perf_counter(), 0
@@ -387,13 +388,15 @@ def _train(config, workdir, loader, mesh) -> dict:
 
 
 def _eval_line(result: dict) -> str:
-  """Alpha IoU per layer against the baseline's, and the recomposition error: one line."""
-  parts = [f'{k[len("model/"):-len("/alpha_iou")]} IoU {v:.3f} (baseline '
-           f'{result.get("baseline" + k[len("model"):], float("nan")):.3f})'
+  """Alpha IoU per non-background layer against the trivial baseline's, and the
+  recomposition error: one line."""
+  model, base = f'{evaluate.MODEL}/layers/', f'{baselines.TRIVIAL}/layers/'
+  parts = [f'{k[len(model):-len("/alpha_iou")]} IoU {v:.3f} (baseline '
+           f'{result.get(base + k[len(model):], float("nan")):.3f})'
            for k, v in sorted(result.items())
-           if k.startswith('model/') and k.endswith('/alpha_iou') and 'background' not in k]
-  if 'model/recompose_l1' in result:
-    parts.append(f'recomposition L1 {result["model/recompose_l1"]:.3f}')
+           if k.startswith(model) and k.endswith('/alpha_iou') and 'background' not in k]
+  if model + 'recompose_l1' in result:
+    parts.append(f'recomposition L1 {result[model + "recompose_l1"]:.3f}')
   return ', '.join(parts)
 
 

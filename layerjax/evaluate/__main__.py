@@ -1,0 +1,169 @@
+"""`python -m layerjax.evaluate`: one command scores any system's layers against ground truth,
+beside the baselines (`baselines`: trivial and classical peeling) on the same samples.
+
+  python -m layerjax.evaluate --benchmark folder --ground-truth GT --predictions PRED --out OUT
+  python -m layerjax.evaluate --benchmark folder --ground-truth GT --predictions classical ...
+  python -m layerjax.evaluate --benchmark folder --ground-truth GT --model MODEL \\
+      --predictions PRED --out OUT [--view box]
+
+GT and PRED are folders of sample folders, ours or LayerD's format (`folder`), matched by
+name. `--predictions classical` scores the classical baseline itself; `--model` first
+decomposes every ground-truth photo with `layerjax.infer.decomposer.Decomposer` (a packed
+model or a training workdir) into PRED: the whole scene, or with `--view box` each
+ground-truth object with its box as the prompt. Writes into OUT: `results.json` (scores,
+counts, the missing / unexpected / unreadable samples with reasons, the settings),
+`results.md` (the Markdown table, also printed), `per_sample.csv` and per-layer error
+histograms (`layer_rgb_l1.png`, `layer_alpha_iou.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from layerjax.evaluate import baselines, evaluators, folder, outputs
+from layerjax.fileio import atomic_file
+
+# Benchmark -> the evaluators it runs (by name, `evaluators.REGISTRY`).
+BENCHMARKS = {'folder': ('layers',)}
+
+
+class UsageError(ValueError):
+  """A command-line argument that cannot work; the message names it."""
+
+
+def parse(argv) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m layerjax.evaluate', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--benchmark', required=True, choices=sorted(BENCHMARKS))
+  p.add_argument('--ground-truth', required=True, type=Path, help='folder of sample folders')
+  p.add_argument('--predictions', required=True,
+                 help="folder of sample folders (written first with --model), or 'classical'")
+  p.add_argument('--out', required=True, type=Path, help='folder for the results')
+  p.add_argument('--model', type=Path, help='decompose the ground truth with this model first')
+  p.add_argument('--view', default='scene', choices=folder.VIEWS,
+                 help="'scene': whole samples; 'box': each object, prompted by its box")
+  p.add_argument('--name', help="the predictions' column (default: 'model' with --model, "
+                 'else the predictions folder\'s name)')
+  p.add_argument('--baselines', default=','.join(baselines.NAMES),
+                 help=f'comma-separated, of {baselines.NAMES}, or empty')
+  p.add_argument('--no-progress', action='store_true')
+  return p.parse_args(argv)
+
+
+def check(args) -> None:
+  """Every argument, before any work."""
+  if not args.ground_truth.is_dir():
+    raise UsageError(f'--ground-truth {args.ground_truth}: no such directory')
+  from layerjax.data import schema
+  if not schema.sample_folders(args.ground_truth):
+    raise UsageError(f'--ground-truth {args.ground_truth}: no sample folders in it')
+  chosen = [b for b in args.baselines.split(',') if b]
+  unknown = sorted(set(chosen) - set(baselines.NAMES))
+  if unknown:
+    raise UsageError(f'--baselines: unknown {unknown}; known: {list(baselines.NAMES)}')
+  if args.model is not None:
+    if args.predictions == baselines.CLASSICAL:
+      raise UsageError("--model writes its predictions into --predictions: give a folder, "
+                       "not 'classical'")
+    if not args.model.exists():
+      raise UsageError(f'--model {args.model}: no such model folder or workdir')
+  elif args.predictions != baselines.CLASSICAL and not Path(args.predictions).is_dir():
+    raise UsageError(f'--predictions {args.predictions}: no such directory (or give --model '
+                     'to write it, or classical)')
+  if args.out.exists() and not args.out.is_dir():
+    raise UsageError(f'--out {args.out}: exists and is not a directory')
+
+
+def predict(model: Path, gt_root: Path, pred_root: Path, view: str, progress: bool) -> None:
+  """Decomposes every ground-truth photo (`view`) with the model into `pred_root`."""
+  from tqdm import tqdm
+  from layerjax.data import schema
+  from layerjax.infer.decomposer import Decomposer
+  from layerjax.infer.prompts import Query
+  decomposer = Decomposer.load(model)
+  bad: dict[str, str] = {}  # unreadable ground truth: `folder.score` reports it
+  for gt in tqdm(list(folder.ground_truth(gt_root, view, bad)), desc='decomposing',
+                 unit='sample', disable=not progress):
+    prompt = Query(box=gt.prompts[0].box) if view == 'box' else None
+    sample = decomposer.decompose(gt.image, prompt, sample_id=gt.id)
+    schema.write_folder(sample, pred_root / gt.id, overwrite=True)
+
+
+def classical_source(view: str):
+  tool = baselines.Classical()
+  if view == 'box':
+    return lambda gt: tool(gt.image, gt.id, boxes=[gt.prompts[0].box])
+  return lambda gt: tool(gt.image, gt.id)
+
+
+def systems(args) -> dict[str, folder.Source]:
+  """The predictions first, then the baselines asked for, by column name."""
+  out: dict[str, folder.Source] = {}
+  if args.predictions == baselines.CLASSICAL:
+    out[baselines.CLASSICAL] = classical_source(args.view)
+  else:
+    name = args.name or ('model' if args.model is not None else Path(args.predictions).name)
+    out[name] = Path(args.predictions)
+  for b in (b for b in args.baselines.split(',') if b and b not in out):
+    out[b] = baselines.trivial if b == baselines.TRIVIAL else classical_source(args.view)
+  return out
+
+
+def write(out: Path, report: folder.Report, settings: dict) -> dict:
+  """results.json, results.md, per_sample.csv and the histograms in `out`; the JSON."""
+  out.mkdir(parents=True, exist_ok=True)
+  flat = outputs.flatten(report.results)
+  notes = {f'{s}/{n}': r.notes for s, by in report.results.items() for n, r in by.items()
+           if r.notes}
+  result = {**settings, 'scores': flat, 'counts': report.counts(), 'notes': notes,
+            'missing': report.missing, 'unexpected': report.unexpected,
+            'invalid': report.invalid, 'invalid_ground_truth': report.invalid_ground_truth}
+  with atomic_file(out / 'results.json') as tmp:
+    tmp.write_text(json.dumps(result, indent=2, default=str) + '\n')
+  with atomic_file(out / 'results.md') as tmp:
+    tmp.write_text(f'# {settings["benchmark"]}: {settings["ground_truth"]}\n\n'
+                   + outputs.markdown(flat) + '\n')
+  rows = [{'system': s, 'evaluator': n, **r} for s, by in report.rows.items()
+          for n, rs in by.items() for r in rs]
+  with atomic_file(out / 'per_sample.csv') as tmp:
+    outputs.write_csv(tmp, rows)
+  for metric, range_ in (('rgb_l1', None), ('alpha_iou', (0.0, 1.0))):
+    values = {s: [v for r in by.get('layers', []) for k, v in r.items()
+                  if k.endswith('/' + metric)] for s, by in report.rows.items()}
+    if any(values.values()):
+      with atomic_file(out / f'layer_{metric}.png') as tmp:
+        outputs.save_png(tmp, outputs.histogram(values, f'per-layer {metric}', range_=range_))
+  return result
+
+
+def main(argv=None) -> int:
+  args = parse(argv)
+  try:
+    check(args)
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  progress = not args.no_progress
+  if args.model is not None:
+    predict(args.model, args.ground_truth, Path(args.predictions), args.view, progress)
+  names = BENCHMARKS[args.benchmark]
+  evs = {n: evaluators.create(n) for n in names}
+  sources = systems(args)
+  report = folder.score(args.ground_truth, sources, evs, args.view, progress)
+  settings = {'benchmark': args.benchmark, 'ground_truth': str(args.ground_truth),
+              'view': args.view, 'model': None if args.model is None else str(args.model),
+              'systems': {s: str(src) if isinstance(src, Path) else s for s, src in
+                          sources.items()},
+              'evaluators': list(names)}
+  result = write(args.out, report, settings)
+  print(outputs.markdown(result['scores']))
+  problems = ', '.join(f'{k} {v}' for k, v in result['counts'].items() if v)
+  print(f'{report.samples} samples ({problems}); listed in {args.out / "results.json"}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
