@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from layerjax.data.schema import LayeredSample
-from layerjax.metrics import alpha_iou, rgb_l1
+from layerjax.evaluate.metrics import alpha_iou, rgb_l1
 
 MAX_EDITS = 5
 MIN_LAYERS = 2     # tools/evaluate.py skips a sample with fewer layers on either side
