@@ -230,7 +230,8 @@ def test_folder_command_scores_matches_and_lists(folders, tmp_path, capsys):
   r = json.loads((out / 'results.json').read_text())
   assert r['missing'] == {'pred': ['s2'], 'trivial': []}
   assert r['unexpected']['pred'] == ['extra']
-  assert list(r['invalid']['pred']) == ['s3'] and 'must be one size' in r['invalid']['pred']['s3']
+  assert list(r['invalid']['pred']) == ['s3']
+  assert "02.png: size (12, 32) differs from the folder's first layer" in r['invalid']['pred']['s3']
   assert r['counts']['pred/missing'] == 1 and r['counts']['pred/invalid'] == 1
   s = r['scores']
   # Both columns cover the same two samples; s1's shadow alpha is half the truth's: IoU .5.

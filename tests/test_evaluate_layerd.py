@@ -6,6 +6,7 @@ whole protocol against a naive second implementation written in the shape of Lay
 from __future__ import annotations
 
 import io
+import json
 from functools import reduce
 
 import numpy as np
@@ -189,15 +190,6 @@ def test_layers_from_sample_are_the_stored_pngs():
   assert all(g.dtype == np.uint8 and (g == s).all() for g, s in zip(got, stored))
 
 
-def test_evaluate_folders_lists_missing_samples(tmp_path):
-  for root, sid in (('pred', 'a'), ('pred', 'b'), ('gt', 'a'), ('gt', 'c')):
-    _png(tmp_path / root / sid / '0000.png', BG)
-    _png(tmp_path / root / sid / '0001.png', X)
-  results, got, pairing = layerd.evaluate_folders(tmp_path / 'pred', tmp_path / 'gt')
-  assert (pairing.common, pairing.missing_gt, pairing.missing_pred) == (['a'], ['b'], ['c'])
-  assert [r.sample_id for r in results] == ['a'] and got.levels[0]['alpha_iou'] == 1.0
-
-
 @pytest.mark.parametrize('pred, gt, match', [
     ([BG, np.full((H, W, 4), np.nan)], [BG, X], r'prediction layers\[1\]: has NaN'),
     ([BG, np.full((H, W, 4), 1.5)], [BG, X], r'prediction layers\[1\]: float values outside'),
@@ -362,3 +354,32 @@ def test_matches_a_naive_implementation_on_random_stacks():
     sides += [side for side, _, _ in want_merges]
   # The merge search really ran, on both sides (36 merges with this seed: 27 pred, 9 gt).
   assert sides.count('pred') >= 10 and sides.count('gt') >= 5
+
+
+def test_crello_benchmark_command_prints_the_curve(tmp_path, capsys):
+  """`python -m layerjax.evaluate --benchmark crello` on LayerD-format folders: sample a
+  (split in 2 pieces) and b (in 3) give the curves of the two tests above, averaged with b's
+  second edit beside a's carried-forward last scores; c has no prediction and is listed."""
+  from layerjax.evaluate import __main__ as evaluate_cli
+  stacks = {'a': [BG, rect(2, 5), rect(4, 6)], 'b': [BG, rect(2, 4), rect(3, 5), rect(4, 6)]}
+  for sid, stack in stacks.items():
+    for i, x in enumerate(stack):
+      _png(tmp_path / 'pred' / sid / f'{i:04d}.png', x)
+  for sid in ('a', 'b', 'c'):
+    _png(tmp_path / 'gt' / sid / '0000.png', BG)
+    _png(tmp_path / 'gt' / sid / '0001.png', X)
+  out = tmp_path / 'out'
+  assert evaluate_cli.main(['--benchmark', 'crello', '--ground-truth', str(tmp_path / 'gt'),
+                            '--predictions', str(tmp_path / 'pred'), '--baselines', '',
+                            '--out', str(out), '--no-progress']) == 0
+  result = json.loads((out / 'results.json').read_text())
+  scores = result['scores']
+  assert scores['pred/layerd/edits_0/rgb_l1'] == approx((1 / 12 + 1 / 8) / 2)
+  assert scores['pred/layerd/edits_1/alpha_iou'] == approx((1 + 3 / 4) / 2)
+  assert scores['pred/layerd/edits_2/alpha_iou'] == 1.0
+  assert 'pred/layerd/edits_3/alpha_iou' not in scores  # no sample made a third edit
+  assert result['missing'] == {'pred': ['c']}
+  assert [l['reached'] for l in result['notes']['pred/layerd']['curve']] == [2, 2, 1]
+  for metric in ('rgb_l1', 'alpha_iou'):
+    assert Image.open(out / f'edit_curve_{metric}.png').size[0] > 400
+  assert '| layerd/edits_2/alpha_iou | higher | 1.0000 |' in capsys.readouterr().out

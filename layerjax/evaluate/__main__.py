@@ -27,7 +27,7 @@ from layerjax.evaluate import baselines, evaluators, folder, outputs
 from layerjax.fileio import atomic_file
 
 # Benchmark -> the evaluators it runs (by name, `evaluators.REGISTRY`).
-BENCHMARKS = {'folder': ('layers',)}
+BENCHMARKS = {'folder': ('layers',), 'crello': ('layerd',)}
 
 
 class UsageError(ValueError):
@@ -131,6 +131,12 @@ def write(out: Path, report: folder.Report, settings: dict) -> dict:
   with atomic_file(out / 'per_sample.csv') as tmp:
     outputs.write_csv(tmp, rows)
   for metric, range_ in (('rgb_l1', None), ('alpha_iou', (0.0, 1.0))):
+    lines = {sys_: [(l['edits'], l[metric]) for l in by['layerd'].notes['curve']]
+             for sys_, by in report.results.items() if 'layerd' in by}
+    if lines:
+      with atomic_file(out / f'edit_curve_{metric}.png') as tmp:
+        outputs.save_png(tmp, outputs.curves(lines, f"LayerD's {metric} over merge edits",
+                                             range_))
     values = {s: [v for r in by.get('layers', []) for k, v in r.items()
                   if k.endswith('/' + metric)] for s, by in report.rows.items()}
     if any(values.values()):

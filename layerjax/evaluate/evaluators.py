@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from layerjax.data.schema import LayeredSample, composite
-from layerjax.evaluate import metrics
+from layerjax.evaluate import layerd, metrics
 
 
 @dataclasses.dataclass
@@ -141,7 +141,37 @@ class LayerFidelity(Evaluator):
     return Result(scalars, self.count(rows))
 
 
-REGISTRY: dict[str, type[Evaluator]] = {'layers': LayerFidelity}
+class LayerDCurve(Evaluator):
+  """LayerD's Crello protocol (`layerd`): stacks of any depths grouped, aligned by DTW and
+  merged up to `max_edits` times; the curve of RGB L1, Alpha IoU and cost over the edit
+  count. Scalars `edits_<k>/<metric>` for k = 0.. (as far as any sample went, as LayerD's
+  aggregate), the curve in `notes['curve']`. Samples with fewer than 2 layers on a side are
+  skipped as LayerD skips them, and counted (`skipped_samples`), as are empty layers."""
+  directions = {'rgb_l1': 'lower', 'alpha_iou': 'higher', 'cost': 'lower', 'edits': ''}
+  counted = ('skipped_samples', 'empty_pred_layers', 'empty_gt_layers')
+
+  def __init__(self, max_edits: int = layerd.MAX_EDITS):
+    self.max_edits = max_edits
+
+  def score(self, sample_id: str, pred: LayeredSample, gt: LayeredSample) -> dict:
+    r = layerd.evaluate_sample(layerd.layers_from_sample(pred), layerd.layers_from_sample(gt),
+                               self.max_edits, sample_id)
+    row = {'id': sample_id, 'skipped_samples': int(r.skipped is not None),
+           'empty_pred_layers': r.empty_layers['pred'], 'empty_gt_layers': r.empty_layers['gt'],
+           'edits': len(r.merges), 'result': r}
+    for level in r.scores:
+      row.update({f'edits_{level["edits"]}/{m}': level[m] for m in ('rgb_l1', 'alpha_iou')})
+    return row
+
+  def summarise(self, rows: list[dict]) -> Result:
+    curve = layerd.aggregate(r['result'] for r in rows)
+    scalars = {f'edits_{l["edits"]}/{m}': l[m] for l in curve.levels
+               for m in ('rgb_l1', 'alpha_iou', 'cost')}
+    return Result(scalars, self.count(rows), {'curve': curve.levels,
+                                              'skipped': curve.skipped})
+
+
+REGISTRY: dict[str, type[Evaluator]] = {'layers': LayerFidelity, 'layerd': LayerDCurve}
 
 
 def check_options(name: str, options) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from layerjax.data import schema
 from layerjax.data.schema import Layer, LayeredSample, Prompt, SampleError
+from layerjax.evaluate import layerd
 from layerjax.evaluate.evaluators import Evaluator, Result
 from layerjax.fileio import safe_name
 
@@ -35,22 +36,17 @@ Source = Union[Path, Callable[[LayeredSample], LayeredSample]]
 
 
 def read_layerd(folder: Path) -> LayeredSample:
-  """A folder of back-to-front PNG layers (LayerD's format) as a sample (not validated)."""
-  pngs = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == '.png')
-  if not pngs:
+  """A folder of back-to-front PNG layers (LayerD's format, `layerd.read_layerd_folder`) as a
+  sample (not validated)."""
+  try:
+    pixels = layerd.read_layerd_folder(folder)
+  except ValueError as e:
+    raise SampleError(str(e)) from None
+  if not pixels:
     raise SampleError(f'{folder}: neither a sample folder (manifest.json) nor a folder of '
                       'PNG layers')
-  layers = []
-  for p in pngs:
-    try:
-      rgba = schema.decode_png(p.read_bytes(), 'RGBA')
-    except OSError as e:
-      raise SampleError(f'{p}: not a readable PNG ({e})') from None
-    if layers and rgba.shape != layers[0].rgba.shape:
-      raise SampleError(f'{p}: {rgba.shape[1]}x{rgba.shape[0]}, but {pngs[0].name} is '
-                        f'{layers[0].rgba.shape[1]}x{layers[0].rgba.shape[0]}: the layers of '
-                        'a sample must be one size')
-    layers.append(Layer(p.stem, 'background' if not layers else 'object', rgba))
+  layers = [Layer(f.stem, 'background' if i == 0 else 'object', x.astype(np.float32) / 255)
+            for i, (f, x) in enumerate(zip(layerd.layer_files(folder), pixels))]
   rgba = schema.composite(layers)
   image = (rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:]).astype(np.float32)
   return LayeredSample(folder.name, image, layers)

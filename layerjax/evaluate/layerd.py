@@ -36,7 +36,7 @@ import dataclasses
 import math
 from functools import reduce
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -80,16 +80,21 @@ def layers_from_sample(sample: LayeredSample) -> list[np.ndarray]:
   return to_uint8_layers([layer.rgba for layer in sample.layers], f'sample {sample.id!r} layers')
 
 
-def read_layerd_folder(path) -> list[np.ndarray]:
+def layer_files(path) -> list[Path]:
   """LayerD's prediction / ground-truth format: the folder's `*.png` sorted by name, back to
-  front, each converted to RGBA (`tools/evaluate.py`: `sorted(glob(dir/*.png))`, so hidden
-  files and other extensions, `.PNG` included, are not layers)."""
+  front (`tools/evaluate.py`: `sorted(glob(dir/*.png))`, so hidden files and other
+  extensions, `.PNG` included, are not layers)."""
   folder = Path(path)
   if not folder.is_dir():
     raise FileNotFoundError(f'{folder}: not a folder of layer PNGs')
+  return sorted(p for p in folder.iterdir() if p.name.endswith('.png')
+                and not p.name.startswith('.'))
+
+
+def read_layerd_folder(path) -> list[np.ndarray]:
+  """The layers of a LayerD-format folder (`layer_files`), each converted to RGBA uint8."""
   layers = []
-  for file in sorted(p for p in folder.iterdir() if p.name.endswith('.png')
-                     and not p.name.startswith('.')):
+  for file in layer_files(path):
     try:
       with Image.open(file) as im:
         layers.append(np.asarray(im.convert('RGBA')))
@@ -336,36 +341,3 @@ def aggregate(results: Iterable[SampleResult]) -> Curve:
                    'reached': sum(len(s) > k for s in scored),
                    'avg_edits': float(np.mean([x['edits'] for x in at_k]))})
   return Curve(levels, len(scored), skipped)
-
-
-@dataclasses.dataclass
-class FolderPairing:
-  """Sample folders of a prediction root against a ground-truth root: `common` is scored;
-  `missing_gt` (LayerD skips them with a warning) and `missing_pred` (LayerD never looks) are
-  listed, not dropped silently."""
-  common: list[str]
-  missing_gt: list[str]
-  missing_pred: list[str]
-
-
-def pair_folders(pred_root, gt_root) -> FolderPairing:
-  roots = {}
-  for what, root in (('prediction', pred_root), ('ground-truth', gt_root)):
-    root = Path(root)
-    if not root.is_dir():
-      raise FileNotFoundError(f'{root}: the {what} root is not a folder of sample folders')
-    roots[what] = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')}
-  pred, gt = roots['prediction'], roots['ground-truth']
-  return FolderPairing(sorted(pred & gt), sorted(pred - gt), sorted(gt - pred))
-
-
-def evaluate_folders(pred_root, gt_root, max_edits: int = MAX_EDITS,
-                     progress: Callable[[Iterable], Iterable] = iter,
-                     ) -> tuple[list[SampleResult], Curve, FolderPairing]:
-  """LayerD's `tools/evaluate.py`: every sample folder present on both sides, read with
-  `read_layerd_folder`, scored and aggregated. `progress` wraps the sample ids (e.g. tqdm)."""
-  pairing = pair_folders(pred_root, gt_root)
-  results = [evaluate_sample(read_layerd_folder(Path(pred_root) / sid),
-                             read_layerd_folder(Path(gt_root) / sid), max_edits, sid)
-             for sid in progress(pairing.common)]
-  return results, aggregate(results), pairing

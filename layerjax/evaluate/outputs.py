@@ -115,5 +115,41 @@ def histogram(values: dict[str, list[float]], title: str, bins: int = 20,
   return np.asarray(img)
 
 
+COLOURS = ((70, 110, 180), (200, 90, 40), (60, 150, 80), (150, 70, 160), (120, 120, 120))
+
+
+def curves(series: dict[str, list[tuple[float, float]]], title: str,
+           y_range: tuple[float, float] | None = None) -> np.ndarray:
+  """uint8 RGB: one line (points joined) per entry of `series` (a system's (x, y) points,
+  e.g. LayerD's RGB L1 over the edit count), on shared axes labelled at their ends, a legend
+  under the title."""
+  points = [p for ps in series.values() for p in ps if np.isfinite(p[1])]
+  xs, ys = [p[0] for p in points] or [0.0], [p[1] for p in points] or [0.0]
+  x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
+  y_lo, y_hi = y_range or (min(ys), max(ys))
+  y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
+  pw, ph, margin = 480, 240, 40
+  top = margin + 14 * len(series)
+  img = Image.new('RGB', (pw + 2 * margin, top + ph + margin), 'white')
+  draw = ImageDraw.Draw(img)
+  draw.text((margin, 8), title, fill='black')
+  at = lambda x, y: (margin + pw * (x - x_lo) / (x_hi - x_lo),
+                     top + ph - ph * (y - y_lo) / (y_hi - y_lo))
+  draw.rectangle([margin, top, margin + pw, top + ph], outline='black')
+  for i, (name, ps) in enumerate(series.items()):
+    colour = COLOURS[i % len(COLOURS)]
+    draw.text((margin, 22 + 14 * i), f'{name}', fill=colour)
+    xy = [at(x, y) for x, y in ps if np.isfinite(y)]
+    if len(xy) > 1:
+      draw.line(xy, fill=colour, width=2)
+    for x, y in xy:
+      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+  draw.text((margin, top + ph + 4), f'{x_lo:g}', fill='black')
+  draw.text((margin + pw - 20, top + ph + 4), f'{x_hi:g}', fill='black')
+  draw.text((4, top + ph - 10), f'{y_lo:.3g}', fill='black')
+  draw.text((4, top), f'{y_hi:.3g}', fill='black')
+  return np.asarray(img)
+
+
 def save_png(path: Path, pixels: np.ndarray) -> None:
   Image.fromarray(pixels).save(path, format='PNG')
