@@ -320,3 +320,39 @@ def test_clip_random_weights_are_flagged_and_missing_folders_named(tmp_path):
     clip.text_features(['a'])
   with pytest.raises(FileNotFoundError, match='config.json missing'):
     reflade.CLIPFeatures.load(tmp_path / 'nowhere')
+
+
+@pytest.mark.slow  # ~100 s on 2 cores: LPIPS compiles per crop size, Inception runs at 299 px
+def test_reflade_benchmark_command_on_random_networks(tmp_path, capsys):
+  """`--benchmark reflade --random-weights`: every object of two scenes in the box view,
+  predicted perfectly. Whatever the networks' weights, S_vis = LPIPS(x, x) = 0, S_gen = 1
+  (the same direction; defined for the mug, which the cat hides in part, not for the fully
+  seen objects) and S_fid = 0 (the same set), so HPA = 1; the scores are named
+  random_weights/... and the printed lines say they are not the metric."""
+  from layerjax.data.schema import write_folder
+  from layerjax.edit import Document
+  from layerjax.evaluate import __main__ as evaluate_cli
+  from layerjax.evaluate import folder
+  from test_edit import scene
+  for i in range(2):
+    gt = Document(scene()).move('cat', -12, -8).render(f's{i}')
+    write_folder(gt, tmp_path / 'gt' / gt.id)
+    for view in folder.views(gt, 'box'):
+      image = schema.composite(view.layers)[..., :3]  # the object in front: the view's own
+      write_folder(dataclasses.replace(view, image=image, prompts=[]),
+                   tmp_path / 'pred' / view.id)
+  args = ['--benchmark', 'reflade', '--ground-truth', str(tmp_path / 'gt'), '--predictions',
+          str(tmp_path / 'pred'), '--baselines', '', '--out', str(tmp_path / 'out'),
+          '--no-progress']
+  assert evaluate_cli.main(args) == 2
+  assert '--lpips: reflade needs local weights' in capsys.readouterr().err
+  assert evaluate_cli.main(args + ['--random-weights']) == 0
+  printed = capsys.readouterr().out
+  scores = json.loads((tmp_path / 'out' / 'results.json').read_text())['scores']
+  assert scores['pred/reflade/random_weights/foreground/S_vis'] == pytest.approx(0, abs=1e-6)
+  assert scores['pred/reflade/random_weights/foreground/S_gen'] == pytest.approx(1, abs=1e-6)
+  assert scores['pred/reflade/random_weights/foreground/HPA'] == pytest.approx(1, abs=1e-3)
+  assert scores['pred/reflade/count/samples'] == 6
+  assert not any(k.startswith('pred/reflade/foreground') for k in scores)
+  lines = [l for l in printed.splitlines() if l.startswith('reflade foreground (n=6)')]
+  assert lines and 'NOT the metric' in lines[0] and 'S_vis [0, 0.2736]' in lines[0]

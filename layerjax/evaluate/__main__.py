@@ -27,7 +27,8 @@ from layerjax.evaluate import baselines, evaluators, folder, outputs
 from layerjax.fileio import atomic_file
 
 # Benchmark -> the evaluators it runs (by name, `evaluators.REGISTRY`).
-BENCHMARKS = {'folder': ('layers',), 'crello': ('layerd',)}
+BENCHMARKS = {'folder': ('layers',), 'crello': ('layerd',), 'reflade': ('reflade', 'layers')}
+DEFAULT_VIEW = {'reflade': 'box'}  # RefLade refers to one object at a time
 
 
 class UsageError(ValueError):
@@ -43,8 +44,16 @@ def parse(argv) -> argparse.Namespace:
                  help="folder of sample folders (written first with --model), or 'classical'")
   p.add_argument('--out', required=True, type=Path, help='folder for the results')
   p.add_argument('--model', type=Path, help='decompose the ground truth with this model first')
-  p.add_argument('--view', default='scene', choices=folder.VIEWS,
-                 help="'scene': whole samples; 'box': each object, prompted by its box")
+  p.add_argument('--view', choices=folder.VIEWS,
+                 help="'scene': whole samples; 'box': each object, prompted by its box "
+                      '(default: box for reflade, else scene)')
+  p.add_argument('--lpips', help="reflade: the lpips package's weights (.pth / .safetensors)")
+  p.add_argument('--lpips-net', default='alex', choices=('alex', 'vgg'))
+  p.add_argument('--inception', help="reflade: pytorch-fid's Inception weights")
+  p.add_argument('--clip', help='reflade: a local transformers CLIP folder')
+  p.add_argument('--random-weights', action='store_true',
+                 help='reflade: random networks, to try the code (the scores are not the '
+                      'metric and say so)')
   p.add_argument('--name', help="the predictions' column (default: 'model' with --model, "
                  'else the predictions folder\'s name)')
   p.add_argument('--baselines', default=','.join(baselines.NAMES),
@@ -73,6 +82,15 @@ def check(args) -> None:
   elif args.predictions != baselines.CLASSICAL and not Path(args.predictions).is_dir():
     raise UsageError(f'--predictions {args.predictions}: no such directory (or give --model '
                      'to write it, or classical)')
+  if args.benchmark == 'reflade' and not args.random_weights:
+    for flag in ('lpips', 'inception', 'clip'):
+      value = getattr(args, flag)
+      if value is None:
+        raise UsageError(f'--{flag}: reflade needs local weights for LPIPS, Inception and CLIP '
+                         '(--lpips, --inception, --clip), or --random-weights to try the code '
+                         '(not the metric)')
+      if not Path(value).exists():
+        raise UsageError(f'--{flag} {value}: no such file or folder')
   if args.out.exists() and not args.out.is_dir():
     raise UsageError(f'--out {args.out}: exists and is not a directory')
 
@@ -147,6 +165,7 @@ def write(out: Path, report: folder.Report, settings: dict) -> dict:
 
 def main(argv=None) -> int:
   args = parse(argv)
+  args.view = args.view or DEFAULT_VIEW.get(args.benchmark, 'scene')
   try:
     check(args)
   except UsageError as e:
@@ -156,7 +175,9 @@ def main(argv=None) -> int:
   if args.model is not None:
     predict(args.model, args.ground_truth, Path(args.predictions), args.view, progress)
   names = BENCHMARKS[args.benchmark]
-  evs = {n: evaluators.create(n) for n in names}
+  options = {'reflade': {'lpips': args.lpips, 'inception': args.inception, 'clip': args.clip,
+                         'lpips_net': args.lpips_net, 'random_weights': args.random_weights}}
+  evs = {n: evaluators.create(n, **options.get(n, {})) for n in names}
   sources = systems(args)
   report = folder.score(args.ground_truth, sources, evs, args.view, progress)
   settings = {'benchmark': args.benchmark, 'ground_truth': str(args.ground_truth),
@@ -166,6 +187,9 @@ def main(argv=None) -> int:
               'evaluators': list(names)}
   result = write(args.out, report, settings)
   print(outputs.markdown(result['scores']))
+  for note in result['notes'].values():
+    for line in note.get('summary', ()):
+      print(line)
   problems = ', '.join(f'{k} {v}' for k, v in result['counts'].items() if v)
   print(f'{report.samples} samples ({problems}); listed in {args.out / "results.json"}')
   return 0

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from layerjax.data.schema import LayeredSample, composite
+from layerjax.data.schema import LayeredSample, composite, visible_masks
 from layerjax.evaluate import layerd, metrics
 
 
@@ -171,7 +171,116 @@ class LayerDCurve(Evaluator):
                                               'skipped': curve.skipped})
 
 
-REGISTRY: dict[str, type[Evaluator]] = {'layers': LayerFidelity, 'layerd': LayerDCurve}
+class RefLadeHPA(Evaluator):
+  """RefLade's HPA (`reflade`, `reflade.score`): S_vis (LPIPS), S_gen (CLIP direction),
+  S_fid (FID) and their min-max normalised mean per group (foreground / background, per
+  prompt type, occluded), with the bounds (`bounds`: 'table3_fit', `reflade.TABLE3_FIT_BOUNDS`)
+  and the weights in `notes`. Each ground-truth object and the background is paired with the
+  predicted layer of its name. The networks load from local files: `lpips` (the lpips
+  package's `lpips_net` file, 'alex' its default), `inception` (pytorch-fid's), `clip` (a
+  transformers CLIP folder); without them, `random_weights=True` runs the whole path on
+  random networks, and every score is then named `random_weights/...` (never the metric).
+  A crop under LPIPS's smallest input (`lpips.MIN_SIDE`) is scaled up to it, both images
+  alike (bilinear), and counted (`upscaled_crops`)."""
+  directions = {'S_vis': 'lower', 'S_gen': 'higher', 'S_fid': 'lower', 'HPA': 'higher'}
+  counted = ('missing_layers', 'empty_gt_layers')
+  BOUNDS = ('table3_fit',)
+
+  def __init__(self, lpips: str | None = None, inception: str | None = None,
+               clip: str | None = None, lpips_net: str = 'alex', bounds: str = 'table3_fit',
+               random_weights: bool = False):
+    from layerjax.evaluate import reflade
+    missing = [n for n, v in (('lpips', lpips), ('inception', inception), ('clip', clip))
+               if v is None]
+    if missing and not random_weights:
+      raise ValueError(f'evaluator reflade: no weights for {", ".join(missing)} (local files: '
+                       '--lpips, --inception, --clip), or --random-weights for a run of the '
+                       'code on random networks, which is not the metric')
+    if bounds not in self.BOUNDS:
+      raise ValueError(f'evaluator reflade: bounds {bounds!r}, known: {self.BOUNDS}')
+    self.bounds = reflade.TABLE3_FIT_BOUNDS
+    self.nets = _reflade_networks(None if random_weights else (lpips, inception, clip),
+                                  lpips_net)
+
+  def score(self, sample_id: str, pred: LayeredSample, gt: LayeredSample) -> dict:
+    from layerjax.evaluate import reflade
+    row: dict[str, Any] = {'id': sample_id, 'missing_layers': 0, 'empty_gt_layers': 0}
+    masks = visible_masks(gt.layers)
+    layers = [dataclasses.replace(l, visible_mask=m if l.visible_mask is None else
+                                  l.visible_mask) for l, m in zip(gt.layers, masks)]
+    names = {l.name for l in pred.layers}
+    predictions = {}
+    for layer in layers:
+      if layer.kind == 'shadow':
+        continue
+      if not (layer.rgba[..., 3] > 0).any():
+        row['empty_gt_layers'] += 1
+      elif layer.name not in names:
+        row['missing_layers'] += 1
+      else:
+        predictions[layer.name] = pred.layer(layer.name).rgba
+    prompt = '+'.join(k for k, v in (('points', gt.prompts[0].points), ('box',
+                      gt.prompts[0].box), ('mask', gt.prompts[0].mask)) if v is not None
+                      and len(v)) if gt.prompts else 'scene'
+    row['pairs'] = reflade.pairs_from_sample(dataclasses.replace(gt, layers=layers),
+                                             predictions, prompt)
+    return row
+
+  def summarise(self, rows: list[dict]) -> Result:
+    from layerjax.evaluate import reflade
+    self.nets.lpips.upscaled = 0  # one count per system scored
+    result = reflade.score([p for r in rows for p in r['pairs']], self.nets, self.bounds)
+    prefix = '' if result['is_metric'] else 'random_weights/'
+    scalars = {f'{prefix}{group}/{k}': g[k] for group, g in result['groups'].items()
+               for k in ('HPA', 'S_vis', 'S_gen', 'S_fid') if g[k] is not None}
+    counts = {**self.count(rows), 'upscaled_crops': self.nets.lpips.upscaled}
+    return Result(scalars, counts, {'bounds': result['bounds'], 'weights': result['weights'],
+                                    'is_metric': result['is_metric'],
+                                    'summary': reflade.summary(result)})
+
+
+class _UpscaledLPIPS:
+  """LPIPS on crops scaled up (both alike) to its smallest input where they are smaller."""
+
+  def __init__(self, lpips):
+    self.lpips, self.upscaled = lpips, 0
+
+  def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from layerjax.evaluate.lpips import MIN_SIDE
+    from layerjax.infer.postprocess import resize
+    h, w = a.shape[1:3]
+    side = MIN_SIDE[self.lpips.net]
+    if min(h, w) < side:
+      s = side / min(h, w)
+      size = (max(side, round(h * s)), max(side, round(w * s)))
+      a, b = (np.stack([resize(x, size) for x in y]) for y in (a, b))
+      self.upscaled += len(a)
+    return self.lpips(np.clip(a, 0, 1), np.clip(b, 0, 1))
+
+
+def _reflade_networks(paths, lpips_net: str):
+  """`reflade.Networks` from local files (lpips, inception, clip), or random (None)."""
+  from layerjax.evaluate import inception, lpips, reflade
+  if paths is None:
+    from transformers import CLIPConfig, CLIPImageProcessor
+    tiny = CLIPConfig(text_config={'hidden_size': 32, 'intermediate_size': 64,
+                                   'num_hidden_layers': 1, 'num_attention_heads': 2},
+                      vision_config={'hidden_size': 32, 'intermediate_size': 64,
+                                     'num_hidden_layers': 1, 'num_attention_heads': 2,
+                                     'patch_size': 32}, projection_dim=16)
+    lp, fid = lpips.LPIPS.random(0, lpips_net), inception.FIDInception.random(0)
+    clip = reflade.CLIPFeatures.random(tiny, CLIPImageProcessor())
+  else:
+    lp = lpips.LPIPS.load(paths[0], lpips_net)
+    fid = inception.FIDInception.load(paths[1])
+    clip = reflade.CLIPFeatures.load(paths[2])
+  return reflade.Networks(_UpscaledLPIPS(lp), clip, fid.features, inception.frechet_distance,
+                          {'lpips': lp.weights, 'inception': fid.weights,
+                           'clip': clip.weights})
+
+
+REGISTRY: dict[str, type[Evaluator]] = {'layers': LayerFidelity, 'layerd': LayerDCurve,
+                                        'reflade': RefLadeHPA}
 
 
 def check_options(name: str, options) -> None:

@@ -31,8 +31,8 @@ from flax import nnx
 from scipy import linalg
 
 from layerjax.convert import perceptual as convert
+from layerjax.evaluate.metrics import RANDOM
 
-RANDOM = 'random (not the metric)'
 SIZE = 299
 FEATURES = 2048
 FC_CLASSES = 1008  # the FID checkpoint's classifier; torchvision's ImageNet one has 1000

@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from layerjax.convert import perceptual as convert
+from layerjax.evaluate.metrics import RANDOM
 
-RANDOM = 'random (not the metric)'
 
 # The trunks as torchvision builds `features`: ('conv', in, out, kernel, stride, padding),
 # ('relu',), ('pool', kernel, stride); LPIPS taps the output of each slice [b_l, b_{l+1}).

@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 EPS = 1e-8
+# What a score from random or stand-in network weights says of itself: never the metric.
+NOT_METRIC = '(not the metric)'
+RANDOM = f'random {NOT_METRIC}'
 
 
 def rgb_l1(pred: np.ndarray, gt: np.ndarray, eps: float = EPS) -> float:

@@ -40,9 +40,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from layerjax.data.schema import LayeredSample, alpha_bbox, composite
+from layerjax.evaluate.metrics import NOT_METRIC, RANDOM
 
-NOT_METRIC = '(not the metric)'
-RANDOM_WEIGHTS = f'random {NOT_METRIC}'
 SCORES = ('S_vis', 'S_gen', 'S_fid')
 LOWER_IS_BETTER = {'S_vis': True, 'S_gen': False, 'S_fid': True}
 KINDS = ('foreground', 'background')
@@ -337,7 +336,7 @@ class CLIPFeatures:
     import torch
     from transformers import CLIPModel
     torch.manual_seed(seed)
-    return cls(CLIPModel(config), processor, tokenizer, RANDOM_WEIGHTS)
+    return cls(CLIPModel(config), processor, tokenizer, RANDOM)
 
   def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
     return self.image_features(images)
