@@ -16,7 +16,8 @@ per output folder. The output is a TFDS source:
 `crello --layerd` writes instead the ground truth of LayerD's Crello protocol
 (`crello.layerd_layers`: short side 512 unless `--short-side`, transparent elements left out,
 hidden ones dropped, a white layer first where the back does not cover) in LayerD's format, a
-folder of back-to-front PNGs per template named by the template id (`safe_name`), for
+folder of back-to-front PNGs per template named as the template's sample folder is
+('crello-<id>', `safe_name`), so predictions made from the sample folders pair with it in
 `python -m layerjax.evaluate --benchmark crello`. A template LayerD leaves out (fewer than 2
 layers) gets no folder; it is counted as left out, not as a bad record.
 """
@@ -58,6 +59,7 @@ class LayerdTemplate:
   provenance: dict
 
 
+MAX_SIZE = 1024   # the longest side of crello sample folders unless --max-size
 SAMPLES = Form(lambda sample, dst: write_folder(sample, dst, overwrite=True), 'manifest.json')
 LAYERD = Form(lambda t, dst: write_layerd_folder(t.layers, dst, t.provenance, overwrite=True),
               PROVENANCE)
@@ -70,11 +72,11 @@ def _imported_as(folder: Path, marker: str) -> str | None:
     return None
 
 
-def import_rows(rows: Iterable[dict], to_sample: Callable[[dict], Any], output: Path,
+def import_rows(rows: Iterable[dict], to_record: Callable[[dict], Any], output: Path,
                 on_error: str = 'skip', limit: int | None = None,
                 fingerprint: str | None = None, form: Form = SAMPLES) -> dict:
   """Writes each row's record to `output/<safe id>` as `form` says; returns counts and the
-  reasons for skips ('errors') and for records `to_sample` left out (`LeftOut`, 'left_out').
+  reasons for skips ('errors') and for records `to_record` left out (`LeftOut`, 'left_out').
 
   `fingerprint` (of the input files and options) goes into each record's provenance
   ('import'); a record already there with the same one is left as it is, one with another
@@ -90,7 +92,7 @@ def import_rows(rows: Iterable[dict], to_sample: Callable[[dict], Any], output: 
       if limit is not None and i >= limit:
         break
       try:
-        record = to_sample(row)
+        record = to_record(row)
         record.provenance['import'] = fingerprint
         dst = sample_folder(output, record.id)
         if (dst / form.marker).is_file() and _imported_as(dst, form.marker) == fingerprint:
@@ -120,7 +122,7 @@ def main(argv: list[str]) -> int:
   crello.add_argument('paths', nargs='+', help='parquet files or folders of them')
   crello.add_argument('--layout', default='auto', choices=('auto', 'v5', 'normalized'))
   crello.add_argument('--max-size', type=cli.int_at_least(1), default=None,
-                      help='longest side in pixels (default 1024; not with --layerd)')
+                      help=f'longest side in pixels (default {MAX_SIZE}; not with --layerd)')
   crello.add_argument('--layerd', action='store_true',
                       help="write LayerD's Crello ground truth, a folder of back-to-front PNGs "
                            'per template, instead of sample folders')
@@ -149,22 +151,22 @@ def main(argv: list[str]) -> int:
     inputs = module.parquet_files(args.paths)
     if args.layerd:
       short_side = args.short_side or CRELLO_SHORT_SIDE
-      to_sample = lambda row: _layerd_template(row, short_side)
+      to_record = lambda row: _layerd_template(row, short_side)
       options = {'layout': args.layout, 'layerd': True, 'short_side': short_side}
       form = LAYERD
     else:
-      max_size = args.max_size or 1024
-      to_sample = lambda row: module.to_sample(row, max_size=max_size)
+      max_size = args.max_size or MAX_SIZE
+      to_record = lambda row: module.to_sample(row, max_size=max_size)
       options = {'layout': args.layout, 'max_size': max_size}
   else:
     from layerjax.data.importers import mulan as module
     if bool(args.pairs) == bool(args.annotations):
       p.error('mulan: give either --pairs or --annotations (with --images)')
     rows = module.rows(args.annotations, args.images, pairs_csv=args.pairs)
-    to_sample = module.to_sample
+    to_record = module.to_sample
     inputs, options = [x for x in (args.annotations, args.images, args.pairs) if x], {}
   fp = fingerprint(args.dataset, options, [[str(x), tree_stats(x)] for x in inputs])
-  result = import_rows(rows, to_sample, args.output, args.on_error, args.limit, fp, form)
+  result = import_rows(rows, to_record, args.output, args.on_error, args.limit, fp, form)
   counts = result['counts']
   left_out = f', {counts["left_out"]} left out' if counts.get('left_out') else ''
   print(f'{args.dataset} -> {args.output}: {counts.get("written", 0)} written, '
@@ -182,7 +184,7 @@ def _layerd_template(row: dict, short_side: int) -> LayerdTemplate:
   if not layers:
     raise LeftOut(f'crello template {row["id"]!r}: fewer than 2 layers after LayerD\'s '
                   f'filtering, so LayerD writes no ground truth for it')
-  return LayerdTemplate(row['id'], layers, {
+  return LayerdTemplate(crello.sample_id(row['id']), layers, {
       'source': 'crello', 'protocol': 'layerd', 'template_id': row['id'],
       'file': row.get('_file'), 'row': row.get('_row'), 'short_side': short_side,
       'canvas_size': [row['canvas_width'], row['canvas_height']]})

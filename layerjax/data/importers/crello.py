@@ -193,7 +193,12 @@ def to_sample(row: dict, *, max_size: int | None = 1024) -> LayeredSample:
                 'canvas_size': [canvas_w, canvas_h], 'scale': s, 'element_types': types,
                 'dropped_elements': dropped}
   layers = [Layer('background', 'background', np.clip(background, 0, 1)), *objects]
-  return assemble(f'crello-{tid}', layers, provenance)
+  return assemble(sample_id(tid), layers, provenance)
+
+
+def sample_id(template_id: str) -> str:
+  """The id of a template's sample; its LayerD ground truth's folder is named by it too."""
+  return f'crello-{template_id}'
 
 
 def _template(row: dict) -> tuple[str, str, str, int | float, int | float, int]:
@@ -227,9 +232,9 @@ def layerd_layers(row: dict, short_side: int = CRELLO_SHORT_SIDE) -> list[np.nda
     opacity field, and never an RGB, LA or palette image) is left out;
   - at an element other than the first whose drawn alpha is 255 everywhere, the list of kept
     elements is cut to `kept[i:]`. LayerD's `i` is the element's index, but it slices by
-    position in a list from which transparent elements were already removed, so with such
-    removals before it the cut drops the covering element itself and some after it. That is
-    a bug in LayerD's code, reproduced here: its published numbers were scored on it;
+    position in a list from which transparent elements were already removed: with r of them
+    removed before it, the cut also drops the covering element and the r - 1 kept elements
+    after it. A bug in LayerD's code, reproduced: its published numbers were scored on it;
   - the kept elements are grouped (`evaluate.layerd.group_layers`); when the back group's
     layers have a pixel of alpha 0 (any one of them, as LayerD takes the min over the
     group), an opaque white layer is put first;
@@ -255,7 +260,7 @@ def layerd_layers(row: dict, short_side: int = CRELLO_SHORT_SIDE) -> list[np.nda
   for i in range(n):
     if transparent[i] and i in kept:
       kept.remove(i)
-    if i != 0 and layers[i][..., 3].min() == 255:
+    if layers[i][..., 3].min() == 255:  # LayerD skips i = 0, where the cut keeps all anyway
       kept = kept[i:]                   # by position, not by element index: LayerD's bug
   if len(kept) < 2:
     return []
