@@ -373,13 +373,15 @@ def test_layerd_leaves_out_transparent_images_not_translucent_elements(tmp_path)
                   element('ColoredBackground', 0, 0, 8, 6, solid(TEAL, 2, 2)),
                   element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2, alpha=200)),
                   element('ImageElement', 4, 2, 2, 2, solid(BLUE, 2, 2), opacity=0.5),
-                  element('SvgElement', 0, 4, 2, 2, encoded('LA', (2, 2), (90, 100))))
+                  element('SvgElement', 0, 4, 2, 2, encoded('LA', (2, 2), (90, 100))),
+                  element('ImageElement', 6, 4, 2, 2, solid(RED, 2, 2), opacity=0.001))
   # The RGBA image whose alpha never reaches 255 goes; the opacity field does not count, nor
   # does a translucent image that is not mode RGBA (LA here): LayerD's `is_transparent`.
   assert_layers(layerd_of(tmp_path, tmpl), [
       layer(hw, color=TEAL),
       layer(hw, (4, 2, 6, 4), BLUE, 128),                  # round(255 * 0.5)
-      layer(hw, (0, 4, 2, 6), (90, 90, 90), 100)])         # back group opaque: no white
+      layer(hw, (0, 4, 2, 6), (90, 90, 90), 100),          # back group opaque: no white
+      np.zeros((*hw, 4), np.uint8)])   # alpha round(0.255) = 0 and, as skia stores it, no red
 
 
 def test_layerd_opaque_full_canvas_element_hides_the_elements_below(tmp_path):

@@ -255,7 +255,9 @@ def layerd_layers(row: dict, short_side: int = CRELLO_SHORT_SIDE) -> list[np.nda
     el = _element(row, i, layout, canvas_w, canvas_h, f'{where} element {i}')
     transparent.append(_is_transparent(row['image'][i]['bytes']))
     # 8-bit at once, as LayerD's layers are PNGs: its rules compare alphas with 0 and 255.
-    layers.append(np.round(_render(el, (scale, scale), out_hw) * 255).astype(np.uint8))
+    x = np.round(_render(el, (scale, scale), out_hw) * 255).astype(np.uint8)
+    x[x[..., 3] == 0] = 0               # skia keeps premultiplied colour: none under alpha 0
+    layers.append(x)
   kept = list(range(n))
   for i in range(n):
     if transparent[i] and i in kept:
