@@ -331,3 +331,171 @@ def test_class_ids_without_their_names_are_refused(tmp_path):
   pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
   with pytest.raises(ValueError, match=r'nometa\.parquet: column type is list<.*int64'):
     crello.rows(path)
+
+
+# --- LayerD's ground truth (`layerd_layers`, `--layerd`) -----------------------------------
+
+TEAL, YELLOW = (51, 102, 153), (255, 255, 0)
+
+
+def layerd_of(tmp_path, tmpl, short_side=6):
+  """LayerD's layers of one v5 template; short side 6 on the 8x6 canvases below: scale 1."""
+  path = write(tmp_path / f'{tmpl["id"]}-layerd.parquet', [tmpl])
+  (row,) = crello.rows(path)
+  return crello.layerd_layers(row, short_side)
+
+
+def layer(hw, box=None, color=(255, 255, 255), alpha=255):
+  """The uint8 layer expected by hand: `color`, `alpha` inside box (x0, y0, x1, y1), or over
+  the whole canvas without one, transparent black elsewhere (as `_render` leaves it)."""
+  out = np.zeros((*hw, 4), np.uint8)
+  x0, y0, x1, y1 = box or (0, 0, hw[1], hw[0])
+  out[y0:y1, x0:x1] = (*color, alpha)
+  return out
+
+
+def encoded(mode, size, value) -> bytes:
+  buf = io.BytesIO()
+  Image.new(mode, size, value).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def assert_layers(got, expected):
+  assert len(got) == len(expected)
+  for g, e in zip(got, expected):
+    assert g.dtype == np.uint8
+    np.testing.assert_array_equal(g, e)
+
+
+def test_layerd_leaves_out_transparent_images_not_translucent_elements(tmp_path):
+  hw = (6, 8)
+  tmpl = template('tr', (8, 6),
+                  element('ColoredBackground', 0, 0, 8, 6, solid(TEAL, 2, 2)),
+                  element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2, alpha=200)),
+                  element('ImageElement', 4, 2, 2, 2, solid(BLUE, 2, 2), opacity=0.5),
+                  element('SvgElement', 0, 4, 2, 2, encoded('LA', (2, 2), (90, 100))),
+                  element('ImageElement', 6, 4, 2, 2, solid(RED, 2, 2), opacity=0.001))
+  # The RGBA image whose alpha never reaches 255 goes; the opacity field does not count, nor
+  # does a translucent image that is not mode RGBA (LA here): LayerD's `is_transparent`.
+  assert_layers(layerd_of(tmp_path, tmpl), [
+      layer(hw, color=TEAL),
+      layer(hw, (4, 2, 6, 4), BLUE, 128),                  # round(255 * 0.5)
+      layer(hw, (0, 4, 2, 6), (90, 90, 90), 100),          # back group opaque: no white
+      np.zeros((*hw, 4), np.uint8)])   # alpha round(0.255) = 0 and, as skia stores it, no red
+
+
+def test_layerd_opaque_full_canvas_element_hides_the_elements_below(tmp_path):
+  hw = (6, 8)
+  tmpl = template('hide', (8, 6),
+                  element('ColoredBackground', 0, 0, 8, 6, solid(TEAL, 2, 2)),
+                  element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2)),
+                  element('ImageElement', -1, -1, 10, 8, solid(YELLOW, 2, 2)),
+                  element('ImageElement', 4, 2, 2, 2, solid(BLUE, 2, 2)))
+  assert_layers(layerd_of(tmp_path, tmpl),
+                [layer(hw, color=YELLOW), layer(hw, (4, 2, 6, 4), BLUE)])
+
+
+def test_layerd_cuts_by_position_after_removing_transparent_elements(tmp_path):
+  # Element 1 is transparent, so when element 3 covers the canvas the kept list is
+  # [0, 2, 3, 4, 5] and LayerD's `kept[3:]` is [4, 5]: the covering element goes too (by
+  # index it would be [3, 4, 5]: yellow, blue, red). Blue and red then form the back group,
+  # which has alpha 0, so white comes first.
+  hw = (6, 8)
+  tmpl = template('quirk', (8, 6),
+                  element('ColoredBackground', 0, 0, 8, 6, solid(TEAL, 2, 2)),
+                  element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2, alpha=254)),
+                  element('ImageElement', 1, 1, 2, 2, solid(GREEN, 2, 2)),
+                  element('ImageElement', 0, 0, 8, 6, solid(YELLOW, 2, 2)),
+                  element('ImageElement', 4, 2, 2, 2, solid(BLUE, 2, 2)),
+                  element('ImageElement', 6, 0, 2, 2, solid(RED, 2, 2)))
+  assert_layers(layerd_of(tmp_path, tmpl), [
+      layer(hw), layer(hw, (4, 2, 6, 4), BLUE), layer(hw, (6, 0, 8, 2), RED)])
+
+
+def test_layerd_white_background_when_the_back_group_has_alpha_zero(tmp_path):
+  hw = (6, 8)
+  boxes = template('boxes', (8, 6), element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2)),
+                   element('ImageElement', 4, 2, 3, 2, encoded('RGB', (3, 2), BLUE)))
+  assert_layers(layerd_of(tmp_path, boxes),
+                [layer(hw), layer(hw, (1, 1, 3, 3), RED), layer(hw, (4, 2, 7, 4), BLUE)])
+  # An element off the canvas is an empty layer that nothing overlaps, so it joins the teal
+  # backdrop's group, and LayerD's min over that group's alphas is 0: white goes under teal.
+  empty = template('empty', (8, 6), element('ColoredBackground', 0, 0, 8, 6, solid(TEAL, 2, 2)),
+                   element('ImageElement', 20, 1, 2, 2, solid(RED, 2, 2)))
+  assert_layers(layerd_of(tmp_path, empty),
+                [layer(hw), layer(hw, color=TEAL), np.zeros((*hw, 4), np.uint8)])
+  # Fewer than 2 layers left: LayerD writes nothing.
+  alone = template('alone', (8, 6), element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2)))
+  assert layerd_of(tmp_path, alone) == []
+
+
+def test_layerd_scales_the_short_side_to_512_truncating_the_long_side(tmp_path):
+  # 1100 x 600: scale 512 / 600, width int(938.67) = 938 (rounding would give 939).
+  tmpl = template('wide', (1100, 600),
+                  element('ColoredBackground', 0, 0, 1100, 600, solid(TEAL, 2, 2)),
+                  element('ImageElement', 300, 150, 300, 150, solid(RED, 4, 4)))
+  path = write(tmp_path / 'wide.parquet', [tmpl])
+  bg, red = crello.layerd_layers(next(crello.rows(path)))
+  assert bg.shape == red.shape == (512, 938, 4)
+  np.testing.assert_array_equal(red, layer((512, 938), (256, 128, 512, 256), RED))
+  # Small canvases are scaled up: 40 x 30 -> int(40 * 512 / 30) = int(682.67) = 682. The box
+  # x 15..24, y 6..21 becomes x 256..409.6, y 102.4..358.4: the pixels whose centres it holds.
+  tmpl = template('small', (40, 30),
+                  element('ColoredBackground', 0, 0, 40, 30, solid(TEAL, 2, 2)),
+                  element('ImageElement', 15, 6, 9, 15, solid(RED, 4, 4)))
+  path = write(tmp_path / 'small.parquet', [tmpl])
+  bg, red = crello.layerd_layers(next(crello.rows(path)))
+  np.testing.assert_array_equal(red, layer((512, 682), (256, 102, 410, 358), RED))
+  with pytest.raises(ValueError, match='short_side must be a positive'):
+    crello.layerd_layers(next(crello.rows(path)), 0)
+
+
+def test_layerd_folder_round_trips_and_is_replaced_only_when_asked(tmp_path):
+  from layerjax.evaluate.layerd import read_layerd_folder, write_layerd_folder
+  from layerjax.fileio import OutputError
+  hw = (6, 8)
+  layers = [layer(hw), layer(hw, (1, 1, 3, 3), RED, 77), layer(hw, (4, 2, 7, 4), BLUE)]
+  folder = write_layerd_folder(layers, tmp_path / 'x', {'template_id': 'x'})
+  assert sorted(p.name for p in folder.iterdir()) == ['0000.png', '0001.png', '0002.png',
+                                                      'provenance.json']
+  assert_layers(read_layerd_folder(folder), layers)
+  assert json.loads((folder / 'provenance.json').read_text()) == \
+      {'provenance': {'template_id': 'x'}}
+  with pytest.raises(OutputError, match='pass --overwrite'):
+    write_layerd_folder(layers[:2], folder)
+  assert_layers(read_layerd_folder(write_layerd_folder(layers[:2], folder, overwrite=True)),
+                layers[:2])
+  (tmp_path / 'theirs').mkdir()
+  (tmp_path / 'theirs' / '0000.png').write_bytes(b'not ours')
+  with pytest.raises(OutputError, match='is not a LayerD layer folder'):
+    write_layerd_folder(layers, tmp_path / 'theirs', overwrite=True)
+
+
+def test_layerd_command_writes_resumes_and_counts_left_out_templates(tmp_path, capsys):
+  from layerjax.data.importers.__main__ import main
+  from layerjax.evaluate.layerd import read_layerd_folder
+  good = template('good', (8, 6), element('ColoredBackground', 0, 0, 8, 6, solid(TEAL, 2, 2)),
+                  element('ImageElement', 4, 2, 2, 2, solid(BLUE, 2, 2)))
+  alone = template('a/lone', (8, 6), element('ImageElement', 1, 1, 2, 2, solid(RED, 2, 2)))
+  bad = template('bad', (8, 6), element('ImageElement', 1, 1, 2, 2, b'not a png'))
+  src, out = write(tmp_path / 'c.parquet', [good, alone, bad]), tmp_path / 'gt'
+  run = lambda *extra: main(['crello', str(src), '--output', str(out), '--layerd', *extra])
+  assert run('--short-side', '6') == 0
+  captured = capsys.readouterr()
+  assert '1 written, 0 already there, 1 skipped, 1 left out' in captured.out
+  assert "left out: crello template 'a/lone': fewer than 2 layers" in captured.err
+  assert sorted(p.name for p in out.iterdir()) == ['crello-good']    # as its sample folder
+  assert_layers(read_layerd_folder(out / 'crello-good'),
+                [layer((6, 8), color=TEAL), layer((6, 8), (4, 2, 6, 4), BLUE)])
+  prov = json.loads((out / 'crello-good' / 'provenance.json').read_text())['provenance']
+  assert (prov['template_id'], prov['row'], prov['short_side']) == ('good', 0, 6)
+  assert run('--short-side', '6') == 0                       # a re-run redoes nothing
+  assert '0 written, 1 already there' in capsys.readouterr().out
+  assert run() == 0                                          # other options: rewritten
+  assert '1 written, 0 already there' in capsys.readouterr().out
+  assert read_layerd_folder(out / 'crello-good')[0].shape == (512, 682, 4)
+  assert run('--on-error', 'raise', '--limit', '2') == 0      # left out is not an error
+  assert run('--max-size', '20') == 2
+  assert '--max-size does not apply with --layerd' in capsys.readouterr().err
+  assert main(['crello', str(src), '--output', str(out), '--short-side', '6']) == 2
+  assert '--short-side applies with --layerd only' in capsys.readouterr().err

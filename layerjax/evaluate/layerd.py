@@ -33,6 +33,7 @@ of the scores, so `schema.composite` (float) is not used here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from functools import reduce
 from pathlib import Path
@@ -43,11 +44,16 @@ from PIL import Image, UnidentifiedImageError
 
 from layerjax.data.schema import LayeredSample
 from layerjax.evaluate.metrics import alpha_iou, rgb_l1
+from layerjax.fileio import Artifact, as_path, atomic_dir
 
 MAX_EDITS = 5
 MIN_LAYERS = 2     # tools/evaluate.py skips a sample with fewer layers on either side
 MERGE_ABOVE = 2    # `EditOp.min_layers`: a side is merged only when it has more layers
 SIDES = ('pred', 'gt')
+CRELLO_SHORT_SIDE = 512   # LayerD's Crello ground truth (METRICS.md; `crello.layerd_layers`)
+PROVENANCE = 'provenance.json'   # in a folder `write_layerd_folder` wrote; not a layer
+LAYERD_FOLDER = Artifact('LayerD layer folder', lambda p: (p / PROVENANCE).is_file(),
+                         (PROVENANCE,))
 
 
 # --- input --------------------------------------------------------------------------------
@@ -104,6 +110,23 @@ def read_layerd_folder(path) -> list[np.ndarray]:
       raise ValueError(f'{file}: size {layers[-1].shape[:2]} differs from the folder\'s first '
                        f'layer {layers[0].shape[:2]}')
   return layers
+
+
+def write_layerd_folder(layers: Sequence[np.ndarray], folder, provenance: dict | None = None,
+                       overwrite: bool = False):
+  """Writes RGBA layers, back to front, in LayerD's format for `read_layerd_folder`:
+  `0000.png`, `0001.png`, ... (more digits past 10000 layers, so names still sort back to
+  front), uint8 as given, floats in [0, 1] rounded as `to_uint8_layers`. Beside them
+  `provenance.json` ({'provenance': provenance}), which no reader of the format takes for a
+  layer (only `*.png` are) and which marks the folder as a `LAYERD_FOLDER`: atomically, an
+  existing one replaced only with `overwrite`, anything else at `folder` refused."""
+  stack = to_uint8_layers(layers, f'{folder}: layers')
+  digits = max(4, len(str(len(stack) - 1)))
+  with atomic_dir(folder, LAYERD_FOLDER, overwrite) as tmp:
+    for i, x in enumerate(stack):
+      Image.fromarray(x).save(tmp / f'{i:0{digits}d}.png')
+    (tmp / PROVENANCE).write_text(json.dumps({'provenance': provenance or {}}, indent=2) + '\n')
+  return as_path(folder)
 
 
 # --- the protocol's pieces ----------------------------------------------------------------

@@ -5,6 +5,7 @@ The dataset is released as parquet, one row per template: the canvas size and, p
 the raw rows cheaply; `to_sample` redraws every element into its own full-canvas layer the
 way the authors' renderer (cr-renderer) draws it, folds the leading backdrop elements into
 one opaque background and keeps every other visible element as an object layer.
+`layerd_layers` makes instead the ground truth of LayerD's Crello protocol (its own rules).
 
 Two geometry conventions exist: v5 and later store boxes in canvas pixels and angles in
 degrees ('v5'); v1-v4 store boxes as fractions of the canvas and angles in radians
@@ -13,6 +14,7 @@ degrees ('v5'); v1-v4 store boxes as fractions of the canvas and angles in radia
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from PIL import Image
 
 from layerjax.data.images import ImageError, load_image
 from layerjax.data.schema import Layer, LayeredSample, SampleError, assemble, over
+from layerjax.evaluate.layerd import CRELLO_SHORT_SIDE, group_layers
 
 LAYOUTS = ('v5', 'normalized')
 ELEMENT_COLUMNS = ('type', 'left', 'top', 'width', 'height', 'angle', 'opacity', 'image', 'text')
@@ -159,18 +162,7 @@ def to_sample(row: dict, *, max_size: int | None = 1024) -> LayeredSample:
   """
   if max_size is not None and max_size < 1:
     raise ValueError(f'max_size must be a positive number of pixels or None, got {max_size}')
-  tid = row.get('id')
-  if not isinstance(tid, str) or not tid:
-    raise SampleError(f'crello row {row.get("_row")} of {row.get("_file")}: id {tid!r} is '
-                      f'not a template id')
-  where = f'crello template {tid!r}'
-  layout = row.get('_layout') or ('v5' if 'font_bold' in row else 'normalized')
-  if layout not in LAYOUTS:
-    raise SampleError(f'{where}: _layout {layout!r} is not one of {LAYOUTS}')
-  canvas_w = _canvas_side(row, 'canvas_width', where)
-  canvas_h = _canvas_side(row, 'canvas_height', where)
-  n = _length(row, where)
-
+  tid, where, layout, canvas_w, canvas_h, n = _template(row)
   s = 1.0 if max_size is None else min(1.0, max_size / max(canvas_w, canvas_h))
   out_w, out_h = max(1, round(s * canvas_w)), max(1, round(s * canvas_h))
   # Per-axis factors (s up to rounding) put the canvas edges exactly on the output edges, so
@@ -201,8 +193,93 @@ def to_sample(row: dict, *, max_size: int | None = 1024) -> LayeredSample:
                 'canvas_size': [canvas_w, canvas_h], 'scale': s, 'element_types': types,
                 'dropped_elements': dropped}
   layers = [Layer('background', 'background', np.clip(background, 0, 1)), *objects]
-  return assemble(f'crello-{tid}', layers, provenance)
+  return assemble(sample_id(tid), layers, provenance)
 
+
+def sample_id(template_id: str) -> str:
+  """The id of a template's sample; its LayerD ground truth's folder is named by it too."""
+  return f'crello-{template_id}'
+
+
+def _template(row: dict) -> tuple[str, str, str, int | float, int | float, int]:
+  """The row's id, its name for messages, layout, canvas width and height, element count."""
+  tid = row.get('id')
+  if not isinstance(tid, str) or not tid:
+    raise SampleError(f'crello row {row.get("_row")} of {row.get("_file")}: id {tid!r} is '
+                      f'not a template id')
+  where = f'crello template {tid!r}'
+  layout = row.get('_layout') or ('v5' if 'font_bold' in row else 'normalized')
+  if layout not in LAYOUTS:
+    raise SampleError(f'{where}: _layout {layout!r} is not one of {LAYOUTS}')
+  canvas_w = _canvas_side(row, 'canvas_width', where)
+  canvas_h = _canvas_side(row, 'canvas_height', where)
+  return tid, where, layout, canvas_w, canvas_h, _length(row, where)
+
+
+# --- LayerD's ground truth ----------------------------------------------------------------
+
+def layerd_layers(row: dict, short_side: int = CRELLO_SHORT_SIDE) -> list[np.ndarray]:
+  """The template's ground truth for LayerD's Crello protocol: uint8 straight RGBA layers
+  [H, W, 4], back to front, or [] where LayerD writes none (fewer than 2 layers are left).
+
+  As LayerD's `tools/generate_crello_matting.py --save-layers` (CyberAgentAILab/LayerD) makes
+  them, through `make_top_layers_alpha_and_image_pair` (followed in the fork
+  zyz-2299mod10/TAS-LayerD, `src/layerd/data/crello.py`: the upstream file is not stored) and
+  `src/layerd/data/renderer.py` (both repositories, the same code):
+  - every element is drawn alone on a transparent canvas scaled uniformly by
+    `short_side / min(canvas sides)`, up or down, of size `int(side * scale)` each way;
+  - a transparent element (its stored image is mode RGBA with no texel of alpha 255; not the
+    opacity field, and never an RGB, LA or palette image) is left out;
+  - at an element other than the first whose drawn alpha is 255 everywhere, the list of kept
+    elements is cut to `kept[i:]`. LayerD's `i` is the element's index, but it slices by
+    position in a list from which transparent elements were already removed: with r of them
+    removed before it, the cut also drops the covering element and the r - 1 kept elements
+    after it. A bug in LayerD's code, reproduced: its published numbers were scored on it;
+  - the kept elements are grouped (`evaluate.layerd.group_layers`); when the back group's
+    layers have a pixel of alpha 0 (any one of them, as LayerD takes the min over the
+    group), an opaque white layer is put first;
+  - the result is the kept element layers themselves, not the groups.
+  Drawing is `_render`'s (cr-renderer's placement, rotation and opacity, which LayerD's
+  renderer shares). Two differences: LayerD draws a TextElement with its fonts (skia and the
+  dataset's `resources/fonts.pickle`) where `_render` stretches the element's stored image,
+  and skia samples the stored image with its default (nearest-neighbour) sampling where
+  `_render` filters bilinearly, so edges and upscaled texels differ slightly.
+  """
+  if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 1:
+    raise ValueError(f'short_side must be a positive number of pixels, got {short_side!r}')
+  _, where, layout, canvas_w, canvas_h, n = _template(row)
+  scale = short_side / min(canvas_w, canvas_h)
+  out_hw = (int(canvas_h * scale), int(canvas_w * scale))
+  layers, transparent = [], []
+  for i in range(n):
+    el = _element(row, i, layout, canvas_w, canvas_h, f'{where} element {i}')
+    transparent.append(_is_transparent(row['image'][i]['bytes']))
+    # 8-bit at once, as LayerD's layers are PNGs: its rules compare alphas with 0 and 255.
+    x = np.round(_render(el, (scale, scale), out_hw) * 255).astype(np.uint8)
+    x[x[..., 3] == 0] = 0               # skia keeps premultiplied colour: none under alpha 0
+    layers.append(x)
+  kept = list(range(n))
+  for i in range(n):
+    if transparent[i] and i in kept:
+      kept.remove(i)
+    if layers[i][..., 3].min() == 255:  # LayerD skips i = 0, where the cut keeps all anyway
+      kept = kept[i:]                   # by position, not by element index: LayerD's bug
+  if len(kept) < 2:
+    return []
+  stack = [layers[k] for k in kept]
+  back = group_layers([x[..., 3] for x in stack])[0]
+  if min(stack[k][..., 3].min() for k in back) == 0:
+    stack.insert(0, np.full_like(stack[0], 255))
+  return stack
+
+
+def _is_transparent(data: bytes) -> bool:
+  """LayerD's `is_transparent`: an RGBA image whose largest alpha is below 255."""
+  with Image.open(io.BytesIO(data)) as im:
+    return im.mode == 'RGBA' and im.getextrema()[3][1] != 255
+
+
+# --- elements -----------------------------------------------------------------------------
 
 def _number(value, what: str, positive: bool = False) -> float:
   try:
