@@ -233,3 +233,42 @@ def test_importer_to_metric_end_to_end(tmp_path):
                            for i in instances])
   assert modal['mIoU_full'] == pytest.approx((1 + 12 / 16) / 2)
   assert modal['mIoU_occ'] == pytest.approx(0.0)
+
+
+def test_cocoa_benchmark_command(tmp_path, capsys, trained_workdirs):
+  """`python -m layerjax.evaluate --benchmark cocoa`: hand-made predictions (the book perfect,
+  the box predicted as its visible part only) against the released format, beside the
+  `visible` baseline; then the same instances decomposed by a trained model."""
+  from layerjax.data import schema
+  from layerjax.evaluate import __main__ as evaluate_cli
+  from layerjax.fileio import safe_name
+  path, behind, front, visible = _write_cocoa(tmp_path)
+  for iid, mask in (('7/0', front), ('7/1', visible)):
+    bg = np.concatenate([np.zeros((6, 8, 3)), np.ones((6, 8, 1))], -1).astype(np.float32)
+    obj = np.concatenate([np.ones((6, 8, 3)), mask[..., None]], -1).astype(np.float32)
+    sample = schema.assemble(iid, [schema.Layer('background', 'background', bg),
+                                   schema.Layer('object_1', 'object', obj)], prompts=False)
+    schema.write_folder(sample, tmp_path / 'pred' / safe_name(iid))
+  args = ['--benchmark', 'cocoa', '--ground-truth', str(path), '--images', str(tmp_path),
+          '--no-progress']
+  assert evaluate_cli.main(args + ['--predictions', str(tmp_path / 'pred'),
+                                   '--out', str(tmp_path / 'out')]) == 0
+  scores = json.loads((tmp_path / 'out' / 'results.json').read_text())['scores']
+  # The book: IoU 1; the box: its visible 12 of 16 pixels, nothing of the hidden 4.
+  assert scores['pred/amodal/mIoU_full'] == pytest.approx((1 + 12 / 16) / 2)
+  assert scores['pred/amodal/mIoU_occ'] == pytest.approx(0.0)
+  assert scores['visible/amodal/mIoU_full'] == pytest.approx((1 + 12 / 16) / 2)
+  assert scores['pred/amodal/count/occluded_instances'] == 1
+  printed = capsys.readouterr().out
+  assert 'pred: COCOA amodal: mIoU_full 87.50, mIoU_occ 0.00 (2 instances, 1 occluded' in printed
+  _, trained = trained_workdirs('pixels')
+  assert evaluate_cli.main(args + ['--model', str(trained), '--predictions',
+                                   str(tmp_path / 'model'), '--out', str(tmp_path / 'm')]) == 0
+  result = json.loads((tmp_path / 'm' / 'results.json').read_text())
+  assert result['counts'] == {'instances': 2, 'skipped_instances': 0, 'missing': 0,
+                              'invalid': 0}
+  assert 0 <= result['scores']['model/amodal/mIoU_full'] <= 1
+  (tmp_path / 'nothing').mkdir()
+  assert evaluate_cli.main(args + ['--predictions', str(tmp_path / 'nothing'),
+                                   '--out', str(tmp_path / 'o')]) == 2
+  assert 'no prediction of any of the 2 instances' in capsys.readouterr().err

@@ -23,23 +23,29 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from layerjax import cli
 from layerjax.evaluate import baselines, evaluators, folder, outputs
 from layerjax.fileio import atomic_file
 
 # Benchmark -> the evaluators it runs (by name, `evaluators.REGISTRY`).
-BENCHMARKS = {'folder': ('layers',), 'crello': ('layerd',), 'reflade': ('reflade', 'layers')}
+BENCHMARKS = {'folder': ('layers',), 'crello': ('layerd',), 'reflade': ('reflade', 'layers'),
+              'cocoa': ()}  # its own path (`cocoa`): instances, not sample folders
 DEFAULT_VIEW = {'reflade': 'box'}  # RefLade refers to one object at a time
 
 
-class UsageError(ValueError):
+class UsageError(cli.UsageError):
   """A command-line argument that cannot work; the message names it."""
 
 
 def parse(argv) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m layerjax.evaluate', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog='python -m layerjax.evaluate', description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--benchmark', required=True, choices=sorted(BENCHMARKS))
-  p.add_argument('--ground-truth', required=True, type=Path, help='folder of sample folders')
+  p.add_argument('--ground-truth', required=True, type=Path,
+                 help='folder of sample folders; cocoa: the annotation JSON')
+  p.add_argument('--images', type=Path, help="cocoa: the folder of the annotations' photos")
   p.add_argument('--predictions', required=True,
                  help="folder of sample folders (written first with --model), or 'classical'")
   p.add_argument('--out', required=True, type=Path, help='folder for the results')
@@ -64,10 +70,19 @@ def parse(argv) -> argparse.Namespace:
 
 def check(args) -> None:
   """Every argument, before any work."""
-  if not args.ground_truth.is_dir():
+  if args.benchmark == 'cocoa':
+    if not args.ground_truth.is_file():
+      raise UsageError(f'--ground-truth {args.ground_truth}: no such file (COCOA: the '
+                       'annotation JSON)')
+    if args.images is None or not args.images.is_dir():
+      raise UsageError(f'--images {args.images}: cocoa needs the folder of the photos')
+    if args.predictions == baselines.CLASSICAL:
+      raise UsageError("--predictions classical: not for cocoa (its baseline is the visible "
+                       "mask, always scored)")
+  elif not args.ground_truth.is_dir():
     raise UsageError(f'--ground-truth {args.ground_truth}: no such directory')
   from layerjax.data import schema
-  if not schema.sample_folders(args.ground_truth):
+  if args.benchmark != 'cocoa' and not schema.sample_folders(args.ground_truth):
     raise UsageError(f'--ground-truth {args.ground_truth}: no sample folders in it')
   chosen = [b for b in args.baselines.split(',') if b]
   unknown = sorted(set(chosen) - set(baselines.NAMES))
@@ -163,15 +178,14 @@ def write(out: Path, report: folder.Report, settings: dict) -> dict:
   return result
 
 
-def main(argv=None) -> int:
+@cli.entry
+def main(argv: list[str]) -> int:
   args = parse(argv)
   args.view = args.view or DEFAULT_VIEW.get(args.benchmark, 'scene')
-  try:
-    check(args)
-  except UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  check(args)
   progress = not args.no_progress
+  if args.benchmark == 'cocoa':
+    return cocoa(args, progress)
   if args.model is not None:
     predict(args.model, args.ground_truth, Path(args.predictions), args.view, progress)
   names = BENCHMARKS[args.benchmark]
@@ -192,6 +206,78 @@ def main(argv=None) -> int:
       print(line)
   problems = ', '.join(f'{k} {v}' for k, v in result['counts'].items() if v)
   print(f'{report.samples} samples ({problems}); listed in {args.out / "results.json"}')
+  return 0
+
+
+def cocoa(args, progress: bool) -> int:
+  """COCOA amodal mIoU: each instance decomposed (with `--model`: prompted by its visible
+  box) or read from PRED/<instance>, its front object layer's alpha as the amodal mask,
+  beside the `visible` baseline (the visible mask as the amodal one, the floor every
+  amodal method must beat). Instances without a visible part (nothing to prompt with) and
+  predictions that are missing or unreadable are listed and counted."""
+  from tqdm import tqdm
+  from layerjax.data import schema
+  from layerjax.data.importers import cocoa as coco
+  from layerjax.evaluate import amodal
+  from layerjax.fileio import safe_name
+  pred_root = Path(args.predictions)
+  instances, skipped = [], {}
+  for record in coco.regions(args.ground_truth):
+    try:
+      instances.append(coco.to_instance(record, args.images))
+    except schema.SampleError as e:
+      skipped[record['id']] = str(e)
+  if args.model is not None:
+    from layerjax.infer.decomposer import Decomposer
+    decomposer = Decomposer.load(args.model)
+    for inst in tqdm(instances, desc='decomposing', unit='instance', disable=not progress):
+      sample = decomposer.decompose(inst.image_path, inst.query(('box',)),
+                                    sample_id=safe_name(inst.id))
+      schema.write_folder(sample, pred_root / safe_name(inst.id), overwrite=True)
+  name = args.name or ('model' if args.model is not None else pred_root.name)
+  items, missing, invalid = [], [], {}
+  for inst in instances:
+    folder_ = pred_root / safe_name(inst.id)
+    if not (folder_ / 'manifest.json').is_file():
+      missing.append(inst.id)
+      continue
+    try:
+      objects = [l for l in schema.read_folder(folder_).layers if l.kind == 'object']
+      if not objects:
+        raise schema.SampleError(f'{folder_}: no object layer')
+      items.append((inst.id, objects[-1].rgba[..., 3], inst.amodal, inst.visible))
+    except (schema.SampleError, OSError) as e:
+      invalid[inst.id] = str(e)
+  if not items:
+    raise UsageError(f'--predictions {pred_root}: no prediction of any of the '
+                     f'{len(instances)} instances')
+  scored = {i[0] for i in items}
+  results = {name: amodal.evaluate(items),
+             'visible': amodal.evaluate((i.id, i.visible.astype(np.float32), i.amodal,
+                                         i.visible) for i in instances if i.id in scored)}
+  flat = {f'{s}/amodal/{k}': v for s, r in results.items() for k, v in r.items()
+          if k.startswith('mIoU') and v is not None}
+  flat.update({f'{s}/amodal/count/{k}': r[k] for s, r in results.items()
+               for k in ('instances', 'occluded_instances')})
+  result = {'benchmark': 'cocoa', 'ground_truth': str(args.ground_truth),
+            'images': str(args.images), 'predictions': str(pred_root), 'scores': flat,
+            'skipped_instances': skipped, 'missing': missing, 'invalid': invalid,
+            'counts': {'instances': len(instances), 'skipped_instances': len(skipped),
+                       'missing': len(missing), 'invalid': len(invalid)}}
+  args.out.mkdir(parents=True, exist_ok=True)
+  with atomic_file(args.out / 'results.json') as tmp:
+    tmp.write_text(json.dumps(result, indent=2) + '\n')
+  table = outputs.markdown(flat)
+  with atomic_file(args.out / 'results.md') as tmp:
+    tmp.write_text(f'# cocoa: {args.ground_truth}\n\n{table}\n')
+  with atomic_file(args.out / 'per_sample.csv') as tmp:
+    outputs.write_csv(tmp, [{'system': s, **row} for s, r in results.items()
+                            for row in r['rows']])
+  print(table)
+  for s, r in results.items():
+    print(f'{s}: {amodal.summary(r)}')
+  problems = ', '.join(f'{k} {v}' for k, v in result['counts'].items() if v)
+  print(f'{problems}; listed in {args.out / "results.json"}')
   return 0
 
 
