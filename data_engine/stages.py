@@ -169,6 +169,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def _nearer_masks(objects: list[Obj]) -> list[np.ndarray]:
   """For each object (back to front), the union of the visible masks in front of it."""
+  if not objects:  # a photo where nothing was found: the background alone
+    return []
   out, acc = [], np.zeros_like(objects[0].mask)
   for o in reversed(objects):
     out.append(acc.copy())

@@ -225,6 +225,13 @@ def test_whole_scene_threshold_duplicates_and_max_layers(decomposer):
     decomposer.decompose(photo, max_layers=0)
 
 
+def test_whole_scene_where_nothing_is_found_is_the_photo_as_background(decomposer):
+  photo, _ = scene(1, 64, 96)
+  sample = decomposer.decompose(photo, proposals=Proposals(threshold=2.0))  # no score passes
+  assert [l.kind for l in sample.layers] == ['background']
+  _check_exact(sample, photo)
+
+
 @pytest.mark.parametrize('n', [1, 2, 3])
 def test_whole_scene_with_the_offline_detector_counts_the_objects(decomposer, n):
   photo, _ = scene(n, 64, 96)

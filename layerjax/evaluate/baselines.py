@@ -105,11 +105,7 @@ class Classical:
       current = self.inpainter(current, hole).astype(np.float32)
       peeled.append((det, post.Extracted(alpha, colour.astype(np.float32), None,
                                          label=det.label or 'object')))
-    if peeled:
-      layers, repaired = post.exact_layers(photo, current, [o for _, o in reversed(peeled)])
-    else:  # nothing found: the photo is the whole scene
-      layers, repaired = [Layer('background', 'background', np.concatenate(
-          [photo, np.ones(photo.shape[:2] + (1,), np.float32)], -1))], 0
+    layers, repaired = post.exact_layers(photo, current, [o for _, o in reversed(peeled)])
     prov = {'baseline': CLASSICAL, 'tools': self.specs, 'detected': detected,
             'boxes': [list(d.box) for d, _ in reversed(peeled)], 'repaired_pixels': repaired}
     sample = assemble(sample_id, layers, prov, prompts=False)
