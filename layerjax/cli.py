@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import json
 import logging
 import re
 import sys
@@ -68,6 +69,17 @@ def int_at_least(lo: int) -> Callable[[str], int]:
       raise argparse.ArgumentTypeError(f'expected an int >= {lo}, got {text!r}')
     return value
   return parse
+
+
+def spec(text: str):
+  """An argparse type: a data-engine tool or agent, by its registered name or as a JSON
+  object with `name` and its arguments."""
+  if text.lstrip().startswith('{'):
+    try:
+      return json.loads(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(f'not a JSON object ({e})') from None
+  return text
 
 
 def message(e: BaseException) -> str:

@@ -30,7 +30,6 @@ Errors are one line on stderr (exit 2 for bad input), checked before the model i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -65,16 +64,6 @@ def _layers(text: str) -> int | None:
   if text == 'auto':
     return None
   return cli.int_at_least(1)(text)
-
-
-def _spec(text: str):
-  """An engine tool: a registered name, or a JSON object with `name` and its arguments."""
-  if text.lstrip().startswith('{'):
-    try:
-      return json.loads(text)
-    except json.JSONDecodeError as e:
-      raise argparse.ArgumentTypeError(f'not a JSON object ({e})') from None
-  return text
 
 
 def _pack(argv: list[str]) -> int:
@@ -117,9 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='with a training workdir: the checkpoint (default: latest)')
   p.add_argument('--embeddings', type=Path,
                  help='precomputed SD3 text embeddings, for text prompts to SD3-text models')
-  p.add_argument('--detector', type=_spec, default='saliency_boxes',
+  p.add_argument('--detector', type=cli.spec, default='saliency_boxes',
                  help='whole scene: the engine detector (name or JSON spec)')
-  p.add_argument('--depth', type=_spec, default='vertical_prior',
+  p.add_argument('--depth', type=cli.spec, default='vertical_prior',
                  help='whole scene: the engine depth tool (name or JSON spec)')
   p.add_argument('--threshold', type=float, default=None,
                  help='whole scene: the lowest detection score kept (default 0.05)')

@@ -6,6 +6,7 @@ evaluation compiling its sampler once."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from layerjax import config_spec as spec
 from layerjax.data import schema
 from layerjax.data.schema import Layer, LayeredSample
 from layerjax.evaluate import baselines, evaluators, folder, outputs
+from test_edit import scene
 from layerjax.evaluate.__main__ import main
 from layerjax.train import config as train_config
 from layerjax.train import evaluate
@@ -327,3 +329,26 @@ def test_folder_command_with_a_model(trained_workdirs, tmp_path, view):
   if view == 'box':  # the decomposer names its layers as the object view does
     assert r['scores']['model/layers/count/unpaired_samples'] == 0
     assert np.isfinite(r['scores']['model/layers/object_1/alpha_iou'])
+
+
+def test_pass_rate_at_k_with_the_engine_judge(tmp_path, capsys, trained_workdirs):
+  """`--pass-rate 1,2 --model`: every ground-truth sample decomposed with seeds 0 and 1, each
+  judged by the engine's rule-based agent; pass@2 >= pass@1 by definition, both in [0, 1],
+  in results.json and printed. Without --model the flag is refused."""
+  from layerjax.evaluate import __main__ as evaluate_cli
+  gt = tmp_path / 'gt'
+  for i in range(2):
+    schema.write_folder(dataclasses.replace(scene(), id=f's{i}'), gt / f's{i}')
+  common = ['--benchmark', 'folder', '--ground-truth', str(gt), '--baselines', '',
+            '--no-progress', '--pass-rate', '1,2', '--out', str(tmp_path / 'out')]
+  assert evaluate_cli.main(common + ['--predictions', str(gt)]) == 2
+  assert '--pass-rate: needs --model' in capsys.readouterr().err
+  _, trained = trained_workdirs('pixels')
+  assert evaluate_cli.main(common + ['--model', str(trained), '--predictions',
+                                     str(tmp_path / 'pred')]) == 0
+  passes = json.loads((tmp_path / 'out' / 'results.json').read_text())['pass_rate']
+  assert passes['inputs'] == 2 and passes['judge'] == 'rule_based'
+  assert 0 <= passes['pass@1'] <= passes['pass@2'] <= 1
+  assert [len(r['scores']) for r in passes['rows']] == [2, 2]
+  assert f'pass@1 {passes["pass@1"]:.3f}, pass@2 {passes["pass@2"]:.3f} (2 inputs' in \
+      capsys.readouterr().out

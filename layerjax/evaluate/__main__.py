@@ -39,6 +39,16 @@ class UsageError(cli.UsageError):
   """A command-line argument that cannot work; the message names it."""
 
 
+def _ks(text: str) -> tuple[int, ...]:
+  try:
+    ks = tuple(sorted({int(k) for k in text.split(',')}))
+  except ValueError:
+    ks = ()
+  if not ks or ks[0] < 1:
+    raise argparse.ArgumentTypeError(f'expected k values >= 1 such as 1,4, got {text!r}')
+  return ks
+
+
 def parse(argv) -> argparse.Namespace:
   p = cli.ArgumentParser(prog='python -m layerjax.evaluate', description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +74,13 @@ def parse(argv) -> argparse.Namespace:
                  'else the predictions folder\'s name)')
   p.add_argument('--baselines', default=','.join(baselines.NAMES),
                  help=f'comma-separated, of {baselines.NAMES}, or empty')
+  p.add_argument('--pass-rate', type=_ks, default=(),
+                 help='with --model: Pass-rate@k for these k (e.g. 1,4), judged by --judge')
+  p.add_argument('--judge', type=cli.spec, default='rule_based',
+                 help="the data engine's agent that judges (a name or a JSON spec)")
+  p.add_argument('--min-judge-score', type=float, default=0.5,
+                 help="a judged decomposition passes at this score or above (the engine's "
+                      'post-filter default)')
   p.add_argument('--no-progress', action='store_true')
   return p.parse_args(argv)
 
@@ -106,23 +123,44 @@ def check(args) -> None:
                          '(not the metric)')
       if not Path(value).exists():
         raise UsageError(f'--{flag} {value}: no such file or folder')
+  if args.pass_rate and args.model is None:
+    raise UsageError('--pass-rate: needs --model (it samples the model K times per input)')
   if args.out.exists() and not args.out.is_dir():
     raise UsageError(f'--out {args.out}: exists and is not a directory')
 
 
-def predict(model: Path, gt_root: Path, pred_root: Path, view: str, progress: bool) -> None:
+def _prompt(gt, view: str):
+  from layerjax.infer.prompts import Query
+  return Query(box=gt.prompts[0].box) if view == 'box' else None
+
+
+def predict(decomposer, gt_root: Path, pred_root: Path, view: str, progress: bool) -> None:
   """Decomposes every ground-truth photo (`view`) with the model into `pred_root`."""
   from tqdm import tqdm
   from layerjax.data import schema
-  from layerjax.infer.decomposer import Decomposer
-  from layerjax.infer.prompts import Query
-  decomposer = Decomposer.load(model)
   bad: dict[str, str] = {}  # unreadable ground truth: `folder.score` reports it
   for gt in tqdm(list(folder.ground_truth(gt_root, view, bad)), desc='decomposing',
                  unit='sample', disable=not progress):
-    prompt = Query(box=gt.prompts[0].box) if view == 'box' else None
-    sample = decomposer.decompose(gt.image, prompt, sample_id=gt.id)
+    sample = decomposer.decompose(gt.image, _prompt(gt, view), sample_id=gt.id)
     schema.write_folder(sample, pred_root / gt.id, overwrite=True)
+
+
+def pass_rates(decomposer, args, progress: bool) -> dict:
+  """Pass-rate@k (`reflade.pass_rate`) for each k in `--pass-rate`: max(k) decompositions of
+  every ground-truth photo (seeds 0, 1, ...), each judged by the engine's agent `--judge`
+  (accepted at a score >= `--min-judge-score`, as the engine's post-filter accepts)."""
+  from tqdm import tqdm
+  from data_engine import core
+  from layerjax.evaluate import reflade
+  agent = core.create('agent', args.judge)
+  inputs = []
+  for gt in tqdm(list(folder.ground_truth(args.ground_truth, args.view, {})), unit='sample',
+                 desc='pass-rate', disable=not progress):
+    inputs.append((gt.id, gt.image, [
+        decomposer.decompose(gt.image, _prompt(gt, args.view), seed=i, sample_id=gt.id)
+        for i in range(max(args.pass_rate))]))
+  out = reflade.pass_rate(inputs, agent, args.pass_rate, args.min_judge_score)
+  return {**out, 'judge': args.judge}
 
 
 def classical_source(view: str):
@@ -145,7 +183,7 @@ def systems(args) -> dict[str, folder.Source]:
   return out
 
 
-def write(out: Path, report: folder.Report, settings: dict) -> dict:
+def write(out: Path, report: folder.Report, settings: dict, passes: dict | None) -> dict:
   """results.json, results.md, per_sample.csv and the histograms in `out`; the JSON."""
   out.mkdir(parents=True, exist_ok=True)
   flat = outputs.flatten(report.results)
@@ -153,7 +191,8 @@ def write(out: Path, report: folder.Report, settings: dict) -> dict:
            if r.notes}
   result = {**settings, 'scores': flat, 'counts': report.counts(), 'notes': notes,
             'missing': report.missing, 'unexpected': report.unexpected,
-            'invalid': report.invalid, 'invalid_ground_truth': report.invalid_ground_truth}
+            'invalid': report.invalid, 'invalid_ground_truth': report.invalid_ground_truth,
+            'pass_rate': passes}
   with atomic_file(out / 'results.json') as tmp:
     tmp.write_text(json.dumps(result, indent=2, default=str) + '\n')
   with atomic_file(out / 'results.md') as tmp:
@@ -186,8 +225,11 @@ def main(argv: list[str]) -> int:
   progress = not args.no_progress
   if args.benchmark == 'cocoa':
     return cocoa(args, progress)
+  decomposer = None
   if args.model is not None:
-    predict(args.model, args.ground_truth, Path(args.predictions), args.view, progress)
+    from layerjax.infer.decomposer import Decomposer
+    decomposer = Decomposer.load(args.model)
+    predict(decomposer, args.ground_truth, Path(args.predictions), args.view, progress)
   names = BENCHMARKS[args.benchmark]
   options = {'reflade': {'lpips': args.lpips, 'inception': args.inception, 'clip': args.clip,
                          'lpips_net': args.lpips_net, 'random_weights': args.random_weights}}
@@ -199,11 +241,16 @@ def main(argv: list[str]) -> int:
               'systems': {s: str(src) if isinstance(src, Path) else s for s, src in
                           sources.items()},
               'evaluators': list(names)}
-  result = write(args.out, report, settings)
+  passes = pass_rates(decomposer, args, progress) if args.pass_rate else None
+  result = write(args.out, report, settings, passes)
   print(outputs.markdown(result['scores']))
   for note in result['notes'].values():
     for line in note.get('summary', ()):
       print(line)
+  if passes:
+    print(', '.join(f'pass@{k} {passes[f"pass@{k}"]:.3f}' for k in args.pass_rate) +
+          f' ({passes["inputs"]} inputs, judge {passes["judge"]}, accepted at a score >= '
+          f'{passes["min_score"]})')
   problems = ', '.join(f'{k} {v}' for k, v in result['counts'].items() if v)
   print(f'{report.samples} samples ({problems}); listed in {args.out / "results.json"}')
   return 0
