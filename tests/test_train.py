@@ -332,3 +332,12 @@ def test_sigterm_saves_and_exits(tmp_path, data_dir):
   assert 'SIGTERM: saved step' in log
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps and steps[-1] >= 3, steps
+
+
+def test_eval_line_shows_each_layer_against_the_trivial_baseline():
+  result = {'model/layers/alpha_iou': 0.5, 'model/layers/foreground/alpha_iou': 0.7,
+            'trivial/layers/foreground/alpha_iou': 0.6, 'model/layers/shadow/alpha_iou': 0.2,
+            'trivial/layers/shadow/alpha_iou': 0.0, 'model/layers/background/alpha_iou': 1.0,
+            'model/layers/recompose_l1': 0.03}
+  assert trainer._eval_line(result) == ('foreground IoU 0.700 (baseline 0.600), shadow IoU '
+                                        '0.200 (baseline 0.000), recomposition L1 0.030')

@@ -394,7 +394,8 @@ def _eval_line(result: dict) -> str:
   parts = [f'{k[len(model):-len("/alpha_iou")]} IoU {v:.3f} (baseline '
            f'{result.get(base + k[len(model):], float("nan")):.3f})'
            for k, v in sorted(result.items())
-           if k.startswith(model) and k.endswith('/alpha_iou') and 'background' not in k]
+           if k.startswith(model) and k.endswith('/alpha_iou') and 'background' not in k
+           and k[len(model):].count('/') == 1]  # per layer, not the mean over layers
   if model + 'recompose_l1' in result:
     parts.append(f'recomposition L1 {result[model + "recompose_l1"]:.3f}')
   return ', '.join(parts)
