@@ -64,7 +64,7 @@ def test_layer_fidelity_by_hand():
   assert result.scalars['rgb_l1'] == pytest.approx((0.3 + 0.1 + 0 + 0) / 4, rel=1e-6)
   assert result.scalars['alpha_iou'] == pytest.approx((0.5 + 1 + 0.25 + 1) / 4)
   assert result.counts == {'samples': 2, 'missing_layers': 0, 'nonfinite_layers': 0,
-                           'empty_gt_layers': 0, 'unpaired_samples': 0}
+                           'extra_layers': 0, 'empty_gt_layers': 0, 'unpaired_samples': 0}
 
 
 def test_layer_fidelity_pairing_and_counted_problems():
@@ -81,6 +81,12 @@ def test_layer_fidelity_pairing_and_counted_problems():
   # Foreign names, another depth: not paired one to one.
   row = ev.score('g', stack('g', image, ('0', 'background', bg)), gt)
   assert row['unpaired_samples'] == 1 and 'background/rgb_l1' not in row
+  # Our names, one more predicted (a shadow the ground truth does not have): by name, counted.
+  row = ev.score('g', stack('g', image, ('background', 'background', bg),
+                            ('shadow_1', 'shadow', off), ('a', 'object', on),
+                            ('b', 'object', off)), gt)
+  assert row['extra_layers'] == 1 and row['unpaired_samples'] == 0
+  assert row['a/alpha_iou'] == 1 and np.isnan(row['b/alpha_iou'])
   # Our names, some missing; a NaN layer is not scored.
   nan = rgba((np.nan, 0, 0, 1))
   row = ev.score('g', stack('g', image, ('background', 'background', bg), ('a', 'object', nan)),

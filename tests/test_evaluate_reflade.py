@@ -354,5 +354,5 @@ def test_reflade_benchmark_command_on_random_networks(tmp_path, capsys):
   assert scores['pred/reflade/random_weights/foreground/HPA'] == pytest.approx(1, abs=1e-3)
   assert scores['pred/reflade/count/samples'] == 6
   assert not any(k.startswith('pred/reflade/foreground') for k in scores)
-  lines = [l for l in printed.splitlines() if l.startswith('reflade foreground (n=6)')]
+  lines = [l for l in printed.splitlines() if l.startswith('pred: reflade foreground (n=6)')]
   assert lines and 'NOT the metric' in lines[0] and 'S_vis [0, 0.2736]' in lines[0]

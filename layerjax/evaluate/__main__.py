@@ -244,9 +244,9 @@ def main(argv: list[str]) -> int:
   passes = pass_rates(decomposer, args, progress) if args.pass_rate else None
   result = write(args.out, report, settings, passes)
   print(outputs.markdown(result['scores']))
-  for note in result['notes'].values():
+  for key, note in result['notes'].items():
     for line in note.get('summary', ()):
-      print(line)
+      print(f'{key.split("/")[0]}: {line}')
   if passes:
     print(', '.join(f'pass@{k} {passes[f"pass@{k}"]:.3f}' for k in args.pass_rate) +
           f' ({passes["inputs"]} inputs, judge {passes["judge"]}, accepted at a score >= '

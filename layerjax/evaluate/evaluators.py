@@ -73,11 +73,12 @@ class LayerFidelity(Evaluator):
   """RGB L1 and Alpha IoU (`metrics`) of each ground-truth layer against its prediction, and
   the recomposition error `recompose_l1` (mean |composite(pred) - image|).
 
-  Layers are paired by name when every predicted name is a ground-truth name (our schema on
-  both sides; the trainer's 'background' / 'foreground' / 'shadow'), else by position back
-  to front when both stacks are as deep (LayerD's folders of PNGs); otherwise the sample's
-  stacks cannot be paired one to one and it counts as `unpaired_samples` (LayerD's Crello
-  protocol, evaluator `layerd`, aligns stacks of different depths). `layers`: the names to
+  Layers are paired by name when the stacks share names (our schema on both sides; the
+  trainer's 'background' / 'foreground' / 'shadow'; a predicted layer the ground truth does
+  not have, e.g. a shadow where none was cast, counts as `extra_layers`), else by position
+  back to front when both stacks are as deep (LayerD's folders of PNGs); otherwise the
+  sample's stacks cannot be paired one to one and it counts as `unpaired_samples` (LayerD's
+  Crello protocol, evaluator `layerd`, aligns stacks of different depths). `layers`: the names to
   score (None: every ground-truth layer); one not predicted counts as `missing_layers`.
   Handled, counted: a pair with a non-finite value is not scored (`nonfinite_layers`); a
   ground-truth layer with no alpha > 0 has no pixel for RGB L1, which is NaN there (LayerD's
@@ -88,7 +89,8 @@ class LayerFidelity(Evaluator):
   `alpha_iou` (over every scored pair), `recompose_l1`.
   """
   directions = {'rgb_l1': 'lower', 'alpha_iou': 'higher', 'recompose_l1': 'lower'}
-  counted = ('missing_layers', 'nonfinite_layers', 'empty_gt_layers', 'unpaired_samples')
+  counted = ('missing_layers', 'extra_layers', 'nonfinite_layers', 'empty_gt_layers',
+             'unpaired_samples')
 
   def __init__(self, layers: tuple[str, ...] | None = None):
     self.layers = None if layers is None else tuple(layers)
@@ -98,7 +100,7 @@ class LayerFidelity(Evaluator):
     order, or None when the stacks cannot be paired."""
     names = [l.name for l in gt.layers]
     by_name = {l.name: l for l in pred.layers}
-    if set(by_name) <= set(names):
+    if set(by_name) & set(names):
       paired = [(l.name, by_name.get(l.name), l) for l in gt.layers]
     elif len(pred.layers) == len(gt.layers):
       paired = [(g.name, p, g) for p, g in zip(pred.layers, gt.layers)]
@@ -115,6 +117,8 @@ class LayerFidelity(Evaluator):
     if paired is None:
       row['unpaired_samples'] = 1
       return row
+    if {l.name for l in pred.layers} & {l.name for l in gt.layers}:
+      row['extra_layers'] = len({l.name for l in pred.layers} - {l.name for l in gt.layers})
     for name, p, g in paired:
       if p is None:
         row['missing_layers'] += 1
