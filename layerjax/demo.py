@@ -165,8 +165,7 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, P
   (`layerjax.edit`). Returns (what, sample folder, layers) for the table."""
   from skimage import data as skimage_data
   from data_engine import jobs
-  from layerjax import export
-  from layerjax.data.schema import encode_png, read_folder, write_folder
+  from layerjax.data.schema import encode_png, read_folder
   from layerjax.edit import Document
   from layerjax.infer import model as infer_model
   from layerjax.infer import postprocess
@@ -204,7 +203,7 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, P
   rows = []
   for what, path, query, sid, how in jobs_:
     sample = decomposer.decompose(path, query, seeds=4 if query else 1, sample_id=sid)
-    folder = _write(sample, out / sid, export, write_folder)
+    folder = _write(sample, out / sid)
     rows.append((what, folder, len(sample.layers)))
     p = sample.provenance
     raw = (f', raw recomposition L1 {p["raw_recompose_l1"]:.3f}' if 'raw_recompose_l1' in p
@@ -218,7 +217,7 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, P
   name = [l for l in first.layers if l.kind == 'object'][-1].name
   dx = first.size[1] // 4
   edited = Document(first).move(name, dx, 0).render(f'{first.id}-moved')
-  folder = _write(edited, workdir / 'edited' / edited.id, export, write_folder)
+  folder = _write(edited, workdir / 'edited' / edited.id)
   with atomic_file(folder.with_name(folder.name + '.png')) as tmp:
     tmp.write_bytes(encode_png(edited.image))
   rows.append((f'{name} moved {dx} px right, its shadow following', folder,
@@ -229,9 +228,11 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, P
   return rows
 
 
-def _write(sample, folder: Path, export, write_folder) -> Path:
+def _write(sample, folder: Path) -> Path:
   """The sample folder and its `FILES` beside it (`folder.psd`, ...), replacing the demo's
   own earlier ones."""
+  from layerjax import export
+  from layerjax.data.schema import write_folder
   write_folder(sample, folder, overwrite=True)
   for fmt, path in export.destinations(folder, FILES, overwrite=True):
     export.write(sample, fmt, path, overwrite=True)

@@ -183,9 +183,21 @@ def systems(args) -> dict[str, folder.Source]:
   return out
 
 
-def write(out: Path, report: folder.Report, settings: dict, passes: dict | None) -> dict:
-  """results.json, results.md, per_sample.csv and the histograms in `out`; the JSON."""
+def save(out: Path, result: dict, rows: list[dict]) -> None:
+  """`result` as results.json and its scores as results.md (the Markdown table), `rows` as
+  per_sample.csv, in `out`."""
   out.mkdir(parents=True, exist_ok=True)
+  with atomic_file(out / 'results.json') as tmp:
+    tmp.write_text(json.dumps(result, indent=2, default=str) + '\n')
+  with atomic_file(out / 'results.md') as tmp:
+    tmp.write_text(f'# {result["benchmark"]}: {result["ground_truth"]}\n\n'
+                   + outputs.markdown(result['scores']) + '\n')
+  with atomic_file(out / 'per_sample.csv') as tmp:
+    outputs.write_csv(tmp, rows)
+
+
+def write(out: Path, report: folder.Report, settings: dict, passes: dict | None) -> dict:
+  """results.json, results.md, per_sample.csv (`save`) and the plots in `out`; the JSON."""
   flat = outputs.flatten(report.results)
   notes = {f'{s}/{n}': r.notes for s, by in report.results.items() for n, r in by.items()
            if r.notes}
@@ -193,15 +205,8 @@ def write(out: Path, report: folder.Report, settings: dict, passes: dict | None)
             'missing': report.missing, 'unexpected': report.unexpected,
             'invalid': report.invalid, 'invalid_ground_truth': report.invalid_ground_truth,
             'pass_rate': passes}
-  with atomic_file(out / 'results.json') as tmp:
-    tmp.write_text(json.dumps(result, indent=2, default=str) + '\n')
-  with atomic_file(out / 'results.md') as tmp:
-    tmp.write_text(f'# {settings["benchmark"]}: {settings["ground_truth"]}\n\n'
-                   + outputs.markdown(flat) + '\n')
-  rows = [{'system': s, 'evaluator': n, **r} for s, by in report.rows.items()
-          for n, rs in by.items() for r in rs]
-  with atomic_file(out / 'per_sample.csv') as tmp:
-    outputs.write_csv(tmp, rows)
+  save(out, result, [{'system': s, 'evaluator': n, **r} for s, by in report.rows.items()
+                     for n, rs in by.items() for r in rs])
   for metric, range_ in (('rgb_l1', None), ('alpha_iou', (0.0, 1.0))):
     lines = {sys_: [(l['edits'], l[metric]) for l in by['layerd'].notes['curve']]
              for sys_, by in report.results.items() if 'layerd' in by}
@@ -311,16 +316,9 @@ def cocoa(args, progress: bool) -> int:
             'skipped_instances': skipped, 'missing': missing, 'invalid': invalid,
             'counts': {'instances': len(instances), 'skipped_instances': len(skipped),
                        'missing': len(missing), 'invalid': len(invalid)}}
-  args.out.mkdir(parents=True, exist_ok=True)
-  with atomic_file(args.out / 'results.json') as tmp:
-    tmp.write_text(json.dumps(result, indent=2) + '\n')
-  table = outputs.markdown(flat)
-  with atomic_file(args.out / 'results.md') as tmp:
-    tmp.write_text(f'# cocoa: {args.ground_truth}\n\n{table}\n')
-  with atomic_file(args.out / 'per_sample.csv') as tmp:
-    outputs.write_csv(tmp, [{'system': s, **row} for s, r in results.items()
-                            for row in r['rows']])
-  print(table)
+  save(args.out, result, [{'system': s, **row} for s, r in results.items()
+                          for row in r['rows']])
+  print(outputs.markdown(flat))
   for s, r in results.items():
     print(f'{s}: {amodal.summary(r)}')
   problems = ', '.join(f'{k} {v}' for k, v in result['counts'].items() if v)

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Union
 
 import numpy as np
 
-from layerjax.data import schema
+from layerjax.data import examples, schema
 from layerjax.data.schema import Layer, LayeredSample, Prompt, SampleError
 from layerjax.evaluate import layerd
 from layerjax.evaluate.evaluators import Evaluator, Result
@@ -63,16 +63,16 @@ def read_sample(folder: Path) -> LayeredSample:
 
 
 def object_view(gt: LayeredSample, layer: Layer) -> LayeredSample:
-  """`gt` as a box-prompted decomposition of `layer` sees it (see the module docstring)."""
-  own = [l for l in gt.layers if l is layer or (l.kind == 'shadow' and l.owner == layer.name)]
-  rest = [l for l in gt.layers if not any(l is o for o in own)]
-  background = schema.composite(rest)
-  background[..., 3] = 1
-  box = schema.alpha_bbox(layer.rgba[..., 3])
-  layers = [Layer('background', 'background', background.astype(np.float32))]
-  layers += [dataclasses.replace(l, name='shadow_1', owner='object_1')
-             for l in own if l.kind == 'shadow']
+  """`gt` as a box-prompted decomposition of `layer` sees it (see the module docstring): the
+  targets the loader trains it with (`examples.referring_targets`)."""
+  targets = examples.referring_targets(gt, layer.name)
+  background = targets['background']
+  layers = [Layer('background', 'background', np.concatenate(
+      [background, np.ones_like(background[..., :1])], -1))]
+  if any(l.kind == 'shadow' and l.owner == layer.name for l in gt.layers):
+    layers.append(Layer('shadow_1', 'shadow', targets['shadow'], owner='object_1'))
   layers.append(dataclasses.replace(layer, name='object_1'))
+  box = schema.alpha_bbox(layer.rgba[..., 3])
   return LayeredSample(f'{gt.id}.{safe_name(layer.name)}', gt.image, layers,
                        [Prompt('object_1', box=box)], dict(gt.provenance))
 
