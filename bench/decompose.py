@@ -112,7 +112,7 @@ def run_ours(name: str, args) -> dict:
   from flax import nnx
   from layerjax.infer.decomposer import Decomposer
   from layerjax.infer.prompts import Query
-  from layerjax.infer.model import LoadedModel
+  from layerjax.infer.model import JaxBackend, LoadedModel
   from layerjax import build
   config = make_config(name, args)
   model = build.build_model(config, 0)
@@ -120,7 +120,8 @@ def run_ours(name: str, args) -> dict:
     embeddings = None
     if config.model.text.encoder == 'precomputed':
       embeddings = _embeddings(Path(tmp), model.config)
-    d = Decomposer(LoadedModel(model, config, 0, f'random {name}'), embeddings=embeddings)
+    d = Decomposer(JaxBackend(LoadedModel(model, config, 0, f'random {name}'),
+                              embeddings=embeddings))
   image, box = photo(tuple(args.photo))
   t = time.perf_counter()
   d.decompose(image, Query(box=box))

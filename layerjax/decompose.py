@@ -189,14 +189,14 @@ def _run_folder(model, a, query, settings) -> int:
   keys = jobs.list_photos(root, exclude=a.out)
   if not keys:
     raise FileNotFoundError(f'{root}: no photos ({", ".join(jobs.PHOTO_SUFFIXES)})')
-  loaded = model.loaded
+  backend = model.backend
   # What the samples depend on: the model, every option but where and how output is
   # shown, and the mask file's contents (by size and time, as the photos).
   options = {k: str(v) for k, v in vars(a).items()
              if k not in ('out', 'progress', 'overwrite', 'verbose', 'format', 'preview',
                           'files')}  # files are made from the samples, after the run
   mask = a.mask.stat() if a.mask else None
-  base = fingerprint(loaded.source, loaded.step, options,
+  base = fingerprint(backend.source, backend.step, options,
                      mask and (mask.st_size, mask.st_mtime_ns))
 
   def make_work():

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from layerjax.data import examples
-from layerjax.data.schema import Prompt, over
+from layerjax.data.schema import ALPHA_MIN, over
 from layerjax.models import heads
 
 
@@ -36,39 +34,30 @@ def sigmas(steps: int, shift: float) -> jax.Array:
   return shift_sigma(jnp.linspace(1.0, 0.0, steps + 1), shift)
 
 
-def unconditional_inputs(batch: dict, empty_text: dict) -> dict[str, np.ndarray]:
-  """`sample_latents`' `uncond` for `batch`: the blank prompt map (what training's condition
-  dropout shows, `examples.render_prompt` with no kind) and `empty_text`, the model's text
-  inputs for '' with one row (e.g. `{'text_tokens': tokenize([''], n)}` or the embeddings),
-  both broadcast to the batch."""
-  b, h, w = batch['image'].shape[:3]
-  rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in empty_text.items()}
-  if any(n != 1 for n in rows.values()):
-    raise ValueError(f'empty_text: expected one row per entry (the text \'\'), got {rows}')
-  blank = examples.render_prompt((h, w), Prompt(''), frozenset(), 1.0)
-  return {'prompt': np.broadcast_to(blank, (b, h, w, 3)),
-          **{k: np.broadcast_to(v, (b, *np.shape(v)[1:])) for k, v in empty_text.items()}}
-
-
-def sample_latents(model, batch: dict, rng: jax.Array, steps: int, shift: float,
-                   guidance: float = 1.0, uncond: dict | None = None) -> jax.Array:
-  """Euler steps from noise (`rng`) to the K layer latents [B, K, h, w, C].
+def sample_latents(model, batch: dict, rng: jax.Array | None, steps: int, shift: float,
+                   guidance: float = 1.0, uncond: dict | None = None,
+                   noise: jax.Array | None = None) -> jax.Array:
+  """Euler steps from noise (drawn from `rng`, or `noise` given) to the K layer latents
+  [B, K, h, w, C].
 
   `guidance` (a Python number): classifier-free guidance, v = v_u + guidance (v_c - v_u),
   where v_u is the velocity with `batch`'s entries replaced by `uncond`'s (e.g.
-  `unconditional_inputs`); both in one model call per step, on the two batches
+  `examples.unconditional_inputs`); both in one model call per step, on the two batches
   concatenated. 1: the conditional velocity alone, one pass of the batch."""
   guided = guidance != 1
   if guided and uncond is None:
     raise ValueError(f'guidance={guidance} needs `uncond`, the unconditional batch entries '
-                     '(flow.unconditional_inputs)')
+                     '(examples.unconditional_inputs)')
   if guided and set(uncond) - set(batch):
     raise ValueError(f'uncond: {sorted(set(uncond) - set(batch))} are not entries of the '
                      f'batch ({sorted(batch)})')
   cfg = model.config
   b, h, w = batch['image'].shape[:3]
   f, c = cfg.latent_factor, cfg.latent_channels
-  x = jax.random.normal(rng, (b, len(cfg.layers), h // f, w // f, c), jnp.float32)
+  shape = (b, len(cfg.layers), h // f, w // f, c)
+  x = jax.random.normal(rng, shape, jnp.float32) if noise is None else noise.astype(jnp.float32)
+  if x.shape != shape:
+    raise ValueError(f'noise: expected shape {shape} for this batch, got {x.shape}')
   # The conditions do not change over the steps: encoded once, both halves when guided.
   conditions = model.conditions(batch)
   context, pooled = model.encode_text(batch)
@@ -91,9 +80,6 @@ def sample_latents(model, batch: dict, rng: jax.Array, steps: int, shift: float,
     return x + (s_next - s) * v
 
   return jax.lax.fori_loop(0, steps, step, x)
-
-
-ALPHA_MIN = 1 / 255  # below it a layer is invisible and its colour undefined
 
 
 def decode_layers(model, latents: jax.Array, pixels: jax.Array | None,

@@ -64,7 +64,7 @@ def test_box_prompt_on_a_photo_of_any_size(decomposer):
   assert [l.kind for l in sample.layers][-1] == 'object'
   assert {l.kind for l in sample.layers} <= {'background', 'shadow', 'object'}
   p = sample.provenance
-  assert p['step'] == decomposer.loaded.step and p['model'] == decomposer.loaded.source
+  assert p['step'] == decomposer.backend.step and p['model'] == decomposer.backend.source
   assert p['seeds_tried'] == [5, 6] and len(p['seed_scores']) == 2
   assert p['chosen_seed'] == 5 + int(np.argmin(p['seed_scores']))
   assert p['raw_recompose_l1'] == min(p['seed_scores'])
@@ -87,10 +87,10 @@ def test_a_seed_gives_the_same_layers_however_many_are_asked_for(decomposer):
 
 def test_the_sampler_compiles_once_per_shape(decomposer):
   photo, boxes = scene(1, 60, 24)  # a tall photo: a shape no other test runs (32 x 16)
-  before = decomposer._sample._cache_size()
+  before = decomposer.backend._sample._cache_size()
   decomposer.decompose(photo, Query(box=boxes[0]))
   decomposer.decompose(photo * 0.9, Query(points=((10, 12),)))
-  assert decomposer._sample._cache_size() == before + 1
+  assert decomposer.backend._sample._cache_size() == before + 1
 
 
 def test_prompts_are_rendered_as_training_renders_them(decomposer):
@@ -112,7 +112,7 @@ def test_prompts_are_rendered_as_training_renders_them(decomposer):
     config = type('C', (), {**{k: cfg[k] for k in cfg}, 'prompt_probs': {kinds[0]: 1.0},
                             'degradations': {}, 'hflip_prob': 0.0, 'scale_range': (1., 1.)})
     example = pipeline.make_example(sample, np.random.default_rng(0), config)
-    g = post.geometry((32, 32), tuple(cfg.image_size), decomposer._step)
+    g = post.geometry((32, 32), tuple(cfg.image_size), decomposer.settings.step)
     ours = decomposer._batch(sample.image, query, g)['prompt'][0]
     np.testing.assert_allclose(ours, example['prompt'], atol=1e-6)
 
@@ -123,7 +123,7 @@ def test_sharded_over_a_mesh_gives_the_same_layers(decomposer, packed):
   sharded = Decomposer.load(packed, mesh=parallel.make_mesh((2, 2, 2)))
   ours = sharded.decompose(photo, Query(box=boxes[0]))
   ref = decomposer.decompose(photo, Query(box=boxes[0]))
-  assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded._state))
+  assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded.backend._state))
   for a, b in zip(ours.layers, ref.layers):
     np.testing.assert_allclose(a.rgba, b.rgba, atol=1e-4)
 
@@ -131,7 +131,8 @@ def test_sharded_over_a_mesh_gives_the_same_layers(decomposer, packed):
 def test_a_text_to_a_model_trained_without_text_is_refused(decomposer):
   config = decomposer.config.copy_and_resolve_references()
   config.data.prompt_probs = {'box': 1.0}
-  boxes_only = Decomposer(dataclasses.replace(decomposer.loaded, config=config))
+  boxes_only = Decomposer(infer_model.JaxBackend(
+      dataclasses.replace(decomposer.backend.loaded, config=config)))
   with pytest.raises(PromptError, match=r"prompt text: .*prompt kinds \['box'\]"):
     boxes_only.decompose(np.zeros((32, 32, 3), np.float32), Query(box=(0, 0, 8, 8), text='a'))
 
@@ -160,13 +161,13 @@ def test_points_mask_file_and_text(decomposer, tmp_path):
     ({'colour': 'red'}, 'unknown fields'),
 ])
 def test_bad_prompts_are_refused_before_any_compute(decomposer, query, message, monkeypatch):
-  monkeypatch.setattr(decomposer, '_sample', None)  # any compute would fail differently
+  monkeypatch.setattr(decomposer, 'backend', None)  # any compute would fail differently
   with pytest.raises(PromptError, match=message):
     decomposer.decompose(np.zeros((40, 64, 3), np.float32), query)
 
 
 def test_bad_settings_and_images_are_refused(decomposer, packed, tmp_path, monkeypatch):
-  monkeypatch.setattr(decomposer, '_sample', None)
+  monkeypatch.setattr(decomposer, 'backend', None)
   photo = np.zeros((40, 64, 3), np.float32)
   with pytest.raises(ValueError, match='trained without condition dropout'):
     decomposer.decompose(photo, Query(box=(0, 0, 8, 8)), guidance=3.0)

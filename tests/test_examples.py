@@ -55,3 +55,14 @@ def test_checkerboard_is_seeded_two_coloured_and_opaque():
   assert len(np.unique(a[..., :3].reshape(-1, 3), axis=0)) == 2 and (a[..., 3] == 1).all()
   np.testing.assert_array_equal(a[0, 0], a[4, 4])
   assert not np.array_equal(a[0, 0], a[0, 4])
+
+
+def test_unconditional_inputs_are_the_blank_prompt_and_the_empty_text():
+  batch = {'image': np.zeros((3, 4, 5, 3), np.float32)}
+  tokens = np.array([[7, 0, 0]], np.int32)
+  uncond = examples.unconditional_inputs(batch, {'text_tokens': tokens})
+  assert uncond['prompt'].shape == (3, 4, 5, 3)
+  np.testing.assert_array_equal(uncond['prompt'], np.broadcast_to(examples.BLUE, (3, 4, 5, 3)))
+  np.testing.assert_array_equal(uncond['text_tokens'], np.repeat(tokens, 3, 0))
+  with pytest.raises(ValueError, match=r"empty_text: expected one row .*'text_tokens': 2"):
+    examples.unconditional_inputs(batch, {'text_tokens': np.zeros((2, 3), np.int32)})

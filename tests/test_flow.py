@@ -95,17 +95,6 @@ def test_guidance_needs_uncond_entries_of_the_batch():
                         {'text_tokens': np.zeros((B, 4), np.int32)})
 
 
-def test_unconditional_inputs_are_the_blank_prompt_and_the_empty_text():
-  batch = {'image': np.zeros((3, 4, 5, 3), np.float32)}
-  tokens = np.array([[7, 0, 0]], np.int32)
-  uncond = flow.unconditional_inputs(batch, {'text_tokens': tokens})
-  assert uncond['prompt'].shape == (3, 4, 5, 3)
-  np.testing.assert_array_equal(uncond['prompt'], np.broadcast_to(examples.BLUE, (3, 4, 5, 3)))
-  np.testing.assert_array_equal(uncond['text_tokens'], np.repeat(tokens, 3, 0))
-  with pytest.raises(ValueError, match=r"empty_text: expected one row .*'text_tokens': 2"):
-    flow.unconditional_inputs(batch, {'text_tokens': np.zeros((2, 3), np.int32)})
-
-
 def test_tiny_decomposer_samples_with_guidance():
   c = tiny('unused')
   model = build.build_model(c, 0)
@@ -124,7 +113,7 @@ def test_tiny_decomposer_samples_with_guidance():
   rng = np.random.default_rng(0)
   items = [pipeline.make_example(make_sample(h=32, w=32, seed=s), rng, c.data) for s in (0, 1)]
   batch = build.model_batch({k: np.stack([it[k] for it in items]) for k in items[0]}, text_fn)
-  uncond = flow.unconditional_inputs(batch, text_fn(['']))
+  uncond = examples.unconditional_inputs(batch, text_fn(['']))
 
   @jax.jit
   def run(batch, uncond):

@@ -5,6 +5,8 @@
 * `render_prompt`: RefLayer's colour-coded prompt image — a solid blue canvas, the box as a
   filled green region, the mask as a red region, each point as a Gaussian heat-map (drawn in
   white, so it stays visible over box and mask).
+* `parse_prompt_probs`: the prompt kinds a config trains with; `unconditional_inputs`: the
+  blank prompt and empty text that classifier-free guidance samples against.
 * `checkerboard`: the colour-jittered checkerboard that layers are blended over for the
   latent targets of RefLayer's alpha decoder (plain colours let it cheat).
 All functions are numpy, float32 in [0, 1], HWC, and take an explicit `np.random.Generator`.
@@ -63,3 +65,36 @@ def checkerboard(size: tuple[int, int], cell: int, rng: np.random.Generator,
   yy, xx = np.mgrid[0:h, 0:w]
   board = np.where(((yy // cell + xx // cell) % 2 == 0)[..., None], light, dark)
   return np.concatenate([board, np.ones((h, w, 1))], -1).astype(np.float32)
+
+
+PROMPT_KINDS = ('box', 'mask', 'point', 'text')
+SPATIAL = ('box', 'mask', 'point')
+
+
+def parse_prompt_probs(probs) -> tuple[list[frozenset], np.ndarray]:
+  """`data.prompt_probs` ({'box': 0.5, 'box+text': 0.2, ...}) -> (kind sets, probabilities)."""
+  combos, weights = [], []
+  for key, p in dict(probs).items():
+    kinds = frozenset(key.split('+'))
+    if kinds - set(PROMPT_KINDS):
+      raise ValueError(f'{key!r} is not a +-joined combination of the kinds {PROMPT_KINDS}')
+    combos.append(kinds)
+    weights.append(float(p))
+  total = sum(weights)
+  if not combos or total <= 0:
+    raise ValueError(f'some kind needs a positive probability, got {dict(probs)}')
+  return combos, np.asarray(weights) / total
+
+
+def unconditional_inputs(batch: dict, empty_text: dict) -> dict[str, np.ndarray]:
+  """The sampler's `uncond` for `batch` (`flow.sample_latents`): the blank prompt map (what
+  training's condition dropout shows, `render_prompt` with no kind) and `empty_text`, the
+  model's text inputs for '' with one row (e.g. `{'text_tokens': tokenize([''], n)}` or the
+  embeddings), both broadcast to the batch."""
+  b, h, w = batch['image'].shape[:3]
+  rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in empty_text.items()}
+  if any(n != 1 for n in rows.values()):
+    raise ValueError(f'empty_text: expected one row per entry (the text \'\'), got {rows}')
+  blank = render_prompt((h, w), Prompt(''), frozenset(), 1.0)
+  return {'prompt': np.broadcast_to(blank, (b, h, w, 3)),
+          **{k: np.broadcast_to(v, (b, *np.shape(v)[1:])) for k, v in empty_text.items()}}

@@ -38,24 +38,6 @@ from layerjax.data.schema import LayeredSample, Prompt, composite, over
 from layerjax.data.tfds_builder import from_example
 from layerjax.fileio import as_path
 
-PROMPT_KINDS = ('box', 'mask', 'point', 'text')
-SPATIAL = ('box', 'mask', 'point')
-
-
-def parse_prompt_probs(probs) -> tuple[list[frozenset], np.ndarray]:
-  combos, weights = [], []
-  for key, p in dict(probs).items():
-    kinds = frozenset(key.split('+'))
-    if kinds - set(PROMPT_KINDS):
-      raise ValueError(f'{key!r} is not a +-joined combination of the kinds {PROMPT_KINDS}')
-    combos.append(kinds)
-    weights.append(float(p))
-  total = sum(weights)
-  if not combos or total <= 0:
-    raise ValueError(f'some kind needs a positive probability, got {dict(probs)}')
-  return combos, np.asarray(weights) / total
-
-
 def text_for(layer) -> str:
   texts = [*layer.referring, layer.caption, layer.label]
   return next((t for t in texts if t), '')
@@ -75,9 +57,9 @@ def make_example(sample: LayeredSample, rng: np.random.Generator, config) -> dic
     raise ValueError(f'sample {sample.id!r}: no object layer to refer to')
   target = objects[rng.integers(len(objects))]
   prompt = next((p for p in sample.prompts if p.target == target.name), None)
-  combos, weights = parse_prompt_probs(config.prompt_probs)
+  combos, weights = examples.parse_prompt_probs(config.prompt_probs)
   kinds = combos[rng.choice(len(combos), p=weights)]
-  if prompt is None and kinds & set(SPATIAL):
+  if prompt is None and kinds & set(examples.SPATIAL):
     raise ValueError(f'sample {sample.id!r}: no spatial prompt for {target.name!r}')
   if unconditional:  # no kind shown: the all-blue prompt map and the empty text
     kinds = frozenset()
@@ -167,7 +149,7 @@ def _collate(items: list[dict]) -> dict[str, np.ndarray]:
 
 
 # {'+'-joined kinds: probability}, normalised.
-PROMPT_PROBS = spec.also(spec.mapping(spec.number(lo=0)), parse_prompt_probs)
+PROMPT_PROBS = spec.also(spec.mapping(spec.number(lo=0)), examples.parse_prompt_probs)
 # The config keys (see above). scale_range >= 1: a crop never leaves the sample; a
 # checkerboard_jitter <= 0.2 keeps the light squares (0.8 +- jitter) above the dark (0.4).
 _FIELDS = {

@@ -21,6 +21,7 @@ from layerjax.fileio import Artifact, atomic_dir, inside, is_temporary, read_jso
 
 KINDS = ('background', 'object', 'shadow')
 FORMAT = 'layerjax.layered/1'
+ALPHA_MIN = 1 / 255  # below it a layer is invisible and its colour undefined
 SAMPLE_FOLDER = Artifact('layered sample folder', lambda p: (p / 'manifest.json').is_file())
 
 

@@ -1,4 +1,4 @@
-"""`Decomposer`: a trained layer decomposer as users call it.
+"""`Decomposer`: a trained layer decomposer as users call it, in any framework.
 
     d = Decomposer.load('out/demo/model')            # a packed model, or a training workdir
     sample = d.decompose('photo.jpg', Query(box=(40, 30, 200, 220)), seeds=4)   # prompts.Query
@@ -13,26 +13,26 @@ training renders them (`examples.render_prompt` at the model's resolution, the t
 loader gives it).
 Seeds are sampled one at a time (seed `seed + i`, so a seed's result does not depend on how
 many are asked for); the one whose raw recomposition is closest to the photo is kept, and
-every seed's score is in the provenance. The jitted sampler and decoder are compiled once
-per (shape, steps, guidance) and reused.
+every seed's score is in the provenance.
+
+This module is numpy only: the network runs in a `Backend`, JAX's (`model.JaxBackend`, what
+`Decomposer.load` builds) or PyTorch's (`layerjax.torch.TorchBackend`), so both frameworks
+share every step before and after it and give the same layers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable, Protocol
 
-import jax
+import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from layerjax import flow
-from layerjax.data import examples, images, pipeline
-from layerjax.data.schema import LayeredSample, Prompt, assemble, composite
-from layerjax.infer import model as infer_model
+from layerjax.data import examples, images
+from layerjax.data.schema import ALPHA_MIN, LayeredSample, Prompt, assemble, composite
 from layerjax.infer import postprocess as post
 from layerjax.infer import scene
 from layerjax.infer.prompts import PromptError, Query, as_query, check_query
@@ -41,6 +41,51 @@ from layerjax.infer.prompts import PromptError, Query, as_query, check_query
 # alone take 3 GB each); the model sees a few hundred pixels a side whatever comes in.
 MAX_PIXELS = 64_000_000
 SHADOW_MIN = 0.02  # shadow opacity below it is the model's noise: left in the background
+
+
+class Backend(Protocol):
+  """A framework's decomposer network: numpy in and out, NHWC, float32.
+
+  `batch`: 'image', 'prompt', 'checkerboard' [B, H, W, 3] in [0, 1] and the text entries
+  (`text_inputs`); `uncond`: `examples.unconditional_inputs`' or None (guidance 1); `noise`:
+  the initial latents [B, K, h, w, C]. `decode` returns `flow.decode_layers`' dict:
+  {layer name: straight RGBA [B, H, W, 4], 'recomposition': [B, H, W, 3]}."""
+  source: str  # where the model came from
+  step: int  # the training step of its weights
+  config: ml_collections.ConfigDict  # the experiment config it was trained with
+  model: dict  # its architecture (`model.config_json`)
+
+  def text_inputs(self, texts: list[str]) -> dict[str, np.ndarray]: ...
+
+  def noise(self, seed: int, shape: tuple[int, ...]) -> np.ndarray: ...
+
+  def sample(self, batch: dict, uncond: dict | None, noise: np.ndarray, steps: int,
+             guidance: float): ...
+
+  def decode(self, latents, batch: dict) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What decomposing needs to know of a model, read from its experiment config and its
+  architecture (`model.config_json`), whichever framework runs it."""
+  layers: tuple[str, ...]
+  latent_factor: int
+  latent_channels: int
+  step: int  # model sizes are multiples of it: the latent factor times the patch size
+  kinds: frozenset[str]  # the prompt kinds it was trained with (`data.prompt_probs`)
+  guidable: bool  # trained with condition dropout, so guidance has something to guide from
+
+  @classmethod
+  def of(cls, config, model: dict) -> 'Settings':
+    if model['latents'] == 'vae':
+      factor, channels = 2 ** (len(model['vae']['block_out_channels']) - 1), \
+          model['vae']['latent_channels']
+    else:
+      factor, channels = model['factor'], 3 * model['factor'] ** 2
+    kinds = frozenset().union(*examples.parse_prompt_probs(config.data.prompt_probs)[0])
+    return cls(tuple(model['layers']), factor, channels, factor * model['mmdit']['patch_size'],
+               kinds, bool(config.loss.get('cond_dropout', 0.0)))
 
 
 @dataclasses.dataclass
@@ -52,45 +97,25 @@ class Raw:
 
 
 class Decomposer:
-  """A loaded decomposer (`load`) and the settings it decomposes with."""
+  """A decomposer network (`backend`) and the settings it decomposes with."""
 
-  def __init__(self, loaded: infer_model.LoadedModel, *, mesh=None, embeddings=None,
-               max_pixels: int = MAX_PIXELS):
-    """`mesh`: the one `loaded`'s weights are placed on (activations are constrained to it)."""
-    self.loaded = loaded
-    self.mesh = mesh
-    self.config = loaded.config
+  def __init__(self, backend: Backend, *, max_pixels: int = MAX_PIXELS):
+    self.backend = backend
+    self.config = ml_collections.ConfigDict(backend.config)
+    self.settings = Settings.of(self.config, backend.model)
+    self.kinds = self.settings.kinds
     self.max_pixels = max_pixels
-    self._text = infer_model.text_inputs(loaded, embeddings)
-    self._graphdef, self._state = nnx.split(loaded.model)
-    cfg = loaded.model.config
-    self._step = cfg.latent_factor * cfg.mmdit.patch_size
-    self._board_needed = 'checkerboard' in cfg.conditions
-    self.kinds = frozenset().union(*pipeline.parse_prompt_probs(
-        self.config.data.prompt_probs)[0])
-    self._sample = jax.jit(self._sample_fn, static_argnames=('steps', 'guidance'))
-    self._decode = jax.jit(self._decode_fn)
 
   @classmethod
   def load(cls, path, *, step: int | None = None, mesh=None, dtype: str | None = None,
            embeddings=None, max_pixels: int = MAX_PIXELS) -> 'Decomposer':
     """A packed model folder (`python -m layerjax.decompose pack`) or a training workdir
-    (its latest checkpoint, or `step`); `dtype` 'float32' / 'bfloat16' (None: as trained);
-    `embeddings`: precomputed text embeddings for text prompts to an SD3-text model."""
-    return cls(infer_model.load(path, step=step, mesh=mesh, dtype=dtype), mesh=mesh,
-               embeddings=embeddings, max_pixels=max_pixels)
-
-  # --- jitted parts ---------------------------------------------------------------------
-
-  def _sample_fn(self, state, batch, uncond, rng, steps, guidance):
-    model = nnx.merge(self._graphdef, state)
-    return flow.sample_latents(model, batch, rng, steps, self.config.loss.shift,
-                               guidance=guidance, uncond=uncond if guidance != 1 else None)
-
-  def _decode_fn(self, state, latents, batch):
-    model = nnx.merge(self._graphdef, state)
-    board = batch['checkerboard'] if self._board_needed else None
-    return flow.decode_layers(model, latents, model.head_pixels(batch), board)
+    (its latest checkpoint, or `step`), run in JAX on `mesh` (default: the first device);
+    `dtype` 'float32' / 'bfloat16' (None: as trained); `embeddings`: precomputed text
+    embeddings for text prompts to an SD3-text model."""
+    from layerjax.infer import model  # JAX: only for a JAX model
+    return cls(model.JaxBackend(model.load(path, step=step, mesh=mesh, dtype=dtype), mesh=mesh,
+                                embeddings=embeddings), max_pixels=max_pixels)
 
   # --- inputs ---------------------------------------------------------------------------
 
@@ -130,7 +155,7 @@ class Decomposer:
   def _check_settings(self, q: Query | None, seeds: int, steps: int, guidance: float) -> None:
     if seeds < 1 or steps < 1:
       raise ValueError(f'seeds and steps must be >= 1, got seeds={seeds}, steps={steps}')
-    if guidance != 1 and not self.config.loss.get('cond_dropout', 0.0):
+    if guidance != 1 and not self.settings.guidable:
       raise ValueError(f'guidance={guidance}: this model was trained without condition '
                        'dropout (loss.cond_dropout = 0), so it has no unconditional '
                        'prediction to guide away from; use guidance 1')
@@ -148,11 +173,13 @@ class Decomposer:
   def decompose(self, image, prompt=None, *, seeds: int = 1, seed: int = 0,
                 steps: int | None = None, guidance: float = 1.0,
                 max_layers: int | None = None, proposals=None,
-                sample_id: str = 'decomposed') -> LayeredSample:
+                sample_id: str = 'decomposed', noise: Callable | None = None) -> LayeredSample:
     """`image` (path, PIL or array) -> its layers. `prompt`: a `Query`, a text, a dict of
     Query fields, or None for the whole scene (then `max_layers` objects at most, proposed
     by `proposals`, a `layerjax.infer.scene.Proposals`; default: the engine's offline
-    detector and depth order). Every input is checked before any compute."""
+    detector and depth order). `noise`: a function (seed, shape) -> initial latents (NHWC)
+    in place of the backend's own draw (the PyTorch pipeline's `generator` and `latents`).
+    Every input is checked before any compute."""
     steps = steps or self.config.eval.sample_steps
     q = as_query(prompt)
     self._check_settings(q, seeds, steps, guidance)
@@ -160,13 +187,13 @@ class Decomposer:
     settings = dict(seeds=seeds, seed=seed, steps=steps, guidance=float(guidance))
     if q is None:
       return scene.peel(self, photo, proposals or scene.Proposals(), max_layers, settings,
-                        sample_id)
+                        sample_id, noise)
     if max_layers is not None:
       raise PromptError('max_layers is for the whole scene (no prompt); a prompt refers to '
                         'one object')
     q = check_query(q, photo.shape[:2])
     t0 = time.perf_counter()
-    raw = self.extract(photo, q, **settings)
+    raw = self.extract(photo, q, **settings, noise=noise)
     t1 = time.perf_counter()
     layers, repaired = post.exact_layers(photo, raw.background, [raw.obj])
     prov = self._provenance(settings, raw.provenance, repaired, photo.shape[:2])
@@ -180,28 +207,30 @@ class Decomposer:
     return sample.validate()
 
   def _provenance(self, settings: dict, raw: dict, repaired: int, size) -> dict:
-    return {'model': self.loaded.source, 'step': self.loaded.step, **settings,
+    return {'model': self.backend.source, 'step': self.backend.step, **settings,
             'size': list(size), **raw, 'repaired_pixels': repaired}
 
   def extract(self, photo: np.ndarray, q: Query, *, seeds: int, seed: int, steps: int,
-              guidance: float) -> Raw:
+              guidance: float, noise: Callable | None = None) -> Raw:
     """One object (the checked query's) from `photo` [H, W, 3]: every seed sampled, the one
     closest to the photo kept, its layers brought to the photo's resolution."""
-    g = post.geometry(photo.shape[:2], tuple(self.config.data.image_size), self._step)
+    s = self.settings
+    g = post.geometry(photo.shape[:2], tuple(self.config.data.image_size), s.step)
     batch = self._batch(photo, q, g)
-    uncond = flow.unconditional_inputs(batch, self._text([''])) if guidance != 1 else None
+    text = self.backend.text_inputs
+    uncond = examples.unconditional_inputs(batch, text([''])) if guidance != 1 else None
+    shape = (1, len(s.layers), g.padded[0] // s.latent_factor, g.padded[1] // s.latent_factor,
+             s.latent_channels)
     timings = {'sampling': 0.0, 'decoding': 0.0, 'postprocess': 0.0}
     scores, best = [], None
     sh, sw = g.scaled
     image = batch['image'][0, :sh, :sw]
     for i in range(seeds):
       t = time.perf_counter()
-      with self._on_mesh():
-        latents = jax.block_until_ready(self._sample(
-            self._state, batch, uncond, jax.random.PRNGKey(seed + i), steps=steps,
-            guidance=float(guidance)))
-        t2 = time.perf_counter()
-        decoded = jax.device_get(self._decode(self._state, latents, batch))
+      x = (noise or self.backend.noise)(seed + i, shape)
+      latents = self.backend.sample(batch, uncond, x, steps, float(guidance))
+      t2 = time.perf_counter()
+      decoded = self.backend.decode(latents, batch)
       out = {k: np.asarray(v[0, :sh, :sw], np.float32) for k, v in decoded.items()}
       timings['sampling'] += t2 - t
       timings['decoding'] += time.perf_counter() - t2
@@ -212,7 +241,7 @@ class Decomposer:
         best = (i, layers)
     t = time.perf_counter()
     background, colour, alpha, shadow = best[1]
-    if 'background' in self.loaded.model.config.layers:
+    if 'background' in s.layers:
       background = np.clip(post.resize(background, g.size), 0, 1)
     else:
       background = photo
@@ -220,7 +249,7 @@ class Decomposer:
       alpha = post.guided_upsample(alpha, photo)
     else:
       alpha = np.clip(post.resize(alpha, g.size), 0, 1)
-    alpha = np.where(alpha < flow.ALPHA_MIN, 0, alpha).astype(np.float32)
+    alpha = np.where(alpha < ALPHA_MIN, 0, alpha).astype(np.float32)
     colour = np.clip(post.resize(colour, g.size), 0, 1)
     if shadow is not None:
       premult = post.resize(np.concatenate([shadow[..., :3] * shadow[..., 3:],
@@ -245,9 +274,6 @@ class Decomposer:
             'timings': timings}
     return Raw(background, obj, prov)
 
-  def _on_mesh(self):
-    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-
   def _batch(self, photo: np.ndarray, q: Query, g: post.Geometry) -> dict:
     """The model's inputs for one photo and query, as the loader makes them for training."""
     hw = g.padded
@@ -259,7 +285,7 @@ class Decomposer:
     board = examples.checkerboard(hw, d.checkerboard_cell, np.random.default_rng(0), 0.0)
     batch = {'image': post.to_model(photo, g)[None], 'prompt': prompt[None],
              'checkerboard': board[None, ..., :3]}
-    return {**batch, **self._text([q.text])}
+    return {**batch, **self.backend.text_inputs([q.text])}
 
 
 def _layers(out: dict, image: np.ndarray) -> tuple:

@@ -1,6 +1,7 @@
 """The decomposer as users get it: `pack` turns a training workdir into a model folder (the
 config and the EMA weights, no optimizer state), `load` reads such a folder, or a workdir
-directly, into a `LayerDecomposer` placed on a mesh, in the dtype asked for.
+directly, into a `LayerDecomposer` placed on a mesh, in the dtype asked for, and
+`JaxBackend` runs it for `layerjax.infer.decomposer.Decomposer`.
 
     MODEL/decomposer.json      format, step, source workdir, the experiment config and the
                                resolved `DecomposerConfig` (architecture and dtypes), so
@@ -20,6 +21,7 @@ from `config.seed`, or from `init.pretrained`), since the checkpoint does not ho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -33,7 +35,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from layerjax import build, checkpoints, parallel
+from layerjax import build, checkpoints, flow, parallel
 from layerjax.fileio import Artifact, as_path, atomic_dir, check_destination, is_url, read_json
 from layerjax.models import common
 from layerjax.models.decomposer import (TRAINABLE, DecomposerConfig, LayerDecomposer,
@@ -333,3 +335,48 @@ def text_inputs(loaded: LoadedModel, embeddings=None) -> Callable[[list[str]], d
       pooled.append(p[0])
     return {'text_embeds': np.stack(states), 'pooled_text_embeds': np.stack(pooled)}
   return lookup
+
+
+class JaxBackend:
+  """`Decomposer`'s backend for a `LoadedModel`: the sampler and the decoder jitted, each
+  compiled once per (shape, steps, guidance) and reused; run on `mesh` (the one the weights
+  are placed on) when given. The noise of seed s is `jax.random.normal(PRNGKey(s))`."""
+
+  def __init__(self, loaded: LoadedModel, *, mesh=None, embeddings=None):
+    self.loaded = loaded
+    self.source, self.step, self.config = loaded.source, loaded.step, loaded.config
+    self.model = config_json(loaded.model.config)
+    self.mesh = mesh
+    self.text_inputs = text_inputs(loaded, embeddings)
+    self._graphdef, self._state = nnx.split(loaded.model)
+    self._board = 'checkerboard' in loaded.model.config.conditions
+    self._sample = jax.jit(self._sample_fn, static_argnames=('steps', 'guidance'))
+    self._decode = jax.jit(self._decode_fn)
+
+  def _sample_fn(self, state, batch, uncond, noise, steps, guidance):
+    model = nnx.merge(self._graphdef, state)
+    return flow.sample_latents(model, batch, None, steps, self.config.loss.shift,
+                               guidance=guidance, uncond=uncond if guidance != 1 else None,
+                               noise=noise)
+
+  def _decode_fn(self, state, latents, batch):
+    model = nnx.merge(self._graphdef, state)
+    board = batch['checkerboard'] if self._board else None
+    return flow.decode_layers(model, latents, model.head_pixels(batch), board)
+
+  def _on_mesh(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def noise(self, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32))
+
+  def sample(self, batch: dict, uncond: dict | None, noise: np.ndarray, steps: int,
+             guidance: float) -> jax.Array:
+    with self._on_mesh():
+      return jax.block_until_ready(self._sample(self._state, batch, uncond, noise,
+                                                steps=steps, guidance=guidance))
+
+  def decode(self, latents: jax.Array, batch: dict) -> dict[str, np.ndarray]:
+    with self._on_mesh():
+      out = jax.device_get(self._decode(self._state, latents, batch))
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}

@@ -80,8 +80,9 @@ class Proposals:
 
 
 def peel(decomposer, photo: np.ndarray, proposals: Proposals, max_layers: int | None,
-         settings: dict, sample_id: str) -> LayeredSample:
-  """The whole scene of `photo` as a `LayeredSample` (see the module docstring)."""
+         settings: dict, sample_id: str, noise=None) -> LayeredSample:
+  """The whole scene of `photo` as a `LayeredSample` (see the module docstring); `settings`
+  and `noise` as `Decomposer.extract` takes them."""
   if max_layers is not None and max_layers < 1:
     raise ValueError(f'max_layers must be >= 1, got {max_layers}')
   if 'box' not in decomposer.kinds:
@@ -96,7 +97,7 @@ def peel(decomposer, photo: np.ndarray, proposals: Proposals, max_layers: int | 
   peeled = []  # front to back
   timings = {'proposals': t_propose, 'sampling': 0.0, 'decoding': 0.0, 'postprocess': 0.0}
   for det in found:
-    raw = decomposer.extract(current, Query(box=det.box), **settings)
+    raw = decomposer.extract(current, Query(box=det.box), **settings, noise=noise)
     raw.obj.label = det.label or 'object'
     covered = raw.obj.alpha > 0
     if raw.obj.shadow is not None:
@@ -108,7 +109,7 @@ def peel(decomposer, photo: np.ndarray, proposals: Proposals, max_layers: int | 
   t1 = time.perf_counter()
   layers, repaired = post.exact_layers(photo, current, [r.obj for _, r in reversed(peeled)])
   objects = [l.name for l in layers if l.kind == 'object']  # back to front
-  prov = {'model': decomposer.loaded.source, 'step': decomposer.loaded.step, **settings,
+  prov = {'model': decomposer.backend.source, 'step': decomposer.backend.step, **settings,
           'size': list(photo.shape[:2]), 'repaired_pixels': repaired,
           'whole_scene': {'detected': detected, 'threshold': proposals.threshold,
                           'max_layers': limit, 'objects': []}}
