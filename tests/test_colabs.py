@@ -26,6 +26,7 @@ def _read(path: Path) -> nbformat.NotebookNode:
 
 
 def _params(path: Path):
+  """`path` as a parameter, marked slow when its metadata says so."""
   marks = pytest.mark.slow if _read(path).metadata.get('layerjax', {}).get('slow') else ()
   return pytest.param(path, id=path.stem, marks=marks)
 
@@ -78,7 +79,7 @@ def test_there_are_notebooks():
   assert {p.stem for p in NOTEBOOKS} >= {'decompose', 'edit'}
 
 
-@pytest.mark.parametrize('path', [_params(p) for p in NOTEBOOKS])
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_shape(path):
   nb = _read(path)
   nbformat.validate(nb)
@@ -111,7 +112,8 @@ def test_notebook_shape(path):
 @pytest.mark.parametrize('path', [_params(p) for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
   nb = _read(path)
-  values = {**nb.metadata['layerjax'].get('test_parameters', {}), 'OUT': str(tmp_path / 'out')}
+  values = {**nb.metadata.get('layerjax', {}).get('test_parameters', {}),
+            'OUT': str(tmp_path / 'out')}
   execute(with_parameters(nb, values), path.name)
 
 
