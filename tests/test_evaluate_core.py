@@ -358,3 +358,8 @@ def test_pass_rate_at_k_with_the_engine_judge(tmp_path, capsys, trained_workdirs
   assert [len(r['scores']) for r in passes['rows']] == [2, 2]
   assert f'pass@1 {passes["pass@1"]:.3f}, pass@2 {passes["pass@2"]:.3f} (2 inputs' in \
       capsys.readouterr().out
+
+
+def test_markdown_table_escapes_bars_and_right_aligns_the_numbers():
+  assert outputs.markdown_table(['name', 'n'], [('a|b', 3), ('c', 4.5)], right=1) == (
+      '| name | n |\n|---|---:|\n| a/b | 3 |\n| c | 4.5 |')

@@ -341,3 +341,15 @@ def test_eval_line_shows_each_layer_against_the_trivial_baseline():
             'model/layers/recompose_l1': 0.03}
   assert trainer._eval_line(result) == ('foreground IoU 0.700 (baseline 0.600), shadow IoU '
                                         '0.200 (baseline 0.000), recomposition L1 0.030')
+
+
+def test_read_scalars_gives_back_what_the_tensorboard_writer_wrote(tmp_path):
+  from layerjax.train.writers import TensorBoardWriter, read_scalars
+  w = TensorBoardWriter(tmp_path)
+  w.write_scalars(1, {'loss': 0.5, 'lr': 1e-3})
+  w.write_scalars(7, {'loss': 0.25})
+  w.write_images(7, {'grid': np.zeros((4, 4, 3), np.uint8)})  # not a scalar: skipped
+  w.close()
+  (events,) = read_scalars(tmp_path).values()
+  # TensorBoard keeps scalars as float32.
+  assert events == {'loss': {1: 0.5, 7: 0.25}, 'lr': {1: float(np.float32(1e-3))}}

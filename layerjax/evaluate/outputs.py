@@ -60,17 +60,24 @@ def _cell(value) -> str:
   return 'nan' if math.isnan(value) else f'{value:.4f}'
 
 
+def markdown_table(header, rows, right: int = 0) -> str:
+  """A Markdown table: `header` names, `rows` of cells (as `str` gives them, a `|` in one
+  shown as `/`); the last `right` columns right-aligned (numbers)."""
+  cell = lambda c: str(c).replace('|', '/')
+  lines = ['| ' + ' | '.join(map(cell, header)) + ' |',
+           '|' + '---|' * (len(header) - right) + '---:|' * right]
+  lines += ['| ' + ' | '.join(map(cell, r)) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
 def markdown(flat: dict) -> str:
   """A Markdown table of flat scores: one row per `<evaluator>/<metric>` (scores first, then
   counts), one column per system, with whether lower or higher is better."""
   systems, rows = _split(flat)
   order = sorted(rows, key=lambda m: (f'/{COUNT}/' in m, m))
-  lines = ['| metric | better | ' + ' | '.join(systems) + ' |',
-           '|---|---|' + '---:|' * len(systems)]
-  for metric in order:
-    cells = [_cell(rows[metric].get(s)) for s in systems]
-    lines.append(f'| {metric} | {_better(metric)} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+  return markdown_table(['metric', 'better', *systems],
+                        [[m, _better(m), *(_cell(rows[m].get(s)) for s in systems)]
+                         for m in order], right=len(systems))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

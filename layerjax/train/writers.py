@@ -1,6 +1,6 @@
 """Metric writers with CLU's `MetricWriter` interface (write_scalars / write_images /
 write_hparams / flush / close): the console through absl logging, TensorBoard event files
-through tensorboardX.
+through tensorboardX; `read_scalars` reads the event files back.
 
 CLU's own `clu.metric_writers` cannot be imported without TensorFlow (its package
 `__init__` imports the TF summary writer), which this project does not install.
@@ -9,6 +9,7 @@ CLU's own `clu.metric_writers` cannot be imported without TensorFlow (its packag
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +91,25 @@ class TensorBoardWriter:
       with atomic_file(self._remote / path.name) as tmp:
         shutil.copyfile(path, tmp)
     self._uploaded = time.monotonic()
+
+
+def read_scalars(logdir) -> dict[str, dict[str, dict[int, float]]]:
+  """{event file name: {tag: {step: value}}} of the TensorBoard event files in `logdir` (a
+  path or URL), without TensorBoard: what a notebook shows where it cannot run TensorBoard.
+  Each record is its length (8 bytes), the length's CRC (4), an `Event` proto, its CRC (4)."""
+  from tensorboardX.proto import event_pb2
+  files = {}
+  for path in sorted(as_path(logdir).glob('events.out.tfevents.*')):
+    data, i, scalars = path.read_bytes(), 0, {}
+    while i + 12 <= len(data):
+      (n,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for value in event.summary.value:
+        if value.HasField('simple_value'):
+          scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    files[path.name] = scalars
+  return files
 
 
 class MultiWriter:
