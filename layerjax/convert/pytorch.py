@@ -75,7 +75,7 @@ def _configs(cfg: DecomposerConfig) -> dict[str, dict]:
   c, m = cfg.latent_channels, cfg.mmdit
   out = {'transformer': m.to_diffusers(),
          'layers': {'_class_name': 'LayerEmbedding', 'layers': list(cfg.layers),
-                    'width': m.width, 'long_skip': cfg.long_skip,
+                    'width': m.width, 'has_long_skip': cfg.long_skip,
                     'condition_channels': c * len(cfg.conditions), 'latent_channels': c}}
   if cfg.latents == 'vae':
     out['vae'] = cfg.vae.to_diffusers()

@@ -126,8 +126,8 @@ def load_components(path, device=None, dtype: torch.dtype | None = None
                     ) -> tuple[dict, dict, dict[str, dict]]:
   """(decomposer.json, {component name: module or scheduler}, {component name: loading
   info}) of the export at `path`, every model checked (`check_weights`) before any is built,
-  then loaded with `from_pretrained(output_loading_info=True)` in `dtype` (default: as
-  saved) on `device`; a non-empty `missing_keys` / `unexpected_keys` is an error."""
+  then loaded with `from_pretrained(output_loading_info=True)`, cast to `dtype` (default:
+  as saved) on `device`; a non-empty `missing_keys` / `unexpected_keys` is an error."""
   folder = Path(path)
   if not folder.is_dir():
     raise ExportError(f'{folder}: no such folder')
@@ -143,11 +143,12 @@ def load_components(path, device=None, dtype: torch.dtype | None = None
       continue
     # Without `accelerate` (not a dependency) diffusers warns, then loads this way anyway.
     model, info = cls.from_pretrained(folder / name, output_loading_info=True,
-                                      torch_dtype=dtype, low_cpu_mem_usage=False)
+                                      low_cpu_mem_usage=False)
     if info['missing_keys'] or info['unexpected_keys']:
       raise ExportError(f'{folder / name}: missing_keys {info["missing_keys"]}, '
                         f'unexpected_keys {info["unexpected_keys"]}')
-    built[name], infos[name] = model.to(device).eval(), info
+    # Cast here: diffusers' `torch_dtype` leaves float64 as float32.
+    built[name], infos[name] = model.to(device=device, dtype=dtype).eval(), info
   return meta, built, infos
 
 

@@ -175,11 +175,12 @@ class LayerEmbedding(ModelMixin, ConfigMixin):
   condition latents (kernel [K, C_cond, C] in the Flax layout) and its timestep gate."""
 
   @register_to_config
-  def __init__(self, layers: tuple[str, ...], width: int, long_skip: bool = False,
+  def __init__(self, layers: tuple[str, ...], width: int, has_long_skip: bool = False,
                condition_channels: int = 0, latent_channels: int = 0):
+    # `has_long_skip`: a config entry named `long_skip` would shadow the module's attribute.
     super().__init__()
     self.layer_embed = nn.Parameter(torch.zeros(len(layers), width))
-    if long_skip:
+    if has_long_skip:
       self.long_skip = _LongSkip(len(layers), condition_channels, latent_channels, width)
 
 
