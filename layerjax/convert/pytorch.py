@@ -29,7 +29,7 @@ from layerjax import build
 from layerjax.convert.diffusers import (_from_torch_layout, _to_torch_layout, _torch_name,
                                         check_finite)
 from layerjax.convert.files import read_tensors, write_folder
-from layerjax.fileio import Artifact, atomic_dir, check_destination
+from layerjax.fileio import Artifact, atomic_dir, check_destination, read_json
 from layerjax.infer import model as infer_model
 from layerjax.models import common, heads
 from layerjax.models.decomposer import DecomposerConfig, LayerDecomposer
@@ -129,7 +129,11 @@ def to_pytorch(model, dst, *, dtype: Any = None, max_shard_size: int = 10 * 2**3
     x = np.ascontiguousarray(_to_torch(path, x))
     check_finite(name, x, f'export to {dst / component}', allow_nonfinite)
     tensors[component][name] = x
-  meta = {'format': folder.FORMAT, 'step': loaded.step, 'source': loaded.source,
+  # The run it came from: a packed model's own record of it, else the workdir; so that
+  # from-pytorch restores the packed model's decomposer.json as it was.
+  packed = Path(model) / infer_model.META
+  source = read_json(packed)['source'] if packed.is_file() else loaded.source
+  meta = {'format': folder.FORMAT, 'step': loaded.step, 'source': source,
           'config': loaded.config.to_dict(), 'model': infer_model.config_json(cfg)}
   version = {'_diffusers_version': diffusers.__version__}
   with atomic_dir(dst, EXPORT, overwrite) as tmp:

@@ -76,7 +76,7 @@ class TorchBackend:
     """numpy batch entries -> tensors on the device, condition maps NHWC -> NCHW."""
     out = {}
     for k, v in entries.items():
-      x = torch.as_tensor(np.ascontiguousarray(v), device=self.device)
+      x = torch.tensor(np.asarray(v), device=self.device)  # a copy: `v` may be read-only
       out[k] = x.permute(0, 3, 1, 2) if k in CONDITIONS else x
     return out
 
@@ -94,7 +94,8 @@ class TorchBackend:
       raise ValueError(f'noise: shape {tuple(np.shape(noise))}, expected {want} for a '
                        f'{b}x{h}x{w} batch')
     tensors = self._tensors(batch)
-    x = torch.as_tensor(np.asarray(noise, np.float32), device=self.device).permute(0, 1, 4, 2, 3)
+    x = torch.tensor(np.asarray(noise), dtype=torch.float32, device=self.device)
+    x = x.permute(0, 1, 4, 2, 3)
     latents = sampling.sample_latents(model, self.scheduler, tensors, x, steps, guidance,
                                       None if uncond is None else self._tensors(uncond))
     board = tensors['checkerboard'] if 'checkerboard' in self.model['conditions'] else None

@@ -95,9 +95,10 @@ def components(folder: Path) -> dict[str, type]:
   return out
 
 
-def check_weights(folder: Path, cls) -> None:
+def check_weights(folder: Path, cls) -> torch.dtype:
   """The component's tensors are its model's, of their shapes, finite: else one line naming
-  the file and the tensor. The model is built on the meta device (no memory)."""
+  the file and the tensor. The model is built on the meta device (no memory). Returns the
+  floating-point dtype the weights were saved in."""
   config = cls.load_config(folder)
   with torch.device('meta'):
     want = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
@@ -105,21 +106,27 @@ def check_weights(folder: Path, cls) -> None:
     files = weight_files(folder)
   except FileNotFoundError as e:
     raise ExportError(str(e)) from None
-  for name in sorted(set(want) - set(files)):
-    raise ExportError(f'{folder}: tensor {name!r} missing (the {cls.__name__} has it)')
-  for name in sorted(set(files) - set(want)):
+  missing, unexpected = sorted(set(want) - set(files)), sorted(set(files) - set(want))
+  if missing:
+    raise ExportError(f'{folder}: tensor {missing[0]!r} missing (the {cls.__name__} has it)')
+  if unexpected:
+    name = unexpected[0]
     raise ExportError(f'{files[name]}: tensor {name!r} unexpected (no such {cls.__name__} '
                       'weight)')
+  saved = set()
   with read_tensors(folder) as tensors:
     for name, shape in want.items():
       x = tensors[name]
       if tuple(x.shape) != shape:
         raise ExportError(f'{files[name]}: tensor {name!r} has shape {tuple(x.shape)}, the '
                           f'{cls.__name__} expects {shape}')
-      if x.dtype.kind == 'f' and not np.isfinite(x).all():
+      if x.dtype.kind not in 'biu' and not np.isfinite(x).all():
         raise ExportError(f'{files[name]}: tensor {name!r} has '
                           f'{int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} Inf '
                           f'of {x.size} values')
+      saved.add(x.dtype.name)
+  # One dtype per export (`--dtype`, or the packed model's); float32 if mixed.
+  return getattr(torch, saved.pop()) if len(saved) == 1 else torch.float32
 
 
 def load_components(path, device=None, dtype: torch.dtype | None = None
@@ -133,9 +140,8 @@ def load_components(path, device=None, dtype: torch.dtype | None = None
     raise ExportError(f'{folder}: no such folder')
   meta = read_meta(folder)
   classes = components(folder)
-  for name, cls in classes.items():
-    if name != SCHEDULER:
-      check_weights(folder / name, cls)
+  saved = {name: check_weights(folder / name, cls) for name, cls in classes.items()
+           if name != SCHEDULER}
   built, infos = {}, {}
   for name, cls in classes.items():
     if name == SCHEDULER:
@@ -148,7 +154,8 @@ def load_components(path, device=None, dtype: torch.dtype | None = None
       raise ExportError(f'{folder / name}: missing_keys {info["missing_keys"]}, '
                         f'unexpected_keys {info["unexpected_keys"]}')
     # Cast here: diffusers' `torch_dtype` leaves float64 as float32.
-    built[name], infos[name] = model.to(device=device, dtype=dtype).eval(), info
+    built[name] = model.to(device=device, dtype=dtype or saved[name]).eval()
+    infos[name] = info
   return meta, built, infos
 
 
