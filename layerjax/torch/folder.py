@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -166,7 +167,6 @@ def decomposer(meta: dict, built: dict) -> modules.Decomposer:
 
 def write_index(folder: Path, parts: dict[str, type]) -> None:
   """model_index.json for the components `parts` (name -> class)."""
-  import diffusers
   index = {'_class_name': PIPELINE_CLASS, '_diffusers_version': diffusers.__version__,
            **{name: list(library_of(cls)) for name, cls in parts.items()}}
   (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + '\n')

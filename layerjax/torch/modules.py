@@ -253,7 +253,8 @@ class Decomposer(nn.Module):
     n = tokens.shape[1]
     tokens = (tokens.reshape(b, k, n, -1) + self.layers.layer_embed[None, :, None]).reshape(
         b, k * n, -1)
-    timestep = sigma * 1000
+    # fp32 at least, as JAX's: in bfloat16, 1000 sigma would be off by whole steps.
+    timestep = sigma.to(torch.promote_types(sigma.dtype, torch.float32)) * 1000
     temb = t.time_text_embed(timestep, pooled.to(self.dtype))
     context = t.context_embedder(context.to(self.dtype))
     for block in t.transformer_blocks:

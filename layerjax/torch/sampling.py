@@ -32,6 +32,9 @@ def sample_latents(model: Decomposer, scheduler: FlowMatchEulerDiscreteScheduler
   guided = guidance != 1
   if guided and uncond is None:
     raise ValueError(f'guidance={guidance} needs `uncond`, the unconditional batch entries')
+  if guided and set(uncond) - set(batch):
+    raise ValueError(f'uncond: {sorted(set(uncond) - set(batch))} are not entries of the '
+                     f'batch ({sorted(batch)})')
   conditions = model.conditions(batch)
   context, pooled = model.encode_text(batch)
   if guided:
@@ -44,8 +47,9 @@ def sample_latents(model: Decomposer, scheduler: FlowMatchEulerDiscreteScheduler
   levels = set_steps(scheduler, steps).to(noise.device)
   x = noise.to(torch.promote_types(model.dtype, torch.float32))  # fp32 steps, or float64
   for i, t in enumerate(scheduler.timesteps):
+    # sigma stays fp32 whatever the model's dtype: timestep = 1000 sigma, as in JAX.
     v = model(torch.cat([x, x]) if guided else x, conditions, context, pooled,
-              levels[i].expand(n).to(model.dtype)).to(x.dtype)
+              levels[i].expand(n)).to(x.dtype)
     if guided:
       v_c, v_u = v[:b], v[b:]
       v = v_u + guidance * (v_c - v_u)
