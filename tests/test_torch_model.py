@@ -208,7 +208,7 @@ def test_sampling_parity(pair, guidance):
   got = backend.sample(b, uncond, noise, steps, guidance)
   b64 = nchw(b, torch.float64)
   latents = sampling.sample_latents(
-      ref64, backend.scheduler, b64, torch.as_tensor(noise).permute(0, 1, 4, 2, 3), steps,
+      ref64, backend.scheduler, b64, torch.tensor(noise).permute(0, 1, 4, 2, 3), steps,
       guidance, None if uncond is None else nchw(uncond, torch.float64))
   ref = sampling.decode_layers(ref64, latents, ref64.head_pixels(b64), b64['checkerboard']
                                if 'checkerboard' in cfg.conditions else None)
