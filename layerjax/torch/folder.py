@@ -148,14 +148,16 @@ def load_components(path, device=None, dtype: torch.dtype | None = None
     if name == SCHEDULER:
       built[name] = cls.from_pretrained(folder / name)
       continue
+    want = dtype or saved[name]
     # Without `accelerate` (not a dependency) diffusers warns, then loads this way anyway.
     model, info = cls.from_pretrained(folder / name, output_loading_info=True,
-                                      low_cpu_mem_usage=False)
+                                      low_cpu_mem_usage=False, torch_dtype=want)
     if info['missing_keys'] or info['unexpected_keys']:
       raise ExportError(f'{folder / name}: missing_keys {info["missing_keys"]}, '
                         f'unexpected_keys {info["unexpected_keys"]}')
-    # Cast here: diffusers' `torch_dtype` leaves float64 as float32.
-    built[name] = model.to(device=device, dtype=dtype or saved[name]).eval()
+    if model.dtype != want:  # `torch_dtype` leaves float64 as float32
+      model = model.to(dtype=want)
+    built[name] = model.to(device).eval()
     infos[name] = info
   return meta, built, infos
 

@@ -59,9 +59,14 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
   return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+  return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def to_unit(x: torch.Tensor) -> torch.Tensor:
-  """Raw head output in the VAE image range [-1, 1] -> [0, 1] (`heads.to_unit`)."""
-  return (x / 2 + 0.5).clamp(0, 1)
+  """Raw head output in the VAE image range [-1, 1] -> [0, 1] (`heads.to_unit`), in fp32
+  (float64 stays)."""
+  return (at_least_fp32(x) / 2 + 0.5).clamp(0, 1)
 
 
 # --- text ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from layerjax.data.schema import over
-from layerjax.torch.modules import Decomposer, to_unit
+from layerjax.torch.modules import Decomposer, at_least_fp32, to_unit
 
 ALPHA_MIN = 1 / 255  # as `layerjax.flow.ALPHA_MIN`
 
@@ -61,7 +61,7 @@ def sample_latents(model: Decomposer, scheduler: FlowMatchEulerDiscreteScheduler
 def decode_layers(model: Decomposer, latents: torch.Tensor, pixels: torch.Tensor | None,
                   board: torch.Tensor | None = None) -> dict[str, np.ndarray]:
   """Latents [B, K, C, h, w] -> {layer name: straight RGBA [B, H, W, 4] in [0, 1]} and the
-  `recomposition` (RGB) back to front, as numpy NHWC in the model's dtype
+  `recomposition` (RGB) back to front, as numpy NHWC in fp32 (float64 for a float64 model)
   (`flow.decode_layers`). `pixels`: `model.head_pixels`; `board`: the checkerboard the
   foreground latent is seen over, if known."""
   out = {}
@@ -71,7 +71,7 @@ def decode_layers(model: Decomposer, latents: torch.Tensor, pixels: torch.Tensor
     if name == 'shadow':
       out[name] = to_unit(model.shadow_head(z, pixels))
       continue
-    rgb = model.decode(z)
+    rgb = at_least_fp32(model.decode(z))  # as JAX's, whose board is fp32
     if name == 'foreground':
       alpha = to_unit(model.alpha_head(z, pixels))
       if board is not None:
