@@ -46,7 +46,7 @@ def text_inputs(loaded):
 
 
 def to_torch(x, dtype):
-  x = torch.as_tensor(np.asarray(x))
+  x = torch.tensor(np.asarray(x))
   return x.to(dtype) if x.is_floating_point() else x
 
 
@@ -55,13 +55,15 @@ def nchw(batch: dict, dtype) -> dict[str, torch.Tensor]:
           else to_torch(v, dtype) for k, v in batch.items()}
 
 
-def judge(ours, run):
-  """`run(decomposer, dtype)` (torch, NCHW-like out as numpy NHWC) in fp32 and float64 bound
-  `ours` (JAX)."""
+def judge(ours, run, precision='float32'):
+  """`run(decomposer, dtype)` (torch, NCHW-like out as numpy NHWC) in `precision` and float64
+  bound `ours` (JAX)."""
   def check(pair):
     _, _, backend, ref64 = pair
+    low = torch_reference(backend.decomposer, precision)
     with torch.no_grad():
-      assert_parity(ours, run(backend.decomposer, torch.float32), run(ref64, torch.float64))
+      assert_parity(ours, run(low, getattr(torch, precision)), run(ref64, torch.float64),
+                    precision)
   return check
 
 
@@ -133,11 +135,14 @@ def test_text_inputs_are_the_jax_models(pair):
       backend.text_inputs(['a ball'])
 
 
-def test_forward_parity(pair):
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_forward_parity(pair, precision):
   """The whole forward: conditions, text, the layer tokens, blocks, long skip, sample
-  prediction (sigma 0.02 below SAMPLE_SIGMA_MIN)."""
-  _, loaded, backend, _ = pair
-  model, b = loaded.model, batch(loaded)
+  prediction (sigma 0.02 below SAMPLE_SIGMA_MIN); in bfloat16, JAX's and PyTorch's models
+  loaded in it."""
+  _, loaded, _, _ = pair
+  b = batch(loaded)
+  model = (loaded if precision == 'float32' else infer.load(loaded.source, dtype=precision)).model
   f, c = model.config.latent_factor, model.config.latent_channels
   k = len(model.config.layers)
   noisy = np.random.default_rng(1).standard_normal((B, k, SIZE // f, SIZE // f, c)).astype(
@@ -151,7 +156,7 @@ def test_forward_parity(pair):
     ctx, pooled = dec.encode_text(t)
     return nhwc(dec(to_torch(noisy, dtype).movedim(-1, 2), dec.conditions(t), ctx, pooled,
                     to_torch(sigma, torch.float32)))
-  judge(ours, run)(pair)
+  judge(ours, run, precision)(pair)
 
 
 def test_text_parity(pair):
