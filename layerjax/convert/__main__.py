@@ -1,7 +1,10 @@
-"""Command line: convert diffusers folders to Orbax checkpoints and back.
+"""Command line: convert diffusers folders to Orbax checkpoints and back, and a trained
+decomposer to its PyTorch export and back.
 
   python -m layerjax.convert from-diffusers SRC DST   # model or pipeline folder -> Orbax
   python -m layerjax.convert to-diffusers SRC DST     # Orbax -> diffusers folder(s)
+  python -m layerjax.convert to-pytorch MODEL DST     # packed model or workdir -> PyTorch
+  python -m layerjax.convert from-pytorch DST MODEL   # PyTorch export -> packed model
 
 A pipeline folder (with transformer/ and vae/) converts each model into the same-named
 subfolder of DST. A destination must be new or empty; one of the same kind (an Orbax
@@ -22,7 +25,7 @@ import jax
 import numpy as np
 
 from layerjax import cli
-from layerjax.convert import checkpoint, diffusers
+from layerjax.convert import checkpoint, diffusers, pytorch
 from layerjax.convert.files import MODEL_FOLDER, read_config
 from layerjax.fileio import LOCK, check_destination, check_not_inside, output_lock
 from layerjax.models.common import parameter_count
@@ -108,14 +111,22 @@ def main(argv: list[str]) -> int:
   p = sub.add_parser('from-diffusers', help='diffusers model/pipeline folder -> Orbax')
   p.add_argument('src', type=Path)
   p.add_argument('dst', type=Path)
-  p = sub.add_parser('to-diffusers', help='Orbax checkpoint -> diffusers folder')
+  for name, what, src in (('to-diffusers', 'Orbax checkpoint -> diffusers folder', 'src'),
+                          ('to-pytorch', 'packed decomposer model or training workdir -> '
+                           'PyTorch export (diffusers pipeline layout)', 'model')):
+    p = sub.add_parser(name, help=what)
+    p.add_argument(src, type=Path)
+    p.add_argument('dst', type=Path)
+    p.add_argument('--dtype', choices=DTYPES, default=None,
+                   help='cast saved tensors (default: keep the parameter dtype)')
+    p.add_argument('--max-shard-size', type=_size, default='10GB',
+                   help='shard above this size, e.g. 5GB, 500MB (default 10GB)')
+  p = sub.add_parser('from-pytorch', help='PyTorch export -> packed decomposer model')
   p.add_argument('src', type=Path)
-  p.add_argument('dst', type=Path)
-  p.add_argument('--dtype', choices=DTYPES, default=None,
-                 help='cast saved tensors (default: keep the parameter dtype)')
-  p.add_argument('--max-shard-size', type=_size, default='10GB',
-                 help='shard above this size, e.g. 5GB, 500MB (default 10GB)')
-  for p in sub.choices.values():
+  p.add_argument('model', type=Path)
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace a packed model already at MODEL')
+  for p in [p for n, p in sub.choices.items() if n != 'from-pytorch']:
     p.add_argument('--overwrite', action='store_true',
                    help='replace a conversion of the same kind already at DST')
     p.add_argument('--allow-nonfinite', action='store_true',
@@ -123,6 +134,14 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if args.command == 'from-diffusers':
     from_diffusers(args.src, args.dst, args.overwrite, args.allow_nonfinite)
+  elif args.command == 'to-pytorch':
+    pytorch.to_pytorch(args.model, args.dst, dtype=DTYPES.get(args.dtype),
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       allow_nonfinite=args.allow_nonfinite)
+    print(f'{args.model} -> {args.dst}')
+  elif args.command == 'from-pytorch':
+    pytorch.from_pytorch(args.src, args.model, overwrite=args.overwrite)
+    print(f'{args.src} -> {args.model}')
   else:
     to_diffusers(args.src, args.dst, DTYPES.get(args.dtype), args.max_shard_size,
                  args.overwrite, args.allow_nonfinite)
