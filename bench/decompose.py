@@ -82,7 +82,7 @@ def _embeddings(folder: Path, cfg) -> Path:
   """Random 'precomputed SD3 embeddings' of the empty text (timing does not care)."""
   import numpy as np
   from safetensors.numpy import save_file
-  from layerjax.build import TextEmbeddings
+  from layerjax.models.shared import TextEmbeddings
   k = TextEmbeddings.key('')
   rng = np.random.default_rng(0)
   path = folder / 'embeddings.safetensors'

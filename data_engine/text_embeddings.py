@@ -11,7 +11,7 @@ feature axis to T5's width W (4096), followed along the sequence by T5's L token
 `StableDiffusion3Pipeline.encode_prompt` gives (clip_skip None, one prompt per text, no
 guidance), written with transformers alone; the tests compare the two.
 
-`write_table` stores them in the safetensors table `layerjax.build.TextEmbeddings`
+`write_table` stores them in the safetensors table `layerjax.models.shared.TextEmbeddings`
 reads (`<sha256(text)>.states`, `<sha256(text)>.pooled`) for every text `collect_texts`
 finds that training can draw from the samples, the empty text included. Re-runs encode only
 texts the table lacks. CLI: `python -m data_engine embed-texts` (`add_subcommand`).
@@ -251,7 +251,7 @@ def write_table(path, texts: Iterable[str], encoder: SD3TextEncoder,
   """Adds the embeddings of the texts `path` lacks (creating it if needed) and rewrites it
   atomically; entries already there are kept as they are. Returns the counts."""
   from safetensors.numpy import save_file
-  from layerjax.build import TextEmbeddings
+  from layerjax.models.shared import TextEmbeddings
   path = Path(path)
   wanted = sorted({str(t) for t in texts})
   tensors, metadata = _read_table(path) if path.exists() else ({}, encoder.metadata)

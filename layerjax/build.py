@@ -10,7 +10,6 @@ a safetensors file (`model.text.encoder = 'precomputed'`, `model.text.embeddings
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,8 +19,9 @@ from flax import nnx
 from layerjax.convert import diffusers as convert
 from layerjax.models import heads
 from layerjax.models.decomposer import (DecomposerConfig, LayerDecomposer, TextEncoderConfig,
-                                        tokenize, widen_input)
+                                        widen_input)
 from layerjax.models.mmdit import MMDiTConfig
+from layerjax.models.shared import TextEmbeddings, tokenize
 from layerjax.models.vae import VAEConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -111,32 +111,6 @@ def build_model(config, seed: int | nnx.Rngs) -> LayerDecomposer:
     if hasattr(model, name):
       heads.init_from_vae_decoder(getattr(model, name), vae.decoder)
   return model
-
-
-class TextEmbeddings:
-  """Precomputed SD3 text embeddings: a safetensors file with, per text, tensors
-  `<sha256(text)>.states` [T, D] and `<sha256(text)>.pooled` [P] (the empty text included)."""
-
-  def __init__(self, path):
-    from safetensors.numpy import load_file
-    self.path = Path(path)
-    if not self.path.is_file():
-      raise FileNotFoundError(f'model.text.embeddings: {self.path}: no such file')
-    self.tensors = load_file(str(self.path))
-
-  @staticmethod
-  def key(text: str) -> str:
-    return hashlib.sha256(text.encode('utf-8')).hexdigest()
-
-  def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
-    states, pooled = [], []
-    for text in texts:
-      k = self.key(str(text))
-      if f'{k}.states' not in self.tensors:
-        raise KeyError(f'{self.path}: no embedding for text {text!r} (key {k})')
-      states.append(self.tensors[f'{k}.states'])
-      pooled.append(self.tensors[f'{k}.pooled'])
-    return np.stack(states).astype(np.float32), np.stack(pooled).astype(np.float32)
 
 
 def text_inputs(config):

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from layerjax.models import common
-from layerjax.models.decomposer import SAMPLE_SIGMA_MIN, DecomposerConfig, LayerDecomposer
+from layerjax.models.decomposer import DecomposerConfig, LayerDecomposer
+from layerjax.models.shared import SAMPLE_SIGMA_MIN
 from layerjax.models.mmdit import MMDiTConfig
 
 C = 12  # space_to_depth factor 2

@@ -17,7 +17,7 @@ import pytest
 from conftest import assert_parity, torch_reference
 from data_engine import text_embeddings as te
 from layerjax.data import schema
-from layerjax.build import TextEmbeddings
+from layerjax.models.shared import TextEmbeddings
 from test_schema import make_sample
 
 L = 12  # T5 tokens

@@ -16,7 +16,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from layerjax import build, checkpoints, parallel
+from layerjax import build
+from layerjax.models.shared import TextEmbeddings, checkpoints, parallel
 from layerjax.fileio import OutputError
 from layerjax.infer import model as infer
 from train_utils import load_config_file, write_embeddings
@@ -246,7 +247,7 @@ def test_sd3_medium_shaped_model_loads_sharded(tmp_path):
   c.init.pretrained = ''
   c.model.mmdit.num_layers = 1
   model = build.build_model(c, 0)
-  texts = build.TextEmbeddings(write_embeddings(tmp_path / 'emb.safetensors', 8, 4096, 2048))
+  texts = TextEmbeddings(write_embeddings(tmp_path / 'emb.safetensors', 8, 4096, 2048))
   packed = infer.save(infer.LoadedModel(model, c, 0, 'random sd3_medium', texts), tmp_path / 'm')
   want = flat(nnx.state(model))
   del model

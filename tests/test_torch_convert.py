@@ -2,12 +2,7 @@
 bit for bit, sharding, the bad inputs, and the export run with JAX unimportable."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -172,49 +167,6 @@ def test_bad_inputs(export, tmp_path, capsys):
   assert not (tmp_path / 'out').exists()
   # An existing export is replaced only with --overwrite.
   refused(['to-pytorch', str(model), str(dst)], '--overwrite')
-
-
-BLOCK_JAX = '''
-import sys
-class NoJax:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('jax', 'jaxlib', 'flax'):
-      raise ModuleNotFoundError(f'{name} is unimportable in this test')
-sys.meta_path.insert(0, NoJax())
-'''
-
-
-def test_runs_without_jax(export, tmp_path):
-  """A fresh process where JAX and Flax cannot be imported loads the export and samples the
-  same layers as this process's backend."""
-  _, _, dst = export
-  backend = TorchBackend.from_pretrained(dst)
-  rng = np.random.default_rng(0)
-  batch = {k: rng.random((1, 32, 32, 3)).astype(np.float32)
-           for k in ('image', 'prompt', 'checkerboard')}
-  batch.update(backend.text_inputs(['']))
-  m = backend.decomposer
-  noise = backend.noise(3, (1, len(backend.model['layers']), 32 // m.latent_factor,
-                            32 // m.latent_factor, m.latent_channels))
-  np.savez(tmp_path / 'in.npz', noise=noise, **batch)
-  code = BLOCK_JAX + textwrap.dedent(f'''
-      import numpy as np
-      from layerjax.torch.backend import TorchBackend
-      inputs = dict(np.load({str(tmp_path / 'in.npz')!r}))
-      noise = inputs.pop('noise')
-      b = TorchBackend.from_pretrained({str(dst)!r})
-      out = b.sample(inputs, None, noise, 2, 1.0)
-      np.testing.assert_array_equal(b.noise(3, noise.shape), noise)
-      assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')]
-      np.savez({str(tmp_path / 'out.npz')!r}, **out)
-      ''')
-  subprocess.run([sys.executable, '-c', code], check=True, cwd=tmp_path,
-                 env={**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])})
-  got = dict(np.load(tmp_path / 'out.npz'))
-  want = backend.sample(batch, None, noise, 2, 1.0)
-  assert got.keys() == want.keys()
-  for k in want:  # the same up to fp32 rounding: the two processes' kernels may differ
-    np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-4, err_msg=k)
 
 
 def test_noise_is_drawn_in_the_torch_layout(export):

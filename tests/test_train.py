@@ -21,6 +21,7 @@ from layerjax.data import pipeline
 from layerjax.models import mmdit
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 from layerjax import build
+from layerjax.models.shared import TextEmbeddings
 from layerjax.train import evaluate, trainer
 from layerjax.train import config as train_config
 from train_utils import ROOT, load_config_file, make_dataset, tiny, write_embeddings
@@ -303,7 +304,7 @@ def test_precomputed_embeddings_and_vae_latents_train_and_evaluate(tmp_path, dat
   table = evaluate.table(ev)
   assert 'layers/foreground/alpha_iou' in table and 'trivial' in table
   with pytest.raises(KeyError, match='no embedding for text'):
-    build.TextEmbeddings(emb)(['never seen'])
+    TextEmbeddings(emb)(['never seen'])
 
 
 @pytest.mark.slow

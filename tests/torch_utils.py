@@ -9,6 +9,7 @@ from flax import nnx
 from layerjax import build
 from layerjax.convert import pytorch
 from layerjax.infer import model as infer
+from layerjax.models.shared import TextEmbeddings
 from train_utils import tiny, write_embeddings
 
 # demo: configs/liwi.py:demo shrunk (pixel latents, conv heads reading image and board, long
@@ -44,7 +45,7 @@ def packed(root: Path, kind: str, seed: int = 0) -> Path:
   """A packed random model of `kind` at root/packed."""
   c = config(root, kind)
   model = randomize_(build.build_model(c, seed), seed)
-  texts = build.TextEmbeddings(c.model.text.embeddings) if kind != 'demo' else None
+  texts = TextEmbeddings(c.model.text.embeddings) if kind != 'demo' else None
   return infer.save(infer.LoadedModel(model, c, 7, f'random {kind}', texts), root / 'packed')
 
 

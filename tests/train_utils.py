@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 
 from layerjax.data import schema
 from layerjax.data.tfds_builder import Layered
-from layerjax.build import TextEmbeddings
+from layerjax.models.shared import TextEmbeddings
 from test_schema import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from layerjax import build
 from layerjax.convert.diffusers import (_from_torch_layout, _to_torch_layout, _torch_name,
                                         check_finite)
 from layerjax.convert.files import read_tensors, write_folder
@@ -33,6 +32,7 @@ from layerjax.fileio import Artifact, atomic_dir, check_destination, read_json
 from layerjax.infer import model as infer_model
 from layerjax.models import common, heads
 from layerjax.models.decomposer import DecomposerConfig, LayerDecomposer
+from layerjax.models.shared import TextEmbeddings
 
 EXPORT = Artifact('PyTorch decomposer export', lambda p: (p / 'decomposer.json').is_file(),
                   markers=('decomposer.json',))
@@ -143,7 +143,7 @@ def to_pytorch(model, dst, *, dtype: Any = None, max_shard_size: int = 10 * 2**3
         loaded.config.loss.shift)).save_pretrained(tmp / folder.SCHEDULER)
     if cfg.text is None:
       from safetensors.numpy import save_file
-      key = build.TextEmbeddings.key('')
+      key = TextEmbeddings.key('')
       states, pooled = loaded.texts([''])
       save_file({f'{key}.states': states[0], f'{key}.pooled': pooled[0]}, str(tmp / folder.TEXT))
     folder.write_index(tmp, {**_classes(configs), folder.SCHEDULER:
@@ -186,7 +186,7 @@ def from_pytorch(src, dst, *, overwrite: bool = False) -> Path:
         raise folder.ExportError(f'{src / component}: tensor {name!r} has shape {x.shape}, '
                                  f'the model in {folder.META} expects {tuple(var.shape)}')
       var.set_value(jnp.asarray(x.astype(var.dtype)))
-  texts = build.TextEmbeddings(src / folder.TEXT) if (src / folder.TEXT).is_file() else None
+  texts = TextEmbeddings(src / folder.TEXT) if (src / folder.TEXT).is_file() else None
   loaded = infer_model.LoadedModel(nnx.merge(graphdef, state),
                                    ml_collections.ConfigDict(meta['config']), int(meta['step']),
                                    meta['source'], texts)

@@ -266,11 +266,16 @@ def validate(sample: LayeredSample, atol: float | None = None) -> None:
 
 # --- on-disk form -------------------------------------------------------------------------
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """A float image in [0, 1] as 8 bits, rounded to nearest (what every file we write holds)."""
+  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
 def encode_png(x: np.ndarray) -> bytes:
   """8-bit PNG of a float image in [0, 1] ([H, W, 3|4]) or of a bool mask ([H, W])."""
-  u8 = x.astype(np.uint8) * 255 if x.dtype == np.bool_ else np.round(np.clip(x, 0, 1) * 255)
+  u8 = x.astype(np.uint8) * 255 if x.dtype == np.bool_ else to_uint8(x)
   buf = io.BytesIO()
-  Image.fromarray(u8.astype(np.uint8)).save(buf, format='PNG')
+  Image.fromarray(u8).save(buf, format='PNG')
   return buf.getvalue()
 
 

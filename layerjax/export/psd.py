@@ -45,7 +45,8 @@ from psd_tools.psd import PSD
 from psd_tools.psd.image_data import ImageData
 from psd_tools.psd.image_resources import ImageResource
 
-from layerjax.data.schema import Layer, LayeredSample, alpha_bbox, assemble, composite
+from layerjax.data.schema import (Layer, LayeredSample, alpha_bbox, assemble, composite,
+                                  to_uint8)
 from layerjax.export.names import clean, identify, layer_names
 from layerjax.fileio import as_path, atomic_file, check_file
 
@@ -55,10 +56,6 @@ NS = 'https://github.com/layerjax/layerjax/ns/psd/1.0/'
 
 class PsdError(ValueError):
   """A PSD or a sample that cannot be converted; the message names the file and why."""
-
-
-def _u8(x: np.ndarray) -> np.ndarray:
-  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
 
 def _xmp(record: dict) -> bytes:
@@ -85,7 +82,7 @@ def write_psd(sample: LayeredSample, path, overwrite: bool = False) -> Path:
 
   psd = PSDImage.new('RGBA', (w, h))  # 'RGBA': layers keep a transparency channel, not a mask
   for layer, name in zip(sample.layers, names):
-    rgba = _u8(layer.rgba)
+    rgba = to_uint8(layer.rgba)
     x0, y0, x1, y1 = alpha_bbox(rgba[..., 3]) or (0, 0, 0, 0)
     pixel = PixelLayer.frompil(Image.fromarray(rgba[y0:y1, x0:x1], 'RGBA'), psd, top=y0,
                                left=x0, compression=Compression.RLE)
@@ -97,7 +94,7 @@ def write_psd(sample: LayeredSample, path, overwrite: bool = False) -> Path:
   # psd-tools renders its own merged image on save; ours replaces it in the file's record.
   buf.seek(0)
   record = PSD.read(buf)
-  merged = _u8(composite(sample.layers))
+  merged = to_uint8(composite(sample.layers))
   record.image_data = ImageData(compression=Compression.RLE)
   record.image_data.set_data([merged[..., c].tobytes() for c in range(4)], record.header)
   entries = [{'psd': name, 'name': layer.name, 'kind': layer.kind, 'owner': layer.owner,

@@ -11,7 +11,7 @@ directly, into a `LayerDecomposer` placed on a mesh, in the dtype asked for, and
                                dtype it was trained in: the EMA weights and the frozen parts
                                (the VAE, buffers)
     MODEL/text.safetensors     models reading precomputed text embeddings only: the empty
-                               text's embedding (`build.TextEmbeddings`' format), so spatial
+                               text's embedding (`TextEmbeddings`' format), so spatial
                                prompts and guidance work without the embeddings file
 
 A workdir is read without ever building optimizer state: only `ema` and `step` are restored
@@ -39,8 +39,9 @@ from layerjax import build, checkpoints, flow, parallel
 from layerjax.fileio import Artifact, as_path, atomic_dir, check_destination, is_url, read_json
 from layerjax.models import common
 from layerjax.models.decomposer import (TRAINABLE, DecomposerConfig, LayerDecomposer,
-                                        TextEncoderConfig, tokenize)
+                                        TextEncoderConfig)
 from layerjax.models.mmdit import MMDiTConfig
+from layerjax.models.shared import TextEmbeddings, embedding_lookup, tokenize
 from layerjax.models.vae import VAEConfig
 
 FORMAT = 'layerjax.decomposer/1'
@@ -63,7 +64,7 @@ class LoadedModel:
   source: str  # the folder it came from (packed model or workdir)
   # Precomputed text embeddings it came with: the packed empty text, or a workdir's
   # `model.text.embeddings` file; None for the byte encoder or when the file is gone.
-  texts: build.TextEmbeddings | None = None
+  texts: TextEmbeddings | None = None
 
 
 # --- the resolved architecture as JSON ------------------------------------------------------
@@ -168,11 +169,11 @@ def _open_workdir(path, step: int | None, config=None) -> _Workdir:
   return _Workdir(path, config, step, ckpt)
 
 
-def _embeddings_file(config) -> build.TextEmbeddings | None:
+def _embeddings_file(config) -> TextEmbeddings | None:
   t = config.model.text
   if t.encoder != 'precomputed' or not t.embeddings or not Path(t.embeddings).is_file():
     return None
-  return build.TextEmbeddings(t.embeddings)
+  return TextEmbeddings(t.embeddings)
 
 
 def _load_workdir(w: _Workdir, mesh, dtype: str | None) -> LoadedModel:
@@ -246,7 +247,7 @@ def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedMod
   _check_weights(folder / WEIGHTS, abstract, folder / META)
   with safe_open(str(folder / WEIGHTS), framework='np') as f:
     model = _filled(abstract, f.get_tensor, _default_mesh(mesh))
-  texts = build.TextEmbeddings(folder / TEXT) if (folder / TEXT).is_file() else None
+  texts = TextEmbeddings(folder / TEXT) if (folder / TEXT).is_file() else None
   return LoadedModel(model, ml_collections.ConfigDict(meta['config']), int(meta['step']),
                      str(folder), texts)
 
@@ -302,7 +303,7 @@ def save(loaded: LoadedModel, out, *, overwrite: bool = False) -> Path:
   with atomic_dir(out, MODEL_FOLDER, overwrite) as tmp:
     save_file(tensors, str(tmp / WEIGHTS))
     if needs_text:
-      key = build.TextEmbeddings.key('')
+      key = TextEmbeddings.key('')
       states, pooled = loaded.texts([''])
       save_file({f'{key}.states': states[0], f'{key}.pooled': pooled[0]}, str(tmp / TEXT))
     (tmp / META).write_text(json.dumps(meta, indent=2) + '\n')
@@ -312,29 +313,14 @@ def save(loaded: LoadedModel, out, *, overwrite: bool = False) -> Path:
 def text_inputs(loaded: LoadedModel, embeddings=None) -> Callable[[list[str]], dict]:
   """A function texts -> the batch entries the model's text conditioning reads:
   `text_tokens` for the byte encoder; `text_embeds` and `pooled_text_embeds` for precomputed
-  embeddings, looked up in `embeddings` (a safetensors file, as `build.TextEmbeddings`), then
+  embeddings, looked up in `embeddings` (a safetensors file, as `TextEmbeddings`), then
   in those the model came with (a packed model: the empty text only)."""
   cfg = loaded.model.config
   if cfg.text is not None:
     return lambda texts: {'text_tokens': tokenize(texts, cfg.text.max_len)}
-  tables = ([build.TextEmbeddings(embeddings)] if embeddings else []) + (
+  tables = ([TextEmbeddings(embeddings)] if embeddings else []) + (
       [loaded.texts] if loaded.texts is not None else [])
-
-  def lookup(texts):
-    states, pooled = [], []
-    for text in texts:
-      key = build.TextEmbeddings.key(str(text))
-      table = next((t for t in tables if f'{key}.states' in t.tensors), None)
-      if table is None:
-        where = ', '.join(str(t.path) for t in tables) or 'no embeddings file'
-        raise ModelError(f'text {text!r}: {loaded.source} reads precomputed text embeddings '
-                         f'and {where} holds none for it: give embeddings= a safetensors file '
-                         'with it (`python -m data_engine embed-texts`)')
-      s, p = table([text])
-      states.append(s[0])
-      pooled.append(p[0])
-    return {'text_embeds': np.stack(states), 'pooled_text_embeds': np.stack(pooled)}
-  return lookup
+  return embedding_lookup(tables, loaded.source, ModelError)
 
 
 class JaxBackend:

@@ -24,7 +24,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from layerjax import parallel
@@ -32,29 +31,10 @@ from layerjax.models import heads
 from layerjax.models.autoencoder import SpaceToDepth, VAELatents, depth_to_space
 from layerjax.models.common import RMSNorm, attention, conv, layer_norm, linear
 from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, adaln_zero_
+from layerjax.models.shared import CONDITIONS, LAYERS, PAD, SAMPLE_SIGMA_MIN
 from layerjax.models.vae import AutoencoderKL, VAEConfig
 
-LAYERS = ('background', 'foreground', 'shadow')
-# Condition latents a layer may be denoised under. 'checkerboard' is the board the foreground
-# and shadow targets are blended over: given, a small model need not learn to draw it.
-CONDITIONS = ('image', 'prompt', 'checkerboard')
-SAMPLE_SIGMA_MIN = 0.05  # sample prediction: the velocity's 1 / sigma is capped there (JiT)
-
-
 # --- text ---------------------------------------------------------------------------------
-
-PAD, BOS = 0, 1  # byte b is token b + 2
-
-
-def tokenize(texts, max_len: int) -> np.ndarray:
-  """UTF-8 bytes -> int32 [B, max_len]: BOS, the first max_len - 1 bytes, then PAD."""
-  out = np.full((len(texts), max_len), PAD, np.int32)
-  for i, text in enumerate(texts):
-    ids = np.frombuffer(str(text).encode('utf-8'), np.uint8)[:max_len - 1].astype(np.int32) + 2
-    out[i, 0] = BOS
-    out[i, 1:1 + len(ids)] = ids
-  return out
-
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:

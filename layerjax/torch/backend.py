@@ -5,65 +5,47 @@ PyTorch and NCHW; layouts change only here.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
 
+from layerjax.models.shared import CONDITIONS, TextEmbeddings, embedding_lookup
 from layerjax.torch import folder as export
 from layerjax.torch import sampling
-from layerjax.torch.modules import CONDITIONS
-
-
-def text_key(text: str) -> str:
-  """A text's entry in an embeddings file (`build.TextEmbeddings.key`)."""
-  return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
 class TorchBackend:
-  """A loaded export: `text_inputs`, `noise` and `sample` as the driver calls them."""
+  """A loaded export: `text_inputs`, `noise`, `sample` and `decode` as the driver
+  (`layerjax.infer.decomposer.Backend`) calls them."""
 
   def __init__(self, path, device=None, dtype: torch.dtype | None = None, embeddings=None):
     self.path = Path(path)
     meta, built, self.loading_info = export.load_components(self.path, device, dtype)
-    self.source, self.step = meta['source'], int(meta['step'])
+    self.source, self.step = str(self.path), int(meta['step'])  # as JAX's: where it was read
     self.config, self.model = meta['config'], meta['model']
     self.decomposer = export.decomposer(meta, built)
     self.scheduler = built[export.SCHEDULER]
     self.device = torch.device(device) if device is not None else torch.device('cpu')
     # Precomputed text embeddings: `embeddings` first, then the export's (the empty text).
-    self.tables = []
     if self.model['text'] is None:
-      self.tables = [(Path(p), load_file(str(p))) for p in (embeddings, self.path / export.TEXT)
-                     if p is not None]
+      self._lookup = embedding_lookup([TextEmbeddings(p) for p in (embeddings, self.path /
+                                                                   export.TEXT) if p],
+                                      str(self.path))
 
   @classmethod
   def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None,
                       embeddings=None) -> 'TorchBackend':
     """The export at `path` (to-pytorch's folder) on `device`, in `dtype` (default as
     saved); `embeddings`: a safetensors file of precomputed text embeddings
-    (`build.TextEmbeddings`' keys) for models that read them."""
+    (`models.shared.TextEmbeddings`) for models that read them."""
     return cls(path, device, dtype, embeddings)
 
   def text_inputs(self, texts: list[str]) -> dict[str, np.ndarray]:
     """What `infer.model.text_inputs` gives the JAX model for `texts`."""
     if self.model['text'] is not None:
       return {'text_tokens': self.decomposer.text_encoder.tokenize(texts)}
-    states, pooled = [], []
-    for text in texts:
-      key = text_key(str(text))
-      table = next((t for _, t in self.tables if f'{key}.states' in t), None)
-      if table is None:
-        where = ', '.join(str(p) for p, _ in self.tables)
-        raise ValueError(f'text {text!r}: {self.path} reads precomputed text embeddings and '
-                         f'{where} holds none for it: give embeddings= a safetensors file '
-                         'with it (`python -m data_engine embed-texts`)')
-      states.append(table[f'{key}.states'])
-      pooled.append(table[f'{key}.pooled'])
-    return {'text_embeds': np.stack(states).astype(np.float32),
-            'pooled_text_embeds': np.stack(pooled).astype(np.float32)}
+    return self._lookup(texts)
 
   def noise(self, seed: int, shape: tuple) -> np.ndarray:
     """Standard normal noise of NHWC `shape` (B, K, h, w, C), drawn in the torch layout
@@ -81,11 +63,11 @@ class TorchBackend:
     return out
 
   def sample(self, batch: dict[str, np.ndarray], uncond: dict | None, noise: np.ndarray,
-             steps: int, guidance: float) -> dict[str, np.ndarray]:
-    """`flow.decompose` on numpy NHWC: `batch`'s image, prompt and checkerboard [B, H, W, 3]
-    in [0, 1] plus its text entries; `uncond` as `flow.unconditional_inputs` gives it (None
-    when `guidance` is 1); `noise` [B, K, h, w, C]. Returns {layer name: RGBA [B, H, W, 4],
-    'recomposition': [B, H, W, 3]}, float32."""
+             steps: int, guidance: float) -> torch.Tensor:
+    """`flow.sample_latents` on numpy NHWC: `batch`'s image, prompt and checkerboard
+    [B, H, W, 3] in [0, 1] plus its text entries; `uncond` as
+    `examples.unconditional_inputs` gives it (None when `guidance` is 1); `noise`
+    [B, K, h, w, C]. Returns the latents [B, K, C, h, w] for `decode`."""
     model = self.decomposer
     b, h, w = np.shape(batch['image'])[:3]
     f, c = model.latent_factor, model.latent_channels
@@ -93,11 +75,16 @@ class TorchBackend:
     if tuple(np.shape(noise)) != want:
       raise ValueError(f'noise: shape {tuple(np.shape(noise))}, expected {want} for a '
                        f'{b}x{h}x{w} batch')
-    tensors = self._tensors(batch)
     x = torch.tensor(np.asarray(noise), dtype=torch.float32, device=self.device)
-    x = x.permute(0, 1, 4, 2, 3)
-    latents = sampling.sample_latents(model, self.scheduler, tensors, x, steps, guidance,
-                                      None if uncond is None else self._tensors(uncond))
+    return sampling.sample_latents(model, self.scheduler, self._tensors(batch),
+                                   x.permute(0, 1, 4, 2, 3), steps, guidance,
+                                   None if uncond is None else self._tensors(uncond))
+
+  def decode(self, latents: torch.Tensor, batch: dict[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+    """`flow.decode_layers`: {layer name: RGBA [B, H, W, 4], 'recomposition': [B, H, W, 3]},
+    numpy NHWC float32."""
+    model, tensors = self.decomposer, self._tensors(batch)
     board = tensors['checkerboard'] if 'checkerboard' in self.model['conditions'] else None
     layers = sampling.decode_layers(model, latents, model.head_pixels(tensors), board)
     return {k: v.astype(np.float32) for k, v in layers.items()}

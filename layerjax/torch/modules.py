@@ -22,22 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder
 from torch import nn
 
-# As `layerjax.models.decomposer` (tests/test_torch_model.py checks they agree).
-LAYERS = ('background', 'foreground', 'shadow')
-CONDITIONS = ('image', 'prompt', 'checkerboard')
-SAMPLE_SIGMA_MIN = 0.05
-PAD, BOS = 0, 1  # byte b is token b + 2
-
-
-def tokenize(texts, max_len: int) -> np.ndarray:
-  """UTF-8 bytes -> int32 [B, max_len]: BOS, the first max_len - 1 bytes, then PAD."""
-  out = np.full((len(texts), max_len), PAD, np.int32)
-  for i, text in enumerate(texts):
-    ids = np.frombuffer(str(text).encode('utf-8'), np.uint8)[:max_len - 1].astype(np.int32) + 2
-    out[i, 0] = BOS
-    out[i, 1:1 + len(ids)] = ids
-  return out
-
+from layerjax.models.shared import PAD, SAMPLE_SIGMA_MIN, tokenize
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
   """[B, C, H, W] -> [B, f*f*C, H/f, W/f], channels in JAX's (fy, fx, c) order, so the

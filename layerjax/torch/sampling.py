@@ -10,11 +10,8 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from layerjax.data.schema import over
+from layerjax.data.schema import ALPHA_MIN, over
 from layerjax.torch.modules import Decomposer, at_least_fp32, to_unit
-
-ALPHA_MIN = 1 / 255  # as `layerjax.flow.ALPHA_MIN`
-
 
 def set_steps(scheduler: FlowMatchEulerDiscreteScheduler, steps: int) -> torch.Tensor:
   """`flow.sigmas(steps, shift)` in the scheduler: uniform in t from 1, shifted by the

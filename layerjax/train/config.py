@@ -23,7 +23,7 @@ from layerjax.data import pipeline
 from layerjax.evaluate import evaluators
 from layerjax.fileio import is_url
 from layerjax.models import mmdit
-from layerjax.models.decomposer import CONDITIONS, LAYERS
+from layerjax.models.shared import CONDITIONS, LAYERS
 from layerjax.models.vae import VAEConfig
 from layerjax.train import objectives
 
