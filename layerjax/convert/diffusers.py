@@ -62,18 +62,18 @@ def kind(name: str) -> ModelKind:
 
 # --- names and layouts --------------------------------------------------------------------
 
-def _torch_name(path: tuple) -> str:
+def torch_name(path: tuple) -> str:
   *head, leaf = (str(p) for p in path)
   return '.'.join([*head, {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)])
 
 
-def _to_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+def to_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
   if path[-1] == 'kernel':
     return x.T if x.ndim == 2 else x.transpose(3, 2, 0, 1)
   return x
 
 
-def _from_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+def from_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
   if path[-1] == 'kernel':
     return x.T if x.ndim == 2 else x.transpose(2, 3, 1, 0)
   return x
@@ -92,7 +92,7 @@ def torch_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarr
     if dtype is not None:
       with np.errstate(over='ignore'):  # an overflow is an Inf, which `save` reports by name
         x = x.astype(dtype)
-    out[_torch_name(path)] = np.ascontiguousarray(_to_torch_layout(path, x))
+    out[torch_name(path)] = np.ascontiguousarray(to_torch_layout(path, x))
   return out
 
 
@@ -120,14 +120,14 @@ def check_finite(name: str, x: np.ndarray, where: str, allow: bool) -> None:
 
 def torch_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
   """diffusers name -> PyTorch-layout shape of every variable in `state` (abstract or not)."""
-  return {_torch_name(p): tuple(_to_torch_layout(p, np.empty(v.shape, np.bool_)).shape)
+  return {torch_name(p): tuple(to_torch_layout(p, np.empty(v.shape, np.bool_)).shape)
           for p, v in _variables(state)}
 
 
 def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: str,
                          param_dtype: Any, allow_nonfinite: bool = False) -> nnx.Module:
   """Builds the model from `tensors` (name -> array-like in PyTorch layout), strictly."""
-  expected = {_torch_name(p): (p, v) for p, v in _variables(abstract_state)}
+  expected = {torch_name(p): (p, v) for p, v in _variables(abstract_state)}
   shapes = torch_shapes(abstract_state)
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
@@ -143,7 +143,7 @@ def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: s
       raise CheckpointMismatch(f'{source}: shape mismatch for {name!r}: checkpoint has '
                                f'{tuple(x.shape)}, model expects {want}')
     check_finite(name, x, source, allow_nonfinite)
-    var.set_value(jnp.asarray(_from_torch_layout(path, x), dtype=param_dtype))
+    var.set_value(jnp.asarray(from_torch_layout(path, x), dtype=param_dtype))
   return nnx.merge(graphdef, abstract_state)
 
 

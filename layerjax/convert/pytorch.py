@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from layerjax.convert.diffusers import (_from_torch_layout, _to_torch_layout, _torch_name,
+from layerjax.convert.diffusers import (from_torch_layout, to_torch_layout, torch_name,
                                         check_finite)
 from layerjax.convert.files import read_tensors, write_folder
 from layerjax.fileio import Artifact, atomic_dir, check_destination, read_json
@@ -57,15 +57,15 @@ def component_name(path: tuple, ndim: int) -> tuple[str, str]:
     component, rest = path[0], path[1:]
   if rest[-1] == 'kernel' and ndim == 3:  # the long skip's kernel: no torch layer's layout
     return component, '.'.join(rest)
-  return component, _torch_name(rest)
+  return component, torch_name(rest)
 
 
 def _to_torch(path: tuple, x: np.ndarray) -> np.ndarray:
-  return x if x.ndim == 3 else _to_torch_layout(path, x)
+  return x if x.ndim == 3 else to_torch_layout(path, x)
 
 
 def _from_torch(path: tuple, x: np.ndarray) -> np.ndarray:
-  return x if x.ndim == 3 else _from_torch_layout(path, x)
+  return x if x.ndim == 3 else from_torch_layout(path, x)
 
 
 # --- component configs ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from layerjax.data.schema import ALPHA_MIN, LayeredSample, Prompt, assemble, com
 from layerjax.infer import postprocess as post
 from layerjax.infer import scene
 from layerjax.infer.prompts import PromptError, Query, as_query, check_query
+from layerjax.models.shared import latent_geometry
 
 # Larger photos are refused before they are decoded (a 16k x 16k photo's float32 copies
 # alone take 3 GB each); the model sees a few hundred pixels a side whatever comes in.
@@ -78,11 +79,7 @@ class Settings:
 
   @classmethod
   def of(cls, config, model: dict) -> 'Settings':
-    if model['latents'] == 'vae':
-      factor, channels = 2 ** (len(model['vae']['block_out_channels']) - 1), \
-          model['vae']['latent_channels']
-    else:
-      factor, channels = model['factor'], 3 * model['factor'] ** 2
+    factor, channels = latent_geometry(model)
     kinds = frozenset().union(*examples.parse_prompt_probs(config.data.prompt_probs)[0])
     return cls(tuple(model['layers']), factor, channels, factor * model['mmdit']['patch_size'],
                kinds, bool(config.loss.get('cond_dropout', 0.0)))

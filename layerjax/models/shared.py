@@ -1,6 +1,7 @@
 """What the JAX decomposer (`layerjax.models.decomposer`) and the PyTorch one
 (`layerjax.torch.modules`) share, numpy only so that PyTorch users never import JAX: layer and
-condition names, the sample-prediction cap, the byte-level tokenizer and precomputed SD3
+condition names, the sample-prediction cap, the latent geometry of an architecture, the
+byte-level tokenizer and precomputed SD3
 text embeddings (`TextEmbeddings`, `embedding_lookup`)."""
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def tokenize(texts, max_len: int) -> np.ndarray:
     out[i, 0] = BOS
     out[i, 1:1 + len(ids)] = ids
   return out
+
+
+def latent_geometry(model: dict) -> tuple[int, int]:
+  """(pixels per latent cell, latent channels) of an architecture (`config_json`'s dict), as
+  `DecomposerConfig.latent_factor` / `latent_channels` give them."""
+  if model['latents'] == 'vae':
+    return 2 ** (len(model['vae']['block_out_channels']) - 1), model['vae']['latent_channels']
+  return model['factor'], 3 * model['factor'] ** 2
 
 
 class TextEmbeddings:

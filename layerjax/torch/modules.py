@@ -22,7 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder
 from torch import nn
 
-from layerjax.models.shared import PAD, SAMPLE_SIGMA_MIN, tokenize
+from layerjax.models.shared import PAD, SAMPLE_SIGMA_MIN, latent_geometry, tokenize
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
   """[B, C, H, W] -> [B, f*f*C, H/f, W/f], channels in JAX's (fy, fx, c) order, so the
@@ -191,13 +191,11 @@ class Decomposer(nn.Module):
 
   @property
   def latent_factor(self) -> int:
-    m = self.model
-    return 2 ** (len(m['vae']['block_out_channels']) - 1) if m['latents'] == 'vae' else m['factor']
+    return latent_geometry(self.model)[0]
 
   @property
   def latent_channels(self) -> int:
-    m = self.model
-    return m['vae']['latent_channels'] if m['latents'] == 'vae' else 3 * m['factor'] ** 2
+    return latent_geometry(self.model)[1]
 
   @property
   def dtype(self) -> torch.dtype:
