@@ -16,10 +16,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from layerjax import build
-from layerjax.models.shared import TextEmbeddings, checkpoints, parallel
+from layerjax import build, checkpoints, parallel
 from layerjax.fileio import OutputError
 from layerjax.infer import model as infer
+from layerjax.models.shared import TextEmbeddings
 from train_utils import load_config_file, write_embeddings
 from layerjax.train import trainer
 
