@@ -161,8 +161,9 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, P
   layerjax recorded it), then decomposes held-out scenes (scaled up 4x; the first with its
   object's box, the second as a whole scene) and scikit-image's coffee photo (its cup's box,
   and the whole scene), writes each as a sample folder with its Photoshop, OpenRaster and
-  contact-sheet files, and moves the first scene's object with its shadow
-  (`layerjax.edit`). Returns (what, sample folder, layers) for the table."""
+  contact-sheet files, moves the first scene's object with its shadow (`layerjax.edit`), and
+  runs the model in PyTorch (`in_pytorch`). Returns (what, sample folder, layers) for the
+  table."""
   from skimage import data as skimage_data
   from data_engine import jobs
   from layerjax.data.schema import encode_png, read_folder
@@ -225,7 +226,26 @@ def decompose_photos(workdir: Path, config, count: int = 2) -> list[tuple[str, P
   print(f'  {out / first.id}: {name} moved {dx} px right with its shadow -> {folder}')
   print(f'    python -m layerjax.edit {out / first.id} --move {name}:+{dx},0 --id {edited.id} '
         f'--format {",".join(FILES[:-1])} --out {folder.parent} --overwrite')
+  rows.append(in_pytorch(model, decomposer, coffee, workdir))
   return rows
+
+
+def in_pytorch(model: Path, decomposer, photo: Path, workdir: Path) -> tuple[str, Path, int]:
+  """Exports `model` for PyTorch (`to-pytorch`) and decomposes the coffee cup with
+  `LayerDecomposerPipeline`, beside JAX on the same noise; the row for the table."""
+  from layerjax.convert import pytorch
+  from layerjax.infer.prompts import Query
+  from layerjax.torch import LayerDecomposerPipeline
+  exported = pytorch.to_pytorch(model, workdir / 'pytorch', overwrite=True)
+  pipe = LayerDecomposerPipeline.from_pretrained(exported)
+  in_torch = pipe(photo, box=COFFEE_CUP, sample_id='coffee-cup-pytorch')
+  in_jax = decomposer.decompose(photo, Query(box=COFFEE_CUP), noise=pipe.backend.noise)
+  differ = max(np.abs(a.rgba - b.rgba).max() for a, b in zip(in_jax.layers, in_torch.layers))
+  folder = _write(in_torch, workdir / 'decomposed' / in_torch.id)
+  print(f'  {exported}: the model for PyTorch users (no JAX needed); on the cup\'s box its '
+        f'layers differ from JAX\'s by {differ:.1e} at most (the same noise) -> {folder}')
+  print(f'    python -m layerjax.convert to-pytorch {model} {exported} --overwrite')
+  return 'scikit-image coffee, the cup\'s box, in PyTorch', folder, len(in_torch.layers)
 
 
 def _write(sample, folder: Path) -> Path:
