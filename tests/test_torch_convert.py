@@ -1,5 +1,6 @@
 """`python -m layerjax.convert to-pytorch / from-pytorch`: the export's layout, the round trip
-bit for bit, sharding, the bad inputs, and the export run with JAX unimportable."""
+bit for bit, sharding and the bad inputs (the export run with JAX unimportable:
+test_torch_pipeline.py)."""
 
 import json
 import shutil
