@@ -166,8 +166,11 @@ def test_bad_inputs(export, tmp_path, capsys):
   refused(['to-pytorch', str(nan_model), str(tmp_path / 'out')],
           f"export to {tmp_path}/out/transformer: tensor 'proj_out.weight' has 1 NaN")
   assert not (tmp_path / 'out').exists()
-  # An existing export is replaced only with --overwrite.
+  # An existing export is replaced only with --overwrite; neither command writes inside
+  # what it reads.
   refused(['to-pytorch', str(model), str(dst)], '--overwrite')
+  refused(['to-pytorch', str(model), str(model / 'torch')], 'must not be, contain or lie inside')
+  refused(['from-pytorch', str(dst), str(dst / 'back')], 'must not be, contain or lie inside')
 
 
 def test_noise_is_drawn_in_the_torch_layout(export):

@@ -28,7 +28,7 @@ from flax import nnx
 from layerjax.convert.diffusers import (from_torch_layout, to_torch_layout, torch_name,
                                         check_finite)
 from layerjax.convert.files import read_tensors, write_folder
-from layerjax.fileio import Artifact, atomic_dir, check_destination, read_json
+from layerjax.fileio import Artifact, atomic_dir, check_destination, check_not_inside, read_json
 from layerjax.infer import model as infer_model
 from layerjax.models import common, heads
 from layerjax.models.decomposer import DecomposerConfig, LayerDecomposer
@@ -115,6 +115,7 @@ def to_pytorch(model, dst, *, dtype: Any = None, max_shard_size: int = 10 * 2**3
   from diffusers import FlowMatchEulerDiscreteScheduler
   folder = _torch_folder()
   dst = Path(dst)
+  check_not_inside(model, dst)
   check_destination(dst, EXPORT, overwrite)
   loaded = infer_model.load(model)
   cfg = loaded.model.config
@@ -159,6 +160,7 @@ def from_pytorch(src, dst, *, overwrite: bool = False) -> Path:
   finite; one line naming the file and tensor) before the model is built."""
   folder = _torch_folder()
   src, dst = Path(src), Path(dst)
+  check_not_inside(src, dst)
   check_destination(dst, infer_model.MODEL_FOLDER, overwrite)
   if not src.is_dir():
     raise folder.ExportError(f'{src}: no such folder')

@@ -214,8 +214,8 @@ class Decomposer:
     s = self.settings
     g = post.geometry(photo.shape[:2], tuple(self.config.data.image_size), s.step)
     batch = self._batch(photo, q, g)
-    text = self.backend.text_inputs
-    uncond = examples.unconditional_inputs(batch, text([''])) if guidance != 1 else None
+    uncond = (examples.unconditional_inputs(batch, self.backend.text_inputs(['']))
+              if guidance != 1 else None)
     shape = (1, len(s.layers), g.padded[0] // s.latent_factor, g.padded[1] // s.latent_factor,
              s.latent_channels)
     timings = {'sampling': 0.0, 'decoding': 0.0, 'postprocess': 0.0}
