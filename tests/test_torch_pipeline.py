@@ -74,6 +74,20 @@ def test_a_box_prompt_gives_the_jax_layers(models):
   assert got.provenance['steps'] == 3 and got.prompts[0].box == BOX
 
 
+def test_guidance_gives_the_jax_layers(models):
+  kind, jax_d, pipe, pipe64, _ = models
+  if kind == 'demo':
+    with pytest.raises(ValueError, match='trained without condition dropout'):
+      pipe(photo(), box=BOX, guidance_scale=2.0)
+    return
+  image = photo()
+  got, ref = (p(image, box=BOX, num_inference_steps=2, guidance_scale=2.0)
+              for p in (pipe, pipe64))
+  ours = jax_d.decompose(image, Query(box=BOX), steps=2, guidance=2.0, noise=pipe.backend.noise)
+  assert got.provenance['guidance'] == 2.0
+  assert_same_layers(ours, got, ref)
+
+
 def test_the_whole_scene_gives_the_jax_layers(models):
   _, jax_d, pipe, pipe64, _ = models
   image = photo()

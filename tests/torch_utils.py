@@ -28,6 +28,8 @@ def config(root: Path, kind: str):
   else:
     c.model.mmdit.dual_attention_layers = () if kind == 'sd3' else (0,)
     c.model.mmdit.qk_norm = None if kind == 'sd3' else 'rms_norm'
+    # As the SD3 configs: trained with condition dropout, so the decomposers take guidance.
+    c.loss.cond_dropout = 0.1
   return c
 
 
