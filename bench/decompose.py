@@ -1,5 +1,5 @@
-"""Seconds per photo and peak memory of `Decomposer.decompose`, next to the same network
-sampled with diffusers (PyTorch eager, optionally `torch.compile`).
+"""Seconds per photo and peak memory of `Decomposer.decompose`, next to the same model in
+PyTorch (`LayerDecomposerPipeline`: eager, optionally `torch.compile`).
 
 Ours is the whole user path: a photo of `--photo` pixels (a synthetic scene) with a box
 prompt, through `layerjax.infer.decomposer.Decomposer` (resize to the model, the jitted
@@ -8,15 +8,12 @@ upsampling and the exact colour solve at the photo's resolution), split into sam
 decoding and post-processing as the provenance records them. Compile time (the first call)
 is reported apart; the times are medians of `--repeats` calls after it.
 
-The peer is what a PyTorch user runs for the same network: diffusers' `SD3Transformer2DModel`
-of the same width, depth, heads and input channels, fed the K layer latents as one latent K
-times as tall (the same number of image tokens) and the same text tokens, stepped by
-`FlowMatchEulerDiscreteScheduler` for the same number of steps, after encoding the condition
-maps (image, prompt) with diffusers' `AutoencoderKL`; then its `decode` once per
-VAE-decoder-shaped pass we make (background, foreground, alpha head, shadow head). It does
-no prompt rendering, resizing or post-processing, so a ratio above 1 understates our
-speed. The demo model's latents are lossless pixels (no VAE), so its peer encodes and
-decodes nothing.
+The peer is what a PyTorch user runs for the same model: the same random weights exported
+with `python -m layerjax.convert to-pytorch` and called through `LayerDecomposerPipeline`
+(diffusers' `SD3Transformer2DModel`, `AutoencoderKL` and VAE `Decoder` heads, stepped by
+`FlowMatchEulerDiscreteScheduler`), PyTorch eager or, with `--compile`, its network under
+`torch.compile`. Both sides do the same work, photo to exact layers, with the same numpy code
+around the network, so the phases compare one to one.
 
 Configs
   demo        configs/liwi.py:demo (a 4-block model at 32 px), as `make demo` trains it
@@ -25,7 +22,8 @@ Configs
               `--size` px, random weights
 
 Peak memory: each (config, side) runs in its own process; on a CPU its peak resident set
-(`ru_maxrss`), on a GPU the framework's peak device allocation.
+(`ru_maxrss`), on a GPU the framework's peak device allocation. Ours runs first and writes
+the model and its PyTorch export to a temporary folder the peer loads.
 
     python bench/decompose.py                                   # CPU: sd3_medium depth 2, 4 steps
     python bench/decompose.py --configs sd3_medium --depth 24 --steps 28 --dtype bfloat16 \\
@@ -48,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
-from train_step import SD3_TEXT_TOKENS, load_config, peer_transformer  # noqa: E402
+from train_step import SD3_TEXT_TOKENS, load_config  # noqa: E402
 
 PHASES = ('sampling', 'decoding', 'postprocess')
 
@@ -110,98 +108,55 @@ def peak_memory_bytes(framework: str) -> int:
 def run_ours(name: str, args) -> dict:
   import jax
   from flax import nnx
-  from layerjax.infer.decomposer import Decomposer
-  from layerjax.infer.prompts import Query
-  from layerjax.infer.model import JaxBackend, LoadedModel
   from layerjax import build
+  from layerjax.convert import pytorch
+  from layerjax.infer.decomposer import Decomposer
+  from layerjax.infer.model import JaxBackend, LoadedModel, save
+  from layerjax.infer.prompts import Query
+  from layerjax.models.shared import TextEmbeddings
   config = make_config(name, args)
   model = build.build_model(config, 0)
-  with tempfile.TemporaryDirectory() as tmp:
-    embeddings = None
-    if config.model.text.encoder == 'precomputed':
-      embeddings = _embeddings(Path(tmp), model.config)
-    d = Decomposer(JaxBackend(LoadedModel(model, config, 0, f'random {name}'),
-                              embeddings=embeddings))
+  texts = None
+  if config.model.text.encoder == 'precomputed':
+    texts = TextEmbeddings(_embeddings(Path(args.export), model.config))
+  loaded = LoadedModel(model, config, 0, f'random {name}', texts)
+  if not args.no_peer:  # the same weights for the peer
+    pytorch.to_pytorch(save(loaded, Path(args.export) / 'packed'), Path(args.export) / 'torch')
+  d = Decomposer(JaxBackend(loaded))
+  out = timed(lambda image, box, seed: d.decompose(image, Query(box=box), seed=seed), args)
+  return {**out, 'steps': config.eval.sample_steps,
+          'parameters': int(sum(x.size for x in jax.tree.leaves(nnx.state(model)))),
+          'vae': model.config.latents == 'vae', 'peak_memory': peak_memory_bytes('jax')}
+
+
+def timed(decompose, args) -> dict:
+  """The first call (compiling) and the median of `--repeats` more (seeds 1, 2, ...) of
+  `decompose(image, box, seed)` on the benchmark photo and its box, by phase."""
   image, box = photo(tuple(args.photo))
   t = time.perf_counter()
-  d.decompose(image, Query(box=box))
+  decompose(image, box, 0)
   first = time.perf_counter() - t
   runs = []
   for i in range(args.repeats):
     t = time.perf_counter()
-    s = d.decompose(image, Query(box=box), seed=i + 1)
+    s = decompose(image, box, i + 1)
     runs.append({'total': time.perf_counter() - t, **{k: s.provenance['timings'][k]
                                                       for k in PHASES}})
   med = {k: statistics.median(r[k] for r in runs) for k in ('total', *PHASES)}
-  cfg = model.config
   return {'seconds': med, 'first_call_s': first, 'compile_s': first - med['total'],
-          'model_size': s.provenance['model_size'], 'steps': config.eval.sample_steps,
-          'parameters': int(sum(x.size for x in jax.tree.leaves(nnx.state(model)))),
-          'vae': cfg.latents == 'vae', 'peak_memory': peak_memory_bytes('jax')}
+          'model_size': s.provenance['model_size']}
 
 
 def run_peer(name: str, args) -> dict:
-  import numpy as np
+  """The export ours wrote, through `LayerDecomposerPipeline` (JAX is not imported)."""
   import torch
-  from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-  from layerjax import build
-  config = make_config(name, args)
-  cfg = build.decomposer_config(config)
-  m, k = cfg.mmdit, len(cfg.layers)
-  h, w = (s // cfg.latent_factor for s in config.data.image_size)
+  from layerjax.torch import LayerDecomposerPipeline
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-  dtype = torch.bfloat16 if args.dtype == 'bfloat16' else torch.float32
-  torch.manual_seed(0)
-  model = peer_transformer(cfg, h).to(dev, dtype).eval()
-  vae = None
-  if cfg.latents == 'vae':
-    v = cfg.vae
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=v.latent_channels,
-                        block_out_channels=tuple(v.block_out_channels),
-                        down_block_types=('DownEncoderBlock2D',) * len(v.block_out_channels),
-                        up_block_types=('UpDecoderBlock2D',) * len(v.block_out_channels),
-                        layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
-                        ).to(dev, dtype).eval()
-  forward = torch.compile(model) if args.compile else model
-  tokens = cfg.text.max_len if cfg.text is not None else SD3_TEXT_TOKENS
-  rng = np.random.default_rng(0)
-  t = lambda *s: torch.from_numpy(rng.normal(size=s).astype(np.float32)).to(dev, dtype)
-  cond = t(1, m.in_channels - m.out_channels, k * h, w)
-  maps = [t(1, 3, *config.data.image_size) for _ in config.model.conditions]
-  text, pooled = t(1, tokens, m.joint_attention_dim), t(1, m.pooled_projection_dim)
-  sched = FlowMatchEulerDiscreteScheduler(shift=config.loss.shift)
-  steps = config.eval.sample_steps
-  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
-
-  @torch.no_grad()
-  def once():
-    t0 = time.perf_counter()
-    if vae is not None:  # the condition maps' latents, as our sampler encodes them
-      for x in maps:
-        vae.encode(x).latent_dist.mean
-    sched.set_timesteps(steps)
-    x = t(1, m.out_channels, k * h, w)
-    for ts in sched.timesteps:
-      v = forward(torch.cat([x, cond], 1), encoder_hidden_states=text, pooled_projections=pooled,
-                  timestep=ts.expand(1).to(dev)).sample
-      x = sched.step(v, ts, x).prev_sample
-    sync()
-    t1 = time.perf_counter()
-    if vae is not None:
-      for _ in range(4):  # background, foreground, alpha head, shadow head
-        vae.decode(x[:, :, :h]).sample
-    sync()
-    return t1 - t0, time.perf_counter() - t1
-
-  t0 = time.perf_counter()
-  once()
-  first = time.perf_counter() - t0
-  runs = [once() for _ in range(args.repeats)]
-  sampling = statistics.median(r[0] for r in runs)
-  decoding = statistics.median(r[1] for r in runs)
-  return {'seconds': {'total': sampling + decoding, 'sampling': sampling, 'decoding': decoding},
-          'first_call_s': first, 'peak_memory': peak_memory_bytes('torch'),
-          'compile': bool(args.compile)}
+  pipe = LayerDecomposerPipeline.from_pretrained(Path(args.export) / 'torch', device=dev)
+  if args.compile:
+    pipe.backend.decomposer.compile()
+  out = timed(lambda image, box, seed: pipe(image, box=box, seed=seed), args)
+  return {**out, 'peak_memory': peak_memory_bytes('torch'), 'compile': bool(args.compile)}
 
 
 def main(argv=None) -> dict:
@@ -218,6 +173,7 @@ def main(argv=None) -> dict:
   p.add_argument('--compile', action='store_true', help='the peer under torch.compile')
   p.add_argument('--no-peer', action='store_true')
   p.add_argument('--one', nargs=2, metavar=('CONFIG', 'SIDE'), help=argparse.SUPPRESS)
+  p.add_argument('--export', help=argparse.SUPPRESS)
   p.add_argument('--json', default=None)
   args = p.parse_args(argv)
   if args.one:  # a child process: one side of one config, its JSON on the last line
@@ -228,10 +184,12 @@ def main(argv=None) -> dict:
   results = {}
   for name in args.configs:
     r = results[name] = {}
-    for side in ('ours',) + (() if args.no_peer else ('peer',)):
-      out = subprocess.run([sys.executable, __file__, *passed, '--one', name, side],
-                           check=True, stdout=subprocess.PIPE, text=True).stdout
-      r[side] = json.loads(out.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as export:  # the model ours writes, the peer loads
+      for side in ('ours',) + (() if args.no_peer else ('peer',)):
+        out = subprocess.run([sys.executable, __file__, *passed, '--one', name, side,
+                              '--export', export],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        r[side] = json.loads(out.strip().splitlines()[-1])
     ours = r['ours']
     s = ours['seconds']
     print(f'{name}: model {ours["model_size"][0]}x{ours["model_size"][1]}, '
@@ -243,11 +201,12 @@ def main(argv=None) -> dict:
       peer = r['peer']
       ps = peer['seconds']
       what = 'torch.compile' if peer['compile'] else 'PyTorch eager'
-      print(f'  diffusers ({what}): {ps["total"]:.2f} s (sampling {ps["sampling"]:.2f}, '
-            f'decoding {ps["decoding"]:.2f}), peak memory {peer["peak_memory"] / 2**30:.2f} '
-            f'GiB; sampling ratio {ps["sampling"] / s["sampling"]:.2f}x, sampling + decoding '
-            f'{(ps["sampling"] + ps["decoding"]) / (s["sampling"] + s["decoding"]):.2f}x '
-            f'(> 1: layerjax faster)')
+      print(f'  LayerDecomposerPipeline ({what}): {ps["total"]:.2f} s/photo (sampling '
+            f'{ps["sampling"]:.2f}, decoding {ps["decoding"]:.2f}, post-processing '
+            f'{ps["postprocess"]:.2f}), first call {peer["first_call_s"]:.1f} s, peak memory '
+            f'{peer["peak_memory"] / 2**30:.2f} GiB')
+      print('  ratios (> 1: layerjax faster): ' + ', '.join(
+          f'{k} {ps[k] / s[k]:.2f}x' for k in ('total', 'sampling', 'decoding')))
   if args.json:
     Path(args.json).write_text(json.dumps(results, indent=2) + '\n')
   return results

@@ -76,9 +76,12 @@ class TorchBackend:
       raise ValueError(f'noise: shape {tuple(np.shape(noise))}, expected {want} for a '
                        f'{b}x{h}x{w} batch')
     x = torch.tensor(np.asarray(noise), dtype=torch.float32, device=self.device)
-    return sampling.sample_latents(model, self.scheduler, self._tensors(batch),
-                                   x.permute(0, 1, 4, 2, 3), steps, guidance,
-                                   None if uncond is None else self._tensors(uncond))
+    latents = sampling.sample_latents(model, self.scheduler, self._tensors(batch),
+                                      x.permute(0, 1, 4, 2, 3), steps, guidance,
+                                      None if uncond is None else self._tensors(uncond))
+    if latents.is_cuda:  # done when returned, as JAX's: the driver times sampling apart
+      torch.cuda.synchronize(latents.device)
+    return latents
 
   def decode(self, latents: torch.Tensor, batch: dict[str, np.ndarray]
              ) -> dict[str, np.ndarray]:
