@@ -100,7 +100,6 @@ class Decomposer:
     self.backend = backend
     self.config = ml_collections.ConfigDict(backend.config)
     self.settings = Settings.of(self.config, backend.model)
-    self.kinds = self.settings.kinds
     self.max_pixels = max_pixels
 
   @classmethod
@@ -157,10 +156,11 @@ class Decomposer:
                        'dropout (loss.cond_dropout = 0), so it has no unconditional '
                        'prediction to guide away from; use guidance 1')
     if q is not None:
-      untrained = q.kinds - self.kinds
+      untrained = q.kinds - self.settings.kinds
       if untrained:
         raise PromptError(f'prompt {"+".join(sorted(untrained))}: this model was trained '
-                          f'with prompt kinds {sorted(self.kinds)} (data.prompt_probs) only')
+                          f'with prompt kinds {sorted(self.settings.kinds)} (data.prompt_probs) '
+                          'only')
       if not q.kinds:
         raise PromptError('prompt: empty (give points, a box, a mask or a text, or no '
                           'prompt for the whole scene)')

@@ -85,9 +85,9 @@ def peel(decomposer, photo: np.ndarray, proposals: Proposals, max_layers: int | 
   and `noise` as `Decomposer.extract` takes them."""
   if max_layers is not None and max_layers < 1:
     raise ValueError(f'max_layers must be >= 1, got {max_layers}')
-  if 'box' not in decomposer.kinds:
+  if 'box' not in decomposer.settings.kinds:
     raise PromptError('whole-scene mode prompts each proposal with its box, but this model '
-                      f'was trained with prompt kinds {sorted(decomposer.kinds)} only')
+                      f'was trained with prompt kinds {sorted(decomposer.settings.kinds)} only')
   limit = max_layers or MAX_LAYERS
   t0 = time.perf_counter()
   found, detected = proposals(photo)

@@ -15,6 +15,11 @@ from layerjax.torch import folder as export
 from layerjax.torch import sampling
 
 
+def nhwc_noise(x: torch.Tensor) -> np.ndarray:
+  """Initial latents in the torch layout [B, K, C, h, w] -> the driver's NHWC float32."""
+  return x.detach().float().permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
 class TorchBackend:
   """A loaded export: `text_inputs`, `noise`, `sample` and `decode` as the driver
   (`layerjax.infer.decomposer.Backend`) calls them."""
@@ -47,12 +52,14 @@ class TorchBackend:
       return {'text_tokens': self.decomposer.text_encoder.tokenize(texts)}
     return self._lookup(texts)
 
-  def noise(self, seed: int, shape: tuple) -> np.ndarray:
+  def noise(self, seed: int, shape: tuple, generator: torch.Generator | None = None
+            ) -> np.ndarray:
     """Standard normal noise of NHWC `shape` (B, K, h, w, C), drawn in the torch layout
-    (B, K, C, h, w) from `torch.Generator().manual_seed(seed)`."""
+    (B, K, C, h, w) from `generator`, by default `torch.Generator().manual_seed(seed)`."""
     b, k, h, w, c = shape
-    x = torch.randn((b, k, c, h, w), generator=torch.Generator().manual_seed(seed))
-    return x.permute(0, 1, 3, 4, 2).numpy()
+    x = torch.randn((b, k, c, h, w),
+                    generator=generator or torch.Generator().manual_seed(seed))
+    return nhwc_noise(x)
 
   def _tensors(self, entries: dict) -> dict[str, torch.Tensor]:
     """numpy batch entries -> tensors on the device, condition maps NHWC -> NCHW."""

@@ -23,7 +23,7 @@ from PIL import Image
 from layerjax.data.schema import LayeredSample, to_uint8
 from layerjax.infer.decomposer import MAX_PIXELS, Decomposer
 from layerjax.infer.prompts import PromptError, Query
-from layerjax.torch.backend import TorchBackend
+from layerjax.torch.backend import TorchBackend, nhwc_noise
 
 OUTPUT_TYPES = ('sample', 'pil')
 
@@ -71,7 +71,7 @@ class LayerDecomposerPipeline:
     sample = self.decomposer.decompose(
         image, query, seeds=num_seeds, seed=seed, steps=num_inference_steps,
         guidance=guidance_scale, max_layers=max_layers, sample_id=sample_id,
-        noise=_noise(latents, generator))
+        noise=_noise(self.backend, latents, generator))
     return sample if output_type == 'sample' else layer_images(sample)
 
 
@@ -90,20 +90,21 @@ def _query(box, point, mask, text) -> Query | None:
                text=text or '')
 
 
-def _noise(latents, generator):
+def _noise(backend: TorchBackend, latents, generator):
   """The driver's `noise` function (seed, NHWC shape) -> initial latents, or None for the
   backend's own draw of each seed."""
   if latents is None and generator is None:
     return None
 
   def draw(seed: int, shape: tuple) -> np.ndarray:
+    if latents is None:
+      return backend.noise(seed, shape, generator)
     b, k, h, w, c = shape
-    want = (b, k, c, h, w)
-    x = latents if latents is not None else torch.randn(want, generator=generator)
-    if tuple(x.shape) != want:
-      raise ValueError(f'latents: shape {tuple(x.shape)}, expected {want} (batch, layers, '
-                       'channels, height, width at the model\'s resolution) for this photo')
-    return x.detach().float().permute(0, 1, 3, 4, 2).cpu().numpy()
+    if tuple(latents.shape) != (b, k, c, h, w):
+      raise ValueError(f'latents: shape {tuple(latents.shape)}, expected {(b, k, c, h, w)} '
+                       '(batch, layers, channels, height, width at the model\'s resolution) '
+                       'for this photo')
+    return nhwc_noise(latents)
   return draw
 
 
