@@ -127,11 +127,11 @@ def _cpu_attention(q, k, v, mask):
 
 def _cpu_attention_fwd(q, k, v, mask):
   o, p = _attention_forward(q, k, v, mask)
-  return o, (q, k, v, o, p, mask)
+  return o, (q, k, v, o, p)
 
 
 def _cpu_attention_bwd(residuals, do):
-  q, k, v, o, p, mask = residuals
+  q, k, v, o, p = residuals
   precision = _precision(q)
   dv = jnp.einsum('bnts,btnh->bsnh', p.astype(do.dtype), do, precision=precision)
   dp = jnp.einsum('btnh,bsnh->bnts', do, v, precision=precision,
