@@ -1,4 +1,5 @@
-"""One SD3 MMDiT training step: diffusers/PyTorch eager against layerjax under `jax.jit`.
+"""One SD3 MMDiT training step: diffusers/PyTorch eager and `torch.compile` against layerjax
+under `jax.jit`, in one run.
 
 What it measures
 ----------------
@@ -20,17 +21,29 @@ The comparison is kept fair:
   with fp32 parameters, i.e. `torch.autocast` against layerjax's `dtype=bfloat16`).
 
 The torch side is eager mode (`model.train()`, `loss.backward()`, `opt.step()`,
-`opt.zero_grad(set_to_none=True)`); the jax side is a pure `jax.jit` function of
+`opt.zero_grad(set_to_none=True)`) and, as a third column, the same loop with the model and
+the optimiser's step under `torch.compile` (inductor, `--torch-compile-mode`, default
+'default'): the model's forward and its AOTAutograd backward are compiled graphs, `opt.step`
+a few generated fused kernels over all parameters. It starts from a copy of the same initial
+weights; its compile time is the first step's wall time, reported apart from the timed steps.
+`--no-compile` skips it. The jax side is a pure `jax.jit` function of
 (params, opt_state, buffers, batch) built with `nnx.split` / `nnx.merge`, with params and
 optimiser state donated. Times are medians over `--steps` timed steps after `--warmup`
 untimed ones (jax compile time is reported separately); the clock stops after
 `torch.cuda.synchronize()` / `jax.block_until_ready`.
 
-Printed: both ms/step and their ratio (torch / jax, > 1 means layerjax is faster), the FLOPs
+Printed: each side's ms/step and the ratios eager / jax and compile / jax (> 1 means layerjax
+is faster), both compile times, the CPU's model name and vector extensions, the FLOPs
 of one step counted by XLA (`cost_analysis`) and estimated analytically (3 x forward
 matmul FLOPs), layerjax's achieved FLOP/s and its fraction of the matmul peak measured in
-the same run (a jitted square `jnp.dot`), and the first-step losses of both sides with their
-relative difference (same weights and data: ~1e-6 in fp32).
+the same run (a jitted square `jnp.dot`), and the first-step and last losses of all sides
+with their relative difference to eager (same weights and data: ~1e-6 in fp32). `--json`
+keeps every timing list as well.
+
+`--compile-only` builds the jax model from shapes alone (no weights, no torch) and prints how
+long lowering and XLA compilation of the train step take, e.g. at SD3-medium's shapes:
+`--compile-only --layers 24 --heads 24 --joint-dim 4096 --pooled-dim 2048 --latent 64
+--text-tokens 333 --pos-embed-max-size 192 --sample-size 128`.
 
 `--profile` adds where the time goes on the jax side: forward only / forward+backward /
 optimiser update alone, the step with attention replaced by a no-op (so the difference is
@@ -51,6 +64,7 @@ Run
     python bench/mmdit_step.py                       # defaults: 8 layers, width 384, batch 4
     python bench/mmdit_step.py --sd35 --profile      # SD3.5-style blocks, plus the breakdown
     python bench/mmdit_step.py --dtype bfloat16 --json out/mmdit_step.json
+    python bench/mmdit_step.py --torch-compile-mode max-autotune-no-cudagraphs
     XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python bench/mmdit_step.py   # XLA flags pass
 
 `--threads N` sets `torch.set_num_threads(N)` and, where fewer than all cores, pins the whole
@@ -63,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gzip
 import json
 import os
@@ -112,6 +127,11 @@ def parse_args(argv=None):
     '(default 2048 on CPU, 8192 on accelerators)')
   a('--flat-args', action='store_true', help='pass params / optimiser state to the jitted '
     'step as flat lists of arrays instead of nnx.State pytrees (less host overhead per call)')
+  a('--no-compile', action='store_true', help='skip the torch.compile column')
+  a('--torch-compile-mode', default='default',
+    help="torch.compile mode: 'default', 'max-autotune-no-cudagraphs', 'max-autotune', ...")
+  a('--compile-only', action='store_true', help='jax only: lower and compile the step from '
+    'abstract shapes (no weights, no torch) and print the compile time')
   a('--profile', action='store_true', help='also break the jax step time down')
   a('--trace-dir', default=None, help='with --profile: keep the jax.profiler trace here')
   a('--seed', type=int, default=0)
@@ -134,6 +154,7 @@ from flax import nnx  # noqa: E402
 
 from layerjax.convert.diffusers import load_transformer  # noqa: E402
 from layerjax.models import mmdit  # noqa: E402
+from layerjax.models.common import abstract  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
 
@@ -207,6 +228,20 @@ def xla_flops(compiled) -> float | None:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
+def cpu_info() -> dict:
+  """The CPU's model name and the vector extensions that decide matmul speed (Linux)."""
+  try:
+    text = Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return {}
+  field = lambda key: next((line.split(':', 1)[1].strip() for line in text.splitlines()
+                            if line.startswith(key)), '')
+  flags = set(field('flags').split())
+  wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile')
+  return dict(model_name=field('model name'), cores=os.cpu_count(),
+              flags={f: f in flags for f in wanted})
+
+
 # --- timing ----------------------------------------------------------------------------------
 
 def timed(fn, n: int, sync) -> list[float]:
@@ -254,14 +289,25 @@ def other_cpu_load(seconds: float = 1.0) -> float | None:
 # --- torch side ------------------------------------------------------------------------------
 
 class TorchSide:
+  """The diffusers model, an AdamW optimiser and one batch on `device`, run eagerly or, with
+  `compile_mode` (a `torch.compile` mode such as 'default' or 'max-autotune-no-cudagraphs'),
+  through inductor: the model's forward and, by AOTAutograd, its backward are compiled, and
+  so is the optimiser's step (fused generated kernels over all parameters instead of a Python
+  loop of small ops). Compilation happens during the first `step()`.
+  """
 
-  def __init__(self, model, batch: dict, args, device: str):
+  def __init__(self, model, batch: dict, args, device: str, compile_mode: str | None = None):
     self.device = torch.device(device)
     self.model = model.to(self.device).train()
     if args.remat:
       self.model.enable_gradient_checkpointing()
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                  weight_decay=WEIGHT_DECAY)
+    self.forward = self.model
+    self.opt_step = self.opt.step
+    if compile_mode is not None:
+      self.forward = torch.compile(self.model, mode=compile_mode)
+      self.opt_step = torch.compile(self.opt.step, mode=compile_mode)
     self.batch = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
     self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                      if args.dtype == 'bfloat16' else contextlib.nullcontext())
@@ -270,17 +316,23 @@ class TorchSide:
     if self.device.type == 'cuda':
       torch.cuda.synchronize(self.device)
 
-  def loss(self):
+  def loss(self, model=None):
     b = self.batch
     with self.autocast:
-      out = self.model(hidden_states=b['x'], encoder_hidden_states=b['text'],
-                       pooled_projections=b['pooled'], timestep=b['t'], return_dict=False)[0]
+      out = (model or self.forward)(
+          hidden_states=b['x'], encoder_hidden_states=b['text'], pooled_projections=b['pooled'],
+          timestep=b['t'], return_dict=False)[0]
     return torch.mean((out.float() - b['target']) ** 2)
+
+  def eager_loss(self) -> float:
+    """The loss at the current weights by the eager model (no recompilation for no_grad)."""
+    with torch.no_grad():
+      return float(self.loss(self.model))
 
   def step(self):
     loss = self.loss()
     loss.backward()
-    self.opt.step()
+    self.opt_step()
     self.opt.zero_grad(set_to_none=True)
     return loss.detach()
 
@@ -293,6 +345,21 @@ class TorchSide:
     loss.backward()
     self.model.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def run_torch(side: TorchSide, args, name: str) -> dict:
+  """Warm-up (the first step compiles under torch.compile), timed steps and the losses."""
+  t0 = time.perf_counter()
+  losses = [float(side.step())]
+  first_step_s = time.perf_counter() - t0
+  losses += [float(side.step()) for _ in range(args.warmup - 1)]
+  times = timed(side.step, args.steps, side.sync)
+  losses.append(side.eager_loss())  # the loss after the last timed step
+  step_s = statistics.median(times)
+  print(f'{name + ":":15s}{1e3 * step_s:8.1f} ms/step (min {1e3 * min(times):.1f}, '
+        f'max {1e3 * max(times):.1f}); first step {first_step_s:.2f} s')
+  return dict(step_s=step_s, times_ms=[1e3 * t for t in times], first_step_s=first_step_s,
+              losses=losses)
 
 
 # --- jax side --------------------------------------------------------------------------------
@@ -308,7 +375,10 @@ class JaxSide:
   def __init__(self, model, batch: dict, flat: bool = False):
     self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
     self.tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
-    opt_state = self.tx.init(params)
+    # An abstract model (shapes only, `--compile-only`) gets an abstract optimiser state.
+    opt_state = jax.eval_shape(self.tx.init, params) if any(
+        isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)
+    ) else self.tx.init(params)
     self.flat = flat
     self.params_def = jax.tree.structure(params)
     self.opt_def = jax.tree.structure(opt_state)
@@ -527,6 +597,22 @@ def trace_breakdown(side: JaxSide, steps: int, trace_dir: str | None) -> dict:
               wall_s=(time.perf_counter() - t0) / steps)
 
 
+def compile_only(args, cfg) -> dict:
+  """Lowers and compiles the jax step for an abstract model (no weights are made)."""
+  config = mmdit.MMDiTConfig.from_diffusers(cfg, dtype=jnp.dtype(args.dtype), remat=args.remat)
+  side = JaxSide(abstract(lambda rngs: mmdit.SD3Transformer2DModel(config, rngs=rngs)),
+                 make_batch(args), flat=args.flat_args)
+  t0 = time.perf_counter()
+  lowered = side.step_fn.lower(side.params, side.opt_state, side.buffers, side.batch)
+  t1 = time.perf_counter()
+  flops = xla_flops(lowered.compile())
+  t2 = time.perf_counter()
+  print(f'jax train step: lower (trace) {t1 - t0:.1f} s, XLA compile {t2 - t1:.1f} s, '
+        f'total {t2 - t0:.1f} s; XLA FLOPs/step {(flops or 0) / 1e9:.1f} G')
+  return dict(jax_lower_s=t1 - t0, jax_xla_compile_s=t2 - t1, jax_compile_s=t2 - t0,
+              flops_per_step_xla=flops)
+
+
 # --- main ------------------------------------------------------------------------------------
 
 def main(args) -> dict:
@@ -543,6 +629,10 @@ def main(args) -> dict:
   print(f'jax {jax.__version__} on {jax_device.platform} ({jax_device.device_kind}), '
         f'torch {torch.__version__} on {torch_device} ({torch.get_num_threads()} threads), '
         f'{os.cpu_count()} CPUs visible, {usable_cpus()} usable')
+  cpu = cpu_info()
+  if cpu:
+    print(f"CPU: {cpu['model_name']}, {cpu['cores']} cores; "
+          + ', '.join(f'{f} {"yes" if v else "no"}' for f, v in cpu['flags'].items()))
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   busy = other_cpu_load()
   if busy is not None and busy > 0.2:
@@ -550,6 +640,11 @@ def main(args) -> dict:
           'with its OpenMP threads especially) will be inflated and noisy.')
   print('config:', json.dumps(cfg), f'batch {args.batch}, {args.text_tokens} text tokens, '
         f'dtype {args.dtype}, remat {args.remat}, flat args {args.flat_args}')
+  results = dict(config=cfg, args=vars(args), cpu=cpu, other_cpu_load=busy,
+                 jax_platform=jax_device.platform, torch_device=torch_device)
+  if args.compile_only:
+    results.update(compile_only(args, cfg))
+    return write_json(results, args.json)
 
   # Same weights on both sides: diffusers' seeded init, through a saved folder.
   torch.manual_seed(args.seed)
@@ -564,17 +659,19 @@ def main(args) -> dict:
 
   fwd = forward_matmul_flops(cfg, args.batch, args.latent, args.latent, args.text_tokens)
   analytic = 3 * fwd['total']
-  results = dict(config=cfg, args=vars(args), parameters=n_params,
-                 jax_platform=jax_device.platform, torch_device=torch_device)
+  results['parameters'] = n_params
 
-  # --- torch ---
+  # --- torch: eager, then torch.compile from the same initial weights ---
+  compiled_model = None if args.no_compile else copy.deepcopy(torch_model)
   tside = TorchSide(torch_model, batch, args, torch_device)
-  torch_losses = [float(tside.step()) for _ in range(args.warmup)]
-  torch_times = timed(tside.step, args.steps, tside.sync)
-  torch_s = statistics.median(torch_times)
-  torch_losses.append(float(tside.forward_only()))  # loss after the last timed step
-  print(f'torch: {1e3 * torch_s:.1f} ms/step '
-        f'(min {1e3 * min(torch_times):.1f}, max {1e3 * max(torch_times):.1f})')
+  eager = run_torch(tside, args, 'torch eager')
+  torch_s = eager['step_s']
+  results['torch_eager'] = eager
+  if compiled_model is not None:
+    cside = TorchSide(compiled_model, batch, args, torch_device,
+                      compile_mode=args.torch_compile_mode)
+    results['torch_compile'] = run_torch(cside, args, 'torch.compile')
+    del cside, compiled_model
 
   # --- jax ---
   jside = JaxSide(jax_model, batch, flat=args.flat_args)
@@ -588,9 +685,9 @@ def main(args) -> dict:
   jax_times = timed(jside.step, args.steps, jax_sync)
   jax_s = statistics.median(jax_times)
   jax_losses.append(float(jax.jit(jside.loss_fn)(jside.params, jside.buffers, jside.batch)))
-  print(f'jax:   {1e3 * jax_s:.1f} ms/step '
-        f'(min {1e3 * min(jax_times):.1f}, max {1e3 * max(jax_times):.1f}); '
-        f'compile {compile_s:.1f} s, first call {first_call_s:.2f} s')
+  print(f'{"layerjax jit:":15s}{1e3 * jax_s:8.1f} ms/step (min {1e3 * min(jax_times):.1f}, '
+        f'max {1e3 * max(jax_times):.1f}); compile {compile_s:.1f} s, first call '
+        f'{first_call_s:.2f} s')
 
   # --- peak, FLOPs, ratios ---
   peak_n = args.peak_n or (2048 if jax_device.platform == 'cpu' else 8192)
@@ -600,10 +697,18 @@ def main(args) -> dict:
   flops = flops_xla if xla_ok else analytic
   achieved = flops / jax_s
   ratio = torch_s / jax_s
+  torch_losses = eager['losses']
   rel = abs(torch_losses[0] - jax_losses[0]) / abs(torch_losses[0])
   print()
-  print(f'speed-up (torch / jax):   {ratio:.2f}x ' +
-        ('(layerjax faster)' if ratio > 1 else '(layerjax slower)'))
+  faster = lambda r: '(layerjax faster)' if r > 1 else '(layerjax slower)'
+  print(f'speed-up vs eager (eager / jax):     {ratio:.2f}x {faster(ratio)}')
+  if 'torch_compile' in results:
+    tc = results['torch_compile']
+    results['speedup_compile_over_jax'] = tc['step_s'] / jax_s
+    print(f'speed-up vs compile (compile / jax): {tc["step_s"] / jax_s:.2f}x '
+          f'{faster(tc["step_s"] / jax_s)}')
+    print(f'compile times:            torch.compile {tc["first_step_s"]:.1f} s (first step), '
+          f'jax {compile_s:.1f} s (+ {first_call_s:.2f} s first call)')
   print(f'FLOPs/step, XLA:          {flops_xla / 1e9:.1f} GFLOP' if flops_xla else
         'FLOPs/step, XLA:          unavailable')
   if flops_xla and not xla_ok:
@@ -616,16 +721,20 @@ def main(args) -> dict:
   print(f'torch achieved:           {flops / torch_s / 1e9:.1f} GFLOP/s (same count)')
   print(f'matmul peak ({peak_n}^2 {args.dtype}): {peak / 1e9:.1f} GFLOP/s')
   print(f'jax fraction of peak:     {achieved / peak:.1%}')
-  print(f'first-step loss:          torch {torch_losses[0]:.7f}  jax {jax_losses[0]:.7f}  '
-        f'rel. diff {rel:.2e}')
-  print(f'loss after {args.warmup + args.steps} steps: torch {torch_losses[-1]:.7f}  '
-        f'jax {jax_losses[-1]:.7f}  rel. diff '
-        f'{abs(torch_losses[-1] - jax_losses[-1]) / abs(torch_losses[-1]):.2e}')
+  sides = [('eager', torch_losses), ('jax', jax_losses)]
+  if 'torch_compile' in results:
+    sides.insert(1, ('compile', results['torch_compile']['losses']))
+  for i, when in ((0, 'first-step loss'), (-1, f'loss after {args.warmup + args.steps} steps')):
+    ref = sides[0][1][i]
+    print(f'{when + ":":26s}' + '  '.join(
+        f'{name} {losses[i]:.7f}' + ('' if name == 'eager' else
+                                     f' ({abs(losses[i] - ref) / abs(ref):.1e})')
+        for name, losses in sides) + '  (rel. diff to eager)')
 
   results.update(
-      torch_ms=1e3 * torch_s, jax_ms=1e3 * jax_s, torch_times_ms=[1e3 * t for t in torch_times],
+      torch_ms=1e3 * torch_s, jax_ms=1e3 * jax_s, torch_times_ms=eager['times_ms'],
       jax_times_ms=[1e3 * t for t in jax_times], jax_compile_s=compile_s,
-      jax_first_call_s=first_call_s, speedup_torch_over_jax=ratio,
+      jax_first_call_s=first_call_s, speedup_eager_over_jax=ratio,
       flops_per_step_xla=flops_xla, flops_per_step_analytic=analytic,
       forward_flops_analytic=fwd, jax_flops_per_s=achieved,
       torch_flops_per_s=flops / torch_s, matmul_peak_flops_per_s=peak, matmul_peak_n=peak_n,
@@ -684,10 +793,14 @@ def main(args) -> dict:
     results['jax_breakdown'] = b
     results['torch_breakdown'] = tb
 
-  if args.json:
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-    print(f'\nwrote {args.json}')
+  return write_json(results, args.json)
+
+
+def write_json(results: dict, path: str | None) -> dict:
+  if path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, default=str))
+    print(f'\nwrote {path}')
   return results
 
 

@@ -90,11 +90,61 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   """Softmax attention on [B, T, N, H] with scale 1/sqrt(H); `mask` [B, N, T, S] keeps True.
 
   `jax.nn.dot_product_attention` picks the fused cuDNN kernel on GPUs; fp32 inputs keep full
-  fp32 matmuls there (no TF32) so fp32 runs match PyTorch.
+  fp32 matmuls there (no TF32) so fp32 runs match PyTorch. On CPUs `_cpu_attention`, whose
+  hand-written backward makes attention's forward+backward ~1.35x and an SD3-shaped training
+  step ~1.1x faster (bench/mmdit_step.py, 2-core AVX-512 EPYC).
   """
+  if jax.default_backend() == 'cpu':
+    return _cpu_attention(q, k, v, mask)
   precision = 'highest' if q.dtype == jnp.float32 else None
   with jax.default_matmul_precision(precision):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def _attention_forward(q, k, v, mask):
+  """(output [B, T, N, H], probabilities [B, N, T, S] in fp32)."""
+  precision = _precision(q)
+  s = jnp.einsum('btnh,bsnh->bnts', q, k, precision=precision,
+                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+  if mask is not None:
+    s = jnp.where(mask, s, -0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn's large negative
+  e = jnp.exp(s - s.max(-1, keepdims=True))
+  p = e * (1.0 / e.sum(-1, keepdims=True))
+  return jnp.einsum('bnts,bsnh->btnh', p.astype(v.dtype), v, precision=precision), p
+
+
+def _precision(x: jax.Array):
+  return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+@jax.custom_vjp
+def _cpu_attention(q, k, v, mask):
+  """Attention whose backward keeps only the probabilities P and uses the softmax identity
+  dS = P * (dP - rowsum(dO * O)): autodiff of the softmax instead keeps exp(S) and the row
+  sums and differentiates the division, several more passes over the [B, N, T, S] scores,
+  which on XLA:CPU cost as much as attention's matmuls."""
+  return _attention_forward(q, k, v, mask)[0]
+
+
+def _cpu_attention_fwd(q, k, v, mask):
+  o, p = _attention_forward(q, k, v, mask)
+  return o, (q, k, v, o, p)
+
+
+def _cpu_attention_bwd(residuals, do):
+  q, k, v, o, p = residuals
+  precision = _precision(q)
+  dv = jnp.einsum('bnts,btnh->bsnh', p.astype(do.dtype), do, precision=precision)
+  dp = jnp.einsum('btnh,bsnh->bnts', do, v, precision=precision,
+                  preferred_element_type=jnp.float32)
+  delta = jnp.einsum('btnh,btnh->bnt', do.astype(jnp.float32), o.astype(jnp.float32))
+  ds = (p * (dp - delta[..., None]) * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
+  dq = jnp.einsum('bnts,bsnh->btnh', ds, k, precision=precision)
+  dk = jnp.einsum('bnts,btnh->bsnh', ds, q, precision=precision)
+  return dq, dk, dv, None  # the mask has no gradient
+
+
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 class _ShapeRngs:
