@@ -205,9 +205,9 @@ def breakdown(config, steps: int, warmup: int) -> dict:
     out['optimizer update'] = ms(update, grads, state['opt_state'], params)
     ema = jax.jit(lambda e, p: jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e, p))
     out['EMA'] = ms(ema, state['ema'], params)
-    step_fn = trainer.make_step(setup)
-    compiled = step_fn.lower(state, frozen, batch).compile()
-    state = jax.tree.map(jnp.copy, state)  # the step donates it
+    del grads  # memory, for the SD3-shaped model
+    # Last: the step donates the state the parts above read.
+    compiled = trainer.make_step(setup).lower(state, frozen, batch).compile()
 
     def one():
       nonlocal state
