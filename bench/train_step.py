@@ -255,7 +255,8 @@ def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
   f32 = lambda *s: rng.normal(size=s).astype(np.float32)
   batch = dict(x=f32(b, m.in_channels, k * h, w), text=f32(b, text_tokens, m.joint_attention_dim),
                pooled=f32(b, m.pooled_projection_dim),
-               t=rng.uniform(0, 1000, b).astype(np.float32), target=f32(b, m.out_channels, k * h, w))
+               t=rng.uniform(0, 1000, b).astype(np.float32),
+               target=f32(b, m.out_channels, k * h, w))
   side = TorchSide(model, batch, SimpleNamespace(remat=bool(config.model.remat),
                                                  dtype=config.model.dtype),
                    'cuda' if torch.cuda.is_available() else 'cpu')
