@@ -20,7 +20,14 @@ MFU = XLA's FLOP count of the step (`cost_analysis`) / step time / peak, where t
 a jitted square fp32 (or bf16) matmul measured in the same run (CPU), or the accelerator's
 dense bf16 datasheet peak given with `--peak-tflops`.
 
+`--breakdown` also times the step's parts, each jitted alone on the step's own intermediate
+values (the host->device batch, latent encodes, text encoder, transformer forward and
+backward, each head pass, the recomposition's latent decodes, optimizer, EMA), in ms and %
+of the step; what the parts do not cover (the loss terms' own arithmetic, the non-finite
+guard, fusion across parts) is the 'other' line.
+
     python bench/train_step.py                          # both configs, CPU-sized
+    python bench/train_step.py --no-peer --breakdown    # where the step's time goes
     python bench/train_step.py --configs sd3_medium --depth 24 --size 512 --batch 4 \\
         --dtype bfloat16 --peak-tflops 989              # the full model on an H100
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,8 +50,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from layerjax import build  # noqa: E402
-from layerjax.train import trainer  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from layerjax import build, parallel  # noqa: E402
+from layerjax.train import objectives, trainer  # noqa: E402
 from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
                         xla_flops)
 
@@ -58,6 +69,12 @@ def load_config(variant: str):
   return module.get_config(variant)
 
 
+def _empty_file(name: str) -> Path:
+  path = Path(tempfile.mkdtemp(prefix='train_step_')) / name
+  path.touch()
+  return path
+
+
 def make_config(name: str, args):
   if name == 'demo':
     c = load_config('demo')
@@ -68,6 +85,9 @@ def make_config(name: str, args):
     c.model.dtype = args.dtype
     c.model.remat = args.remat
     c.data.image_size = (args.size, args.size)
+    # The config check wants the embeddings file to exist; the step never reads it (the
+    # batch carries random embeddings), so an empty file stands in.
+    c.model.text.embeddings = str(_empty_file('sd3_text_embeddings.safetensors'))
   else:
     raise ValueError(f'unknown config {name!r}')
   if args.batch:
@@ -120,6 +140,92 @@ def time_ours(config, steps: int, warmup: int) -> dict:
               parameters=int(params))
 
 
+def breakdown(config, steps: int, warmup: int) -> dict:
+  """Milliseconds of the step's parts, each jitted and timed alone on the step's own
+  intermediate values: {part: ms}, with the whole step as 'step'. Parts that the step fuses
+  or overlaps sum to more or less than it; the rest is 'other'."""
+  setup = trainer.create(config)
+  cfg, loss_cfg = build.decomposer_config(config), config.loss
+  host = random_batch(config, cfg)
+  graphdef, frozen, state = setup.graphdef, setup.frozen, setup.state
+  model = lambda params: nnx.merge(graphdef, params, frozen)
+  k = loss_cfg.estimate_every
+  ms = lambda fn, *a: 1e3 * median_time(lambda: fn(*a), steps, warmup, jax.block_until_ready)
+  out = {}
+  with jax.set_mesh(setup.mesh):
+    out['host->device batch'] = ms(lambda: parallel.global_batch(host, setup.mesh))
+    batch = parallel.global_batch(host, setup.mesh)
+    params = state['params']
+    idx = {l: i for i, l in enumerate(cfg.layers)}
+
+    @jax.jit
+    def encodes(params, batch):
+      m = model(params)
+      x0 = jnp.stack([m.latents.encode(batch[objectives.LAYER_TARGETS[l]])
+                      for l in cfg.layers], 1)
+      return x0, m.conditions(batch)
+    out['latent encodes (targets, conditions)'] = ms(encodes, params, batch)
+    x0, conditions = encodes(params, batch)
+    b = x0.shape[0]
+    sigma = jnp.full((b,), 0.5, jnp.float32)
+    xt = 0.5 * x0 + 0.5 * jax.random.normal(jax.random.key(0), x0.shape)
+
+    def grad_of(fn, argnums=0):
+      """fn's value and gradient, jitted: the forward and backward of one part."""
+      return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums))
+
+    if cfg.text is not None:
+      out['text encoder (fwd+bwd)'] = ms(grad_of(lambda p, t: sum(
+          jnp.sum(x) for x in model(p).encode_text(t))), params, batch)
+    context, pooled = jax.jit(lambda p, t: model(p).encode_text(t))(params, batch)
+    out['transformer (fwd+bwd)'] = ms(grad_of(
+        lambda p, *a: model(p)(*a)), params, xt, conditions, context, pooled, sigma)
+    pixels = jax.jit(lambda p, t: model(p).head_pixels(t))(params, batch)
+    sub = objectives.every_kth({'x': xt, 'pixels': pixels}, k)
+    for name, layer in (('alpha', 'foreground'), ('shadow', 'shadow')):
+      if layer not in idx:
+        continue
+      head = lambda p, z, px, name=name: getattr(model(p), name)(z, px)
+      clean, est = x0[:, idx[layer]], sub['x'][:, idx[layer]]
+      out[f'{name} head: clean (fwd+bwd)'] = ms(grad_of(head), params, clean, pixels)
+      if loss_cfg.weights.get('recompose'):  # one pass serves the estimate's two uses
+        out[f'{name} head: estimate, held and free (fwd+bwd)'] = ms(grad_of(
+            lambda p, z, px: sum(jnp.sum(y) for y in objectives.held_and_free(head, p, z, px)),
+            (0, 1)), params, est, sub['pixels'])
+      else:
+        out[f'{name} head: estimate, input fixed (fwd+bwd)'] = ms(
+            grad_of(head), params, est, sub['pixels'])
+    if loss_cfg.weights.get('recompose'):
+      est = sub['x']
+      out['latent decodes of the recomposition (fwd+bwd)'] = ms(grad_of(
+          lambda z: model(params).latents.decode(z[:, idx['background']]) +
+          model(params).latents.decode(z[:, idx['foreground']])), est)
+    grads = jax.tree.map(jnp.ones_like, params)
+    update = jax.jit(lambda g, o, p: optax.apply_updates(p, setup.tx.update(g, o, p)[0]))
+    out['optimizer update'] = ms(update, grads, state['opt_state'], params)
+    ema = jax.jit(lambda e, p: jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e, p))
+    out['EMA'] = ms(ema, state['ema'], params)
+    del grads  # memory, for the SD3-shaped model
+    # Last: the step donates the state the parts above read.
+    compiled = trainer.make_step(setup).lower(state, frozen, batch).compile()
+
+    def one():
+      nonlocal state
+      state, metrics = compiled(state, frozen, batch)
+      return metrics['loss']
+    out['step'] = ms(one)
+  out['other (step - parts)'] = out['step'] - sum(v for n, v in out.items() if n != 'step')
+  return out
+
+
+def print_breakdown(name: str, parts: dict) -> None:
+  step = parts['step']
+  print(f'{name}: where the step\'s {step:.1f} ms go (each part jitted and timed alone)')
+  for part, v in parts.items():
+    if part != 'step':
+      print(f'  {part:<48} {v:9.2f} ms {v / step:7.1%}')
+
+
 def peer_transformer(cfg, h: int):
   """diffusers' `SD3Transformer2DModel` of the decomposer's transformer shape (`cfg`, a
   `DecomposerConfig`), for its K layer latents of height `h` fed as one K times as tall."""
@@ -149,7 +255,8 @@ def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
   f32 = lambda *s: rng.normal(size=s).astype(np.float32)
   batch = dict(x=f32(b, m.in_channels, k * h, w), text=f32(b, text_tokens, m.joint_attention_dim),
                pooled=f32(b, m.pooled_projection_dim),
-               t=rng.uniform(0, 1000, b).astype(np.float32), target=f32(b, m.out_channels, k * h, w))
+               t=rng.uniform(0, 1000, b).astype(np.float32),
+               target=f32(b, m.out_channels, k * h, w))
   side = TorchSide(model, batch, SimpleNamespace(remat=bool(config.model.remat),
                                                  dtype=config.model.dtype),
                    'cuda' if torch.cuda.is_available() else 'cpu')
@@ -173,6 +280,8 @@ def main(argv=None) -> dict:
   p.add_argument('--peak-tflops', type=float, default=0.0,
                  help='accelerator peak (dense, for --dtype); 0: measure a matmul')
   p.add_argument('--no-peer', action='store_true', help='skip the diffusers step')
+  p.add_argument('--breakdown', action='store_true',
+                 help="also time the step's parts alone (transformer, heads, latents, ...)")
   p.add_argument('--json', default=None)
   args = p.parse_args(argv)
   dev = jax.devices()[0]
@@ -203,6 +312,9 @@ def main(argv=None) -> dict:
       line += (f', {ours["flops"] / 1e9:.1f} GFLOP/step, {achieved / 1e12:.3f} TFLOP/s, '
                f'MFU {r["mfu"]:.1%}')
     print(line)
+    if args.breakdown:
+      r['breakdown_ms'] = breakdown(config, args.steps, args.warmup)
+      print_breakdown(name, r['breakdown_ms'])
     if not args.no_peer:
       peer = time_peer(config, args.steps, args.warmup)
       r['peer'] = peer

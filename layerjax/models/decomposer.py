@@ -275,14 +275,15 @@ class LayerDecomposer(nnx.Module):
 
   def alpha(self, z: jax.Array, pixels: jax.Array | None) -> jax.Array:
     """The alpha head's raw output for foreground latents `z`; `pixels`: `head_pixels`."""
-    return self._head(self.alpha_head, z, pixels)
+    return self.apply_head(self.alpha_head, z, pixels)
 
   def shadow(self, z: jax.Array, pixels: jax.Array | None) -> jax.Array:
     """The shadow head's raw output (RGB, opacity) for shadow latents `z`."""
-    return self._head(self.shadow_head, z, pixels)
+    return self.apply_head(self.shadow_head, z, pixels)
 
   @staticmethod
-  def _head(head, z, pixels):
+  def apply_head(head, z, pixels):
+    """`head` (`alpha_head`, `shadow_head`) on latents `z`, reading `pixels` if given."""
     return head(z) if pixels is None else head(z, pixels)
 
   def conditions(self, batch: dict) -> jax.Array:

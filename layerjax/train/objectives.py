@@ -15,15 +15,19 @@ Latent targets are the latents of: background RGB, foreground over the checkerbo
 over the same checkerboard (batch keys below).
 The heads' L1 terms are taken on the clean latents and again on the model's own one-step
 estimate of them (held fixed, weighted by 1 - t): at sampling time the heads read generated
-latents, and a head that has only seen clean ones leaves a faint alpha everywhere.
+latents, and a head that has only seen clean ones leaves a faint alpha everywhere. That pass
+and the recomposition's read the same estimate: one forward serves both (`held_and_free`).
 `loss.estimate_every` = k takes the terms on the estimate (those heads, and the
 recomposition) on every k-th example only, to save their decoder passes.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from layerjax import flow
 from layerjax.models import heads
@@ -32,6 +36,7 @@ TERMS = ('flow', 'shadow', 'alpha', 'recompose', 'restoration')
 # Which batch map is each layer's latent target.
 LAYER_TARGETS = {'background': 'background', 'foreground': 'foreground_on_checkerboard',
                  'shadow': 'shadow_on_checkerboard'}
+HEAD_LAYERS = {'alpha': 'foreground', 'shadow': 'shadow'}  # the layer each head reads
 
 
 def _pool_max(x: jax.Array, f: int) -> jax.Array:
@@ -66,6 +71,30 @@ def every_kth(tree, k: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:])[:, 0], tree)
 
 
+def held_and_free(apply: Callable, params, z: jax.Array, pixels):
+  """`apply(params, z, pixels)` run once, returned twice: the first copy passes gradient to
+  `params` only (`z` held fixed, as `apply(params, stop_gradient(z), pixels)` would), the
+  second to `params` and `z`. The backward pass is linear in its cotangent, so the
+  parameters' gradient is one pass with the copies' cotangents summed, and `z`'s one more
+  with the second's: the gradients of two calls, with one forward and one weight gradient
+  fewer. `pixels` gets no gradient."""
+  @jax.custom_vjp
+  def run(params, z):
+    y = apply(params, z, pixels)
+    return y, y
+
+  def forward(params, z):
+    y, vjp = jax.vjp(lambda p, z: apply(p, z, pixels), params, z)
+    return (y, y), vjp
+
+  def backward(vjp, cotangents):
+    held, free = cotangents
+    return vjp(held + free)[0], vjp(free)[1]
+
+  run.defvjp(forward, backward)
+  return run(params, z)
+
+
 def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, dict]:
   cfg = model.config
   layers = cfg.layers
@@ -91,15 +120,30 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
   sub = every_kth({'batch': batch, 'pixels': pixels, 'trust': trust, 'sigma': sigma,
                    'x0_hat': x0_hat}, k)
 
-  def on_both(head, i, l1):
+  idx = {l: i for i, l in enumerate(layers)}
+  recomposing = bool(weights.get('recompose'))
+
+  def on_estimate(name):
+    """The `name` head's raw output on the estimated latent of its layer: (with the latent
+    held fixed, for the head's own terms; with gradient into the latent, for the
+    recomposition, or None without one), sharing one forward pass."""
+    head = getattr(model, f'{name}_head')
+    z = sub['x0_hat'][:, idx[HEAD_LAYERS[name]]]
+    if not recomposing:
+      return model.apply_head(head, jax.lax.stop_gradient(z), sub['pixels']), None
+    graphdef, params = nnx.split(head)
+    return held_and_free(lambda p, z, px: model.apply_head(nnx.merge(graphdef, p), z, px),
+                         params, z, sub['pixels'])
+
+  estimated = {name: on_estimate(name) for name, l in HEAD_LAYERS.items() if l in idx}
+
+  def on_both(name, i, l1):
     """`l1(raw head output, batch)` -> [B, H, W, 1], on the clean latent, and on the
-    estimated one of every k-th example."""
-    clean = l1(head(x0[:, i], pixels), batch).mean()
-    fixed = jax.lax.stop_gradient(sub['x0_hat'][:, i])
-    estimate = l1(head(fixed, sub['pixels']), sub['batch'])
+    estimated one of every k-th example (held fixed)."""
+    clean = l1(getattr(model, name)(x0[:, i], pixels), batch).mean()
+    estimate = l1(estimated[name][0], sub['batch'])
     return clean + (sub['trust'] * estimate).mean()
 
-  idx = {l: i for i, l in enumerate(layers)}
   terms = {}
   main = [idx[l] for l in layers if l != 'shadow']
   terms['flow'] = se[:, jnp.asarray(main)].mean() if main else jnp.float32(0)
@@ -108,7 +152,7 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
     fg = idx['foreground']
     band = _pool_max(batch['boundary'][..., 0], cfg.latent_factor)
     terms['restoration'] = (se[:, fg] * band).sum() / jnp.maximum(band.sum(), 1.0)
-    terms['alpha'] = on_both(model.alpha, fg, lambda raw, m: jnp.abs(
+    terms['alpha'] = on_both('alpha', fg, lambda raw, m: jnp.abs(
         raw - (2 * m['foreground'][..., 3:] - 1)))
   if 'shadow' in idx:
     sh = idx['shadow']
@@ -117,13 +161,13 @@ def loss_fn(model, batch: dict, rng: jax.Array, loss_cfg) -> tuple[jax.Array, di
       target = 2 * m['shadow'] - 1
       return (jnp.abs(raw[..., 3:] - target[..., 3:]) + m['shadow'][..., 3:] *
               jnp.abs(raw[..., :3] - target[..., :3]).mean(-1, keepdims=True))
-    terms['shadow'] = se[:, sh].mean() + on_both(model.shadow, sh, shadow_l1)
-  if weights.get('recompose'):
-    est, m, px = sub['x0_hat'], sub['batch'], sub['pixels']
+    terms['shadow'] = se[:, sh].mean() + on_both('shadow', sh, shadow_l1)
+  if recomposing:
+    est, m = sub['x0_hat'], sub['batch']
     bg = model.latents.decode(est[:, idx['background']])
     fg_on_board = model.latents.decode(est[:, idx['foreground']])
-    alpha = heads.to_unit(model.alpha(est[:, idx['foreground']], px))
-    shadow = heads.to_unit(model.shadow(est[:, idx['shadow']], px))
+    alpha = heads.to_unit(estimated['alpha'][1])
+    shadow = heads.to_unit(estimated['shadow'][1])
     recon = recompose(bg, shadow, fg_on_board, alpha, m['checkerboard'])
     clean = recompose(m['background'], m['shadow'], m['foreground_on_checkerboard'],
                       m['foreground'][..., 3:], m['checkerboard'])
