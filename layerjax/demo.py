@@ -145,11 +145,35 @@ def main(argv) -> None:
   print(f'\nHeld-out synthetic scenes (test split, {result["examples"]} examples, '
         f'box prompts, {config.eval.sample_steps} sampler steps), step {step}:')
   print(evaluate.table(result))
+  print('\n'.join(against_targets(result)))
   with atomic_file(workdir / 'demo_result.json') as tmp:
     tmp.write_text(json.dumps(result, indent=2) + '\n')
   print(f'grid: {workdir}/train/samples/test_{step}.png')
   print_files(decompose_photos(workdir, config))
   print(f'log: {log}')
+
+
+# What the demo model must reach on the test split (issue 21): its score over the trivial
+# baseline's, at least (Alpha IoU) or at most (RGB L1) this much.
+TARGETS = {'foreground/alpha_iou': 1.10, 'background/rgb_l1': 0.75}
+
+
+def against_targets(result: dict) -> list[str]:
+  """Per `TARGETS` entry, a line: the model's score over the trivial baseline's in the
+  flat `result` (`Evaluation.run`), and whether it meets the target."""
+  from layerjax.evaluate.baselines import TRIVIAL
+  from layerjax.train.evaluate import MODEL
+  lines = []
+  for key, target in TARGETS.items():
+    model, base = result[f'{MODEL}/layers/{key}'], result[f'{TRIVIAL}/layers/{key}']
+    higher = key.endswith('alpha_iou')  # IoU: higher is better; L1: lower
+    ratio = model / base
+    met = ratio >= target if higher else ratio <= target
+    layer, metric = key.split('/')
+    lines.append(f'{layer} {metric}: model {model:.3f}, baseline {base:.3f}, ratio '
+                 f'{ratio:.3f} (target {">=" if higher else "<="} {target:.2f}: '
+                 f'{"met" if met else "NOT met"})')
+  return lines
 
 
 FILES = ('psd', 'ora', 'preview')  # what the demo writes beside each sample folder

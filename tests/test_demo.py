@@ -1,6 +1,7 @@
 """The end of `make demo` (layerjax.demo.decompose_photos) on a tiny trained model: every
 decomposition written as a sample folder with its Photoshop, OpenRaster and contact-sheet
-files, the edited example moved by whole pixels with its shadow, and the model in PyTorch."""
+files, the edited example moved by whole pixels with its shadow, and the model in PyTorch;
+the lines that hold the model's test scores against issue 21's targets."""
 
 import dataclasses
 import re
@@ -51,3 +52,17 @@ def test_demo_decomposes_into_layer_files_and_moves_an_object(trained_workdirs, 
   # The PyTorch export's layers of the cup are JAX's (parity proper: test_torch_pipeline.py).
   differ = float(re.search(r"differ from JAX's by (\S+) at most", out).group(1))
   assert differ < 1e-3 and (tmp_path / 'demo' / 'pytorch' / 'model_index.json').is_file()
+
+
+def test_against_targets_reads_the_ratios_to_the_baselines():
+  # IoU 0.80 / 0.70 = 1.143 >= 1.10; L1 0.030 / 0.040 = 0.750 <= 0.75 (met at the bound).
+  result = {'model/layers/foreground/alpha_iou': 0.80, 'trivial/layers/foreground/alpha_iou': 0.70,
+            'model/layers/background/rgb_l1': 0.030, 'trivial/layers/background/rgb_l1': 0.040}
+  fg, bg = demo.against_targets(result)
+  assert fg == ('foreground alpha_iou: model 0.800, baseline 0.700, ratio 1.143 '
+                '(target >= 1.10: met)')
+  assert bg == 'background rgb_l1: model 0.030, baseline 0.040, ratio 0.750 (target <= 0.75: met)'
+  # IoU 0.75 / 0.70 = 1.071 < 1.10; L1 0.031 / 0.040 = 0.775 > 0.75.
+  result.update({'model/layers/foreground/alpha_iou': 0.75,
+                 'model/layers/background/rgb_l1': 0.031})
+  assert [line.endswith('NOT met)') for line in demo.against_targets(result)] == [True, True]
