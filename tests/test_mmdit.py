@@ -156,6 +156,15 @@ def test_remat_reads_old_booleans_and_refuses_unknown_policies():
     mmdit.MMDiTConfig(remat='some')
 
 
+def test_offload_is_refused_where_the_devices_have_no_pinned_host(monkeypatch):
+  class Device:
+    platform = 'tpu7'
+    addressable_memories = lambda self: []
+  monkeypatch.setattr(jax, 'devices', lambda *_: [Device()])
+  with pytest.raises(ValueError, match="remat 'offload'.*tpu7 devices have no pinned_host"):
+    mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**SMALL, remat='offload'), rngs=nnx.Rngs(0))
+
+
 def test_fresh_pos_embed_matches_diffusers():
   ref = TorchSD3(**SD35_SMALL)
   model = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**SD35_SMALL), rngs=nnx.Rngs(0))

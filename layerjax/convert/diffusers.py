@@ -33,8 +33,7 @@ from absl import logging
 from flax import nnx
 
 from layerjax.convert.files import read_config, read_tensors, write_folder
-from layerjax.models import common
-from layerjax.models import mmdit
+from layerjax.models import common, mmdit
 from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 
 

@@ -341,8 +341,9 @@ def _checkpoint_policy(name: str):
   if name == 'offload':
     device = jax.devices()[0]
     if 'pinned_host' not in {m.kind for m in device.addressable_memories()}:
-      raise ValueError(f"MMDiTConfig.remat 'offload': {device.platform} devices have no "
-                       "pinned_host memory; use 'full' or 'dots_with_no_batch_dims_saveable'")
+      raise ValueError(f"remat 'offload' (model.remat): {device.platform} devices have no "
+                       "pinned_host memory to offload to; use 'full' or "
+                       "'dots_with_no_batch_dims_saveable'")
     return policies.offload_dot_with_no_batch_dims('device', 'pinned_host')
   return {'full': policies.nothing_saveable,
           'dots_with_no_batch_dims_saveable': policies.dots_with_no_batch_dims_saveable}[name]
@@ -400,6 +401,8 @@ class SD3Transformer2DModel(nnx.Module):
   """SD3/SD3.5 MMDiT: `(latents NHWC, text [B,T,4096], pooled [B,2048], sigma*1000) -> NHWC`."""
 
   def __init__(self, cfg: MMDiTConfig, *, rngs: nnx.Rngs):
+    if cfg.remat != 'none':
+      _checkpoint_policy(cfg.remat)  # a policy the devices lack is refused before any work
     self.config = cfg
     self.pos_embed = PatchEmbed(cfg, rngs=rngs)
     self.time_text_embed = CombinedTimestepTextProjEmbeddings(cfg, rngs=rngs)
