@@ -119,7 +119,7 @@ def demo(c):
 def sd3(c, name: str):
   c.model.mmdit = mmdit_arch(PRESETS[name])
   c.model.dtype = 'bfloat16'
-  c.model.remat = True
+  c.model.remat = 'full'
   c.data.image_size = (512, 512)
   c.data.global_batch_size = 64
   c.data.num_workers = 16

@@ -28,6 +28,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('modulation', 'tensor'),
     ('joint', None),
     ('length', None),
+    ('layers', None),  # the block axis of stacked MMDiT blocks: every device holds each block
 )
 
 

@@ -47,6 +47,9 @@ def state_dicts_equal(a, b):
 def test_transformer_round_trip_sharded(tmp_path, pipeline, torch_sd35):
   root, _ = pipeline
   model = conv.load_transformer(root)  # pipeline folder: picks transformer/
+  # Held stacked: blocks 0-1 (dual attention) in one group, the last block in another.
+  assert {k: v.attn.to_q.kernel.shape[0] for k, v in model.transformer_blocks.items()} == {
+      '0': 2, '2': 1}
   out = conv.save_transformer(model, tmp_path / 'export', max_shard_size=20_000)
   files = sorted(p.name for p in out.iterdir())
   assert INDEX in files and sum(f.endswith('.safetensors') for f in files) > 1
@@ -75,10 +78,11 @@ def test_half_precision_sources_load(tmp_path, torch_sd35, dtype):
   half.load_state_dict(torch_sd35.state_dict())
   half.save_pretrained(tmp_path)
   model = conv.load_transformer(tmp_path)
-  kernel = model.transformer_blocks[0].attn.to_q.kernel[...]
+  kernel = model.transformer_blocks['0'].attn.to_q.kernel[...]  # blocks 0 and 1
   assert kernel.dtype == jnp.float32
-  want = half.transformer_blocks[0].attn.to_q.weight.detach().float().numpy().T
-  np.testing.assert_array_equal(kernel, want)
+  for i in range(2):
+    want = half.transformer_blocks[i].attn.to_q.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(kernel[i], want)
 
 
 def test_cli_round_trip(tmp_path, pipeline, torch_sd35, capsys):

@@ -26,10 +26,11 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) 
 # units and adaLN modulation over tensor (column-parallel in, row-parallel out); the text
 # encoder's width ('joint') and unnamed axes are replicated; a batch is split over data, then
 # fsdp.
-SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+# Blocks 0-1 (dual attention) are held stacked, their leading axis ('layers') replicated.
+SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
            num_attention_heads=4, joint_attention_dim=12, caption_projection_dim=32,
            pooled_projection_dim=10, out_channels=4, pos_embed_max_size=8, qk_norm='rms_norm',
-           dual_attention_layers=(0,))
+           dual_attention_layers=(0, 1))
 VAE = dict(block_out_channels=(16, 32), down_block_types=('DownEncoderBlock2D',) * 2,
            up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, norm_num_groups=8,
            latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
@@ -81,17 +82,17 @@ def test_model_parameters_are_placed_on_the_intended_axes():
   vae = parallel.shard_model(numbered(lambda rngs: AutoencoderKL(VAEConfig(
       block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, layers_per_block=1,
       sample_size=16), rngs=rngs)), mesh)
-  intended = {
-      'transformer_blocks.0.attn.to_q.kernel': P('fsdp', 'tensor'),
-      'transformer_blocks.0.attn.to_q.bias': P('tensor'),
-      'transformer_blocks.1.attn.add_k_proj.kernel': P('fsdp', 'tensor'),
-      'transformer_blocks.0.attn2.to_v.kernel': P('fsdp', 'tensor'),
-      'transformer_blocks.0.attn.to_out.0.kernel': P('tensor', 'fsdp'),
-      'transformer_blocks.0.attn.to_out.0.bias': P('fsdp'),
-      'transformer_blocks.0.ff.net.0.proj.kernel': P('fsdp', 'tensor'),
-      'transformer_blocks.0.ff.net.2.kernel': P('tensor', 'fsdp'),
-      'transformer_blocks.0.norm1.linear.kernel': P('fsdp', 'tensor'),
-      'transformer_blocks.0.attn.norm_q.scale': P(None),
+  intended = {  # blocks by group: 'transformer_blocks.0' holds blocks 0 and 1 stacked
+      'transformer_blocks.0.attn.to_q.kernel': P(None, 'fsdp', 'tensor'),
+      'transformer_blocks.0.attn.to_q.bias': P(None, 'tensor'),
+      'transformer_blocks.2.attn.add_k_proj.kernel': P(None, 'fsdp', 'tensor'),
+      'transformer_blocks.0.attn2.to_v.kernel': P(None, 'fsdp', 'tensor'),
+      'transformer_blocks.0.attn.to_out.0.kernel': P(None, 'tensor', 'fsdp'),
+      'transformer_blocks.0.attn.to_out.0.bias': P(None, 'fsdp'),
+      'transformer_blocks.0.ff.net.0.proj.kernel': P(None, 'fsdp', 'tensor'),
+      'transformer_blocks.0.ff.net.2.kernel': P(None, 'tensor', 'fsdp'),
+      'transformer_blocks.0.norm1.linear.kernel': P(None, 'fsdp', 'tensor'),
+      'transformer_blocks.0.attn.norm_q.scale': P(None, None),
       'context_embedder.kernel': P(None, 'fsdp'),
       'pos_embed.proj.kernel': P(None, None, None, 'fsdp'),
       'proj_out.kernel': P('fsdp', None),
@@ -105,12 +106,13 @@ def test_model_parameters_are_placed_on_the_intended_axes():
   for name, want in intended.items():
     assert params[name].sharding.spec == want, (name, params[name].sharding.spec)
   q = params['transformer_blocks.0.attn.to_q.kernel']
-  assert q.sharding.shard_shape(q.shape) == (32 // 4, 32 // 2)
-  # the device at mesh position (0, f, t) holds rows 8 f.. and columns 16 t.. of 0, 1, 2, ...
-  full = np.arange(32 * 32).reshape(32, 32)
+  assert q.sharding.shard_shape(q.shape) == (2, 32 // 4, 32 // 2)
+  # the device at mesh position (0, f, t) holds rows 8 f.. and columns 16 t.. of both blocks'
+  # 0, 1, 2, ...
+  full = np.arange(2 * 32 * 32).reshape(2, 32, 32)
   for shard in q.addressable_shards:
     (_, f, t), = np.argwhere(mesh.devices == shard.device)
-    np.testing.assert_array_equal(shard.data, full[8 * f:8 * f + 8, 16 * t:16 * t + 16])
+    np.testing.assert_array_equal(shard.data, full[:, 8 * f:8 * f + 8, 16 * t:16 * t + 16])
 
 
 # --- the converter --------------------------------------------------------------------------
@@ -132,6 +134,21 @@ def diffusers_key(path) -> str:
   return '.'.join([*head, 'weight' if leaf in ('kernel', 'scale') else leaf])
 
 
+def per_block(path, x) -> list[tuple[tuple, np.ndarray]]:
+  """Our variable -> its (path, value) per block: the MMDiT's group of blocks keyed by its
+  first block's index holds block `start + j` at [j]."""
+  path = tuple(map(str, path))
+  if path[0] != 'transformer_blocks':
+    return [(path, x)]
+  return [(('transformer_blocks', str(int(path[1]) + j), *path[2:]), x[j])
+          for j in range(len(x))]
+
+
+def per_block_state(model) -> list[tuple[tuple, np.ndarray]]:
+  return [item for path, var in nnx.to_flat_state(nnx.state(model))
+          for item in per_block(path, np.asarray(var[...]))]
+
+
 @pytest.fixture(scope='module', params=['transformer', 'vae'])
 def converted(request):
   """(diffusers model, its hand-built tensors, our model loaded from them)."""
@@ -149,7 +166,7 @@ def converted(request):
 
 def test_every_diffusers_key_maps_to_one_parameter(converted):
   _, tensors, model = converted
-  ours = [diffusers_key(p) for p, _ in nnx.to_flat_state(nnx.state(model))]
+  ours = [diffusers_key(p) for p, _ in per_block_state(model)]
   assert len(ours) == len(set(ours))
   assert set(ours) == set(tensors)
 
@@ -159,8 +176,8 @@ def test_layouts_element_by_element(converted):
   [kh, kw, in, out]; everything else unchanged."""
   _, tensors, model = converted
   checked = {2: 0, 4: 0}
-  for path, var in nnx.to_flat_state(nnx.state(model)):
-    ours, theirs = np.asarray(var[...]), tensors[diffusers_key(path)]
+  for path, ours in per_block_state(model):
+    theirs = tensors[diffusers_key(path)]
     if path[-1] == 'kernel' and ours.ndim == 4:
       assert ours.shape == (theirs.shape[2], theirs.shape[3], theirs.shape[1], theirs.shape[0])
       for o, i, y, x in np.ndindex(theirs.shape):

@@ -106,7 +106,7 @@ def test_tiny_decomposer_samples_with_guidance():
       jnp.asarray(p + 0.05 * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
   # The same weights with rematerialised blocks (the SD3 configs'): its blocks must run
   # inside the sampler's fori_loop as well.
-  c.model.remat = True
+  c.model.remat = 'full'
   remat = build.build_model(c, 0)
   nnx.update(remat, nnx.state(model))
   text_fn = build.text_inputs(c)

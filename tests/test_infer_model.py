@@ -74,7 +74,7 @@ def test_packed_model_is_the_checkpoints_ema_model(kind, workdirs, tmp_path):
   if kind == 'vae':  # the trainer's random VAE (init.pretrained '') is what was packed
     assert any(k.startswith('latents/vae/') for k in frozen)
   with safe_open(str(packed / infer.WEIGHTS), framework='np') as f:
-    assert set(f.keys()) == set(got)  # no optimizer state, nothing else
+    assert set(f.keys()) == set(got)  # no optimizer state, nothing else (one block a group)
   reference = nnx.merge(setup.graphdef, state['ema'], setup.frozen)
   np.testing.assert_allclose(outputs(loaded.model), outputs(reference), rtol=1e-5, atol=1e-6)
   # A workdir loads as its packed model does.
@@ -222,6 +222,50 @@ def test_bad_inputs_are_refused_before_any_work(workdirs, tmp_path, monkeypatch)
   before = (packed / infer.META).stat().st_mtime_ns
   assert infer.pack(workdir, packed, overwrite=True) == packed
   assert (packed / infer.META).stat().st_mtime_ns != before
+
+
+def test_packed_files_hold_the_stacked_blocks_one_by_one(workdirs, tmp_path):
+  c, _ = workdirs('pixels')
+  c = c.copy_and_resolve_references()
+  c.model.mmdit.num_layers = 3  # blocks 0 and 1 (dual attention) held stacked, block 2 alone
+  c.model.mmdit.dual_attention_layers = (0, 1)
+  model = build.build_model(c, 0)
+  packed = infer.save(infer.LoadedModel(model, c, 5, 'built'), tmp_path / 'model')
+  stacked = np.asarray(model.transformer.transformer_blocks['0'].attn.to_q.kernel[...])
+  last = np.asarray(model.transformer.transformer_blocks['2'].attn.to_q.kernel[...])
+  with safe_open(str(packed / infer.WEIGHTS), framework='np') as f:
+    blocks = {k.split('/')[2] for k in f.keys() if k.startswith('transformer/transformer_blocks/')}
+    assert blocks == {'0', '1', '2'}
+    key = 'transformer/transformer_blocks/{}/attn/to_q/kernel'.format
+    for i, want in enumerate([stacked[0], stacked[1], last[0]]):
+      np.testing.assert_array_equal(f.get_tensor(key(i)), want, err_msg=key(i))
+  got, want = flat(nnx.state(infer.load(packed).model)), flat(nnx.state(model))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_older_configs_with_a_boolean_remat_load(workdirs, tmp_path):
+  """Workdirs and packed models from when `remat` was a boolean load: True as 'full'."""
+  _, workdir = workdirs('pixels')
+  old = tmp_path / 'old'
+  shutil.copytree(workdir, old)
+  config = json.loads((old / checkpoints.CONFIG).read_text())
+  config['model']['remat'] = True
+  (old / checkpoints.CONFIG).write_text(json.dumps(config))
+  loaded = infer.load(old)
+  assert loaded.model.config.mmdit.remat == 'full'
+  want = flat(nnx.state(infer.load(workdir).model))
+  got = flat(nnx.state(loaded.model))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  packed = infer.pack(old, tmp_path / 'packed')
+  meta = json.loads((packed / infer.META).read_text())
+  assert meta['model']['mmdit']['remat'] == 'full'
+  meta['model']['mmdit']['remat'] = False
+  (packed / infer.META).write_text(json.dumps(meta))
+  assert infer.load(packed).model.config.mmdit.remat == 'none'
 
 
 def test_a_workdir_without_its_config_loads_with_one_given(workdirs, tmp_path):

@@ -1,5 +1,6 @@
 """The Flax MMDiT against diffusers' SD3Transformer2DModel with the same random weights."""
 
+import dataclasses
 import inspect
 
 import jax
@@ -71,25 +72,97 @@ def test_parity_with_diffusers(pair, references, shape):
 
 def test_parity_under_jit_and_remat(pair, references):
   cfg, _, _, folder = pair
-  model = load_transformer(folder, remat=True)
+  model = load_transformer(folder, remat='full')
   x, c, p, t = inputs(cfg)
   out = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(nchw_to_nhwc(x)), c, p, t)
   assert_matches_diffusers(out, references, (x, c, p, t))
 
 
-def test_remat_gradients_equal(pair):
-  cfg, _, _, folder = pair
-  x, c, p, t = inputs(cfg)
-  x = jnp.asarray(nchw_to_nhwc(x))
+def block(model, i: int) -> mmdit.JointTransformerBlock:
+  """Block i of `model` on its own: a `JointTransformerBlock` holding its slice of its
+  group's stacked weights (the group keyed by the index of its first block)."""
+  start = max(s for s in map(int, model.transformer_blocks.keys()) if s <= i)
+  graphdef, state = nnx.split(model.transformer_blocks[str(start)])
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i - start], state))
 
-  @nnx.jit
-  def grads(model):
-    return nnx.grad(lambda m: jnp.mean(m(x, c, p, t) ** 2))(model)
 
-  g0 = grads(load_transformer(folder))
-  g1 = grads(load_transformer(folder, remat=True))
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+def blocks_one_by_one(model, x, c, p, t):
+  """The reference forward pass: every block called in turn in a Python loop."""
+  cfg = model.config
+  tokens = model.pos_embed(x)
+  temb = model.time_text_embed(t, p)
+  context = model.context_embedder(c)
+  for i in range(cfg.num_layers):
+    b = block(model, i)
+    assert (b.dual, b.context_pre_only) == (i in cfg.dual_attention_layers,
+                                            i == cfg.num_layers - 1), i
+    tokens, new_context = b(tokens, context, temb)
+    context = context if new_context is None else new_context
+  scale, shift = model.norm_out(temb)
+  out = model.proj_out(mmdit.modulate(tokens, shift, scale))
+  return model.unpatchify(out, *x.shape[1:3])
+
+
+# SD3 (a group of two plain blocks and the last block) and SD3.5 (dual attention and qk_norm:
+# three groups).
+SCAN_CONFIGS = {'sd3': SMALL, 'sd35': dict(SD35_SMALL, num_layers=4)}
+
+
+def weighted_loss(fn):
+  """A loss of `fn(model)` that weighs every output differently, and that output."""
+  def loss(model):
+    out = fn(model)
+    return jnp.mean(out ** 2 * (jnp.arange(out.size).reshape(out.shape) % 7)), out
+  return nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+
+
+@pytest.fixture(scope='module', params=SCAN_CONFIGS)
+def one_by_one(request):
+  """(kind, the model, its inputs, its output and gradients with the blocks run one by one)."""
+  arch = SCAN_CONFIGS[request.param]
+  x, c, p, t = (jnp.asarray(a) for a in inputs(arch))
+  args = (jnp.asarray(nchw_to_nhwc(x)), c, p, t)
+  model = mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**arch), rngs=nnx.Rngs(3))
+  (_, out), grads = weighted_loss(lambda m: blocks_one_by_one(m, *args))(model)
+  return request.param, model, args, out, grads
+
+
+@pytest.mark.parametrize('remat', [
+    'none', 'full',
+    *(pytest.param(r, marks=pytest.mark.slow) for r in mmdit.REMAT_POLICIES[2:])])
+def test_scanned_groups_equal_blocks_one_by_one(one_by_one, remat):
+  kind, ref_model, args, want, want_grads = one_by_one
+  groups = {k: v.shape[0] for k, v in nnx.to_flat_state(nnx.state(ref_model))
+            if k[-3:] == ('attn', 'to_q', 'kernel')}
+  assert groups == ({('transformer_blocks', '0', 'attn', 'to_q', 'kernel'): 2,
+                     ('transformer_blocks', '2', 'attn', 'to_q', 'kernel'): 1} if kind == 'sd3'
+                    else {('transformer_blocks', str(i), 'attn', 'to_q', 'kernel'): n
+                          for i, n in ((0, 2), (2, 1), (3, 1))})
+  model = mmdit.SD3Transformer2DModel(dataclasses.replace(ref_model.config, remat=remat),
+                                      rngs=nnx.Rngs(0))
+  nnx.update(model, nnx.state(ref_model))
+  (_, out), grads = weighted_loss(lambda m: m(*args))(model)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  for (path, g), (_, w) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(want_grads),
+                               strict=True):
+    np.testing.assert_allclose(g[...], w[...], rtol=1e-4, atol=1e-5 * np.abs(w[...]).max(),
+                               err_msg=str(path))
+
+
+def test_remat_reads_old_booleans_and_refuses_unknown_policies():
+  assert mmdit.MMDiTConfig(remat=True).remat == 'full'
+  assert mmdit.MMDiTConfig(remat=False).remat == 'none'
+  with pytest.raises(ValueError, match="remat must be one of .*got 'some'"):
+    mmdit.MMDiTConfig(remat='some')
+
+
+def test_offload_is_refused_where_the_devices_have_no_pinned_host(monkeypatch):
+  class Device:
+    platform = 'tpu7'
+    addressable_memories = lambda self: []
+  monkeypatch.setattr(jax, 'devices', lambda *_: [Device()])
+  with pytest.raises(ValueError, match="remat 'offload'.*tpu7 devices have no pinned_host"):
+    mmdit.SD3Transformer2DModel(mmdit.MMDiTConfig(**SMALL, remat='offload'), rngs=nnx.Rngs(0))
 
 
 def test_fresh_pos_embed_matches_diffusers():
@@ -107,8 +180,8 @@ def test_adaln_zero_blocks_start_as_identity():
   tokens = model.pos_embed(jnp.asarray(x))
   context = model.context_embedder(jnp.asarray(c))
   temb = model.time_text_embed(jnp.asarray(t), jnp.asarray(p))
-  for i, block in enumerate(model.transformer_blocks):
-    out, ctx = block(tokens, context, temb)
+  for i in range(model.config.num_layers):
+    out, ctx = block(model, i)(tokens, context, temb)
     np.testing.assert_array_equal(out, tokens, err_msg=f'block {i}')
     if ctx is not None:
       np.testing.assert_array_equal(ctx, context, err_msg=f'block {i}')

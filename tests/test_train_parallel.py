@@ -59,13 +59,14 @@ def test_loss_and_grads_match_one_device(reference, shape):
   config.mesh = shape
   got_terms, got_grads, setup = _loss_and_grads(config, None, batch)
   # The weights really are split as intended: an attention kernel [embed 32, heads 32] is
-  # split over fsdp, then tensor; its optimizer moments follow it.
+  # split over fsdp, then tensor (the stacked blocks' axis replicated); its optimizer moments
+  # follow it.
   _, fsdp, tensor = shape
   q = lambda tree: jax.tree.leaves(
-      tree['transformer']['transformer_blocks'][0]['attn']['to_q']['kernel'])[0]
+      tree['transformer']['transformer_blocks']['0']['attn']['to_q']['kernel'])[0]
   for sh in (q(setup.state_shardings['params']), q(setup.state_shardings['opt_state'][1][0].mu)):
-    assert sh.spec == P('fsdp', 'tensor'), sh.spec
-    assert sh.shard_shape((32, 32)) == (32 // fsdp, 32 // tensor)
+    assert sh.spec == P(None, 'fsdp', 'tensor'), sh.spec  # group '0': block 0 alone
+    assert sh.shard_shape((1, 32, 32)) == (1, 32 // fsdp, 32 // tensor)
   for k, v in terms.items():
     np.testing.assert_allclose(got_terms[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
   flat, got = jax.tree.leaves_with_path(grads), jax.tree.leaves(got_grads)

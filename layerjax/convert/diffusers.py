@@ -8,6 +8,10 @@ mapping is the leaf rename below plus the layout change of each tensor:
     norm    scale                    <-> weight
     bias, buffers (pos_embed)        <-> same name, same layout
 
+The MMDiT holds each group of identical blocks stacked (`mmdit.stacked_blocks`); its
+variables are unstacked into per-block names on export and stacked back on loading
+(`mmdit.unstack` / `mmdit.stack`), so names and checks are always diffusers'.
+
 Loading uses every source tensor and fills every parameter, or fails listing what is
 missing/unexpected; exporting writes a folder that diffusers' `from_pretrained` loads with
 empty `missing_keys` / `unexpected_keys`, sharded above `max_shard_size` bytes. A tensor
@@ -29,7 +33,7 @@ from absl import logging
 from flax import nnx
 
 from layerjax.convert.files import read_config, read_tensors, write_folder
-from layerjax.models import common
+from layerjax.models import common, mmdit
 from layerjax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 
 
@@ -87,12 +91,12 @@ def _variables(model_or_state) -> Iterator[tuple[tuple, nnx.Variable]]:
 def torch_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
   """The model's weights as a diffusers state dict of numpy arrays (PyTorch layouts)."""
   out = {}
-  for path, var in _variables(model):
-    x = np.asarray(jax.device_get(var[...]))
-    if dtype is not None:
-      with np.errstate(over='ignore'):  # an overflow is an Inf, which `save` reports by name
-        x = x.astype(dtype)
-    out[torch_name(path)] = np.ascontiguousarray(to_torch_layout(path, x))
+  for stacked_path, var in _variables(model):
+    for path, x in mmdit.unstack(stacked_path, np.asarray(jax.device_get(var[...]))):
+      if dtype is not None:
+        with np.errstate(over='ignore'):  # an overflow is an Inf, which `save` reports by name
+          x = x.astype(dtype)
+      out[torch_name(path)] = np.ascontiguousarray(to_torch_layout(path, x))
   return out
 
 
@@ -120,30 +124,34 @@ def check_finite(name: str, x: np.ndarray, where: str, allow: bool) -> None:
 
 def torch_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
   """diffusers name -> PyTorch-layout shape of every variable in `state` (abstract or not)."""
-  return {torch_name(p): tuple(to_torch_layout(p, np.empty(v.shape, np.bool_)).shape)
-          for p, v in _variables(state)}
+  return {torch_name(p): tuple(to_torch_layout(p, x).shape)
+          for stacked, v in _variables(state)
+          for p, x in mmdit.unstack(stacked, mmdit.shape_only(v.shape))}
 
 
 def fill_from_state_dict(graphdef, abstract_state: nnx.State, tensors, source: str,
                          param_dtype: Any, allow_nonfinite: bool = False) -> nnx.Module:
   """Builds the model from `tensors` (name -> array-like in PyTorch layout), strictly."""
-  expected = {torch_name(p): (p, v) for p, v in _variables(abstract_state)}
   shapes = torch_shapes(abstract_state)
-  missing = sorted(set(expected) - set(tensors))
-  unexpected = sorted(set(tensors) - set(expected))
+  missing = sorted(set(shapes) - set(tensors))
+  unexpected = sorted(set(tensors) - set(shapes))
   if missing or unexpected:
     raise CheckpointMismatch(
         f'{source}: checkpoint does not match the model.\n'
         f'  missing_keys ({len(missing)}): {missing[:50]}\n'
         f'  unexpected_keys ({len(unexpected)}): {unexpected[:50]}')
-  for name, (path, var) in expected.items():
+
+  def tensor(path: tuple, _) -> np.ndarray:
+    name = torch_name(path)
     x = np.asarray(tensors[name])
-    want = shapes[name]
-    if tuple(x.shape) != want:
+    if tuple(x.shape) != shapes[name]:
       raise CheckpointMismatch(f'{source}: shape mismatch for {name!r}: checkpoint has '
-                               f'{tuple(x.shape)}, model expects {want}')
+                               f'{tuple(x.shape)}, model expects {shapes[name]}')
     check_finite(name, x, source, allow_nonfinite)
-    var.set_value(jnp.asarray(from_torch_layout(path, x), dtype=param_dtype))
+    return from_torch_layout(path, x)
+
+  for path, var in _variables(abstract_state):
+    var.set_value(jnp.asarray(mmdit.stack(path, var.shape, tensor), dtype=param_dtype))
   return nnx.merge(graphdef, abstract_state)
 
 
@@ -207,7 +215,7 @@ def save(model: nnx.Module, path, *, dtype: Any = None, max_shard_size: int = 10
 
 
 def load_transformer(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                     remat: bool = False, allow_nonfinite: bool = False
+                     remat: str = 'none', allow_nonfinite: bool = False
                      ) -> SD3Transformer2DModel:
   """SD3/SD3.5 transformer from a diffusers model folder or pipeline folder."""
   return load(TRANSFORMER, path, dtype=dtype, param_dtype=param_dtype, remat=remat,

@@ -5,7 +5,8 @@ pipeline folder the PyTorch decomposer (`layerjax.torch`) loads, each model's te
 as its PyTorch module names them. `from_pytorch`: back to a packed model folder
 (`infer.model.save`) whose weights equal the original's bit for bit when none was cast.
 
-Tensors map one to one: the Flax path of every variable names its component
+Tensors map one to one (the MMDiT's stacked blocks one by one, `mmdit.unstack` /
+`mmdit.stack`): the Flax path of every variable names its component
 ('transformer/...', 'latents/vae/...' -> vae/, 'layer_embed' and 'long_skip/...' -> layers/,
 'text_encoder/...', 'alpha_head/...', 'shadow_head/...') and, joined with '.', its name there,
 with `layerjax.convert.diffusers`' renames and layouts (the long skip's [K, C, C] kernel
@@ -30,7 +31,7 @@ from layerjax.convert.diffusers import (from_torch_layout, to_torch_layout, torc
 from layerjax.convert.files import read_tensors, write_folder
 from layerjax.fileio import Artifact, atomic_dir, check_destination, check_not_inside, read_json
 from layerjax.infer import model as infer_model
-from layerjax.models import common, heads
+from layerjax.models import common, heads, mmdit
 from layerjax.models.decomposer import DecomposerConfig, LayerDecomposer
 from layerjax.models.shared import TextEmbeddings
 
@@ -121,15 +122,15 @@ def to_pytorch(model, dst, *, dtype: Any = None, max_shard_size: int = 10 * 2**3
   cfg = loaded.model.config
   configs = _configs(cfg)
   tensors = {name: {} for name in configs}
-  for path, var in nnx.to_flat_state(nnx.state(loaded.model)):
-    x = np.asarray(var[...])
-    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-      with np.errstate(over='ignore'):  # an overflow is an Inf, refused below by name
-        x = x.astype(dtype)
-    component, name = component_name(path, x.ndim)
-    x = np.ascontiguousarray(_to_torch(path, x))
-    check_finite(name, x, f'export to {dst / component}', allow_nonfinite)
-    tensors[component][name] = x
+  for stacked, var in nnx.to_flat_state(nnx.state(loaded.model)):
+    for path, x in mmdit.unstack(stacked, np.asarray(var[...])):
+      if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        with np.errstate(over='ignore'):  # an overflow is an Inf, refused below by name
+          x = x.astype(dtype)
+      component, name = component_name(path, x.ndim)
+      x = np.ascontiguousarray(_to_torch(path, x))
+      check_finite(name, x, f'export to {dst / component}', allow_nonfinite)
+      tensors[component][name] = x
   # The run it came from: a packed model's own record of it, else the workdir; so that
   # from-pytorch restores the packed model's decomposer.json as it was.
   packed = Path(model) / infer_model.META
@@ -181,13 +182,17 @@ def from_pytorch(src, dst, *, overwrite: bool = False) -> Path:
   graphdef, state = nnx.split(abstract)
   with contextlib.ExitStack() as stack:
     readers = {n: stack.enter_context(read_tensors(src / n)) for n in expected}
-    for path, var in nnx.to_flat_state(state):
-      component, name = component_name(path, len(var.shape))
+
+    def tensor(path: tuple, shape: tuple) -> np.ndarray:
+      component, name = component_name(path, len(shape))
       x = _from_torch(path, np.asarray(readers[component][name]))
-      if x.shape != tuple(var.shape):
+      if x.shape != tuple(shape):
         raise folder.ExportError(f'{src / component}: tensor {name!r} has shape {x.shape}, '
-                                 f'the model in {folder.META} expects {tuple(var.shape)}')
-      var.set_value(jnp.asarray(x.astype(var.dtype)))
+                                 f'the model in {folder.META} expects {tuple(shape)}')
+      return x
+
+    for path, var in nnx.to_flat_state(state):
+      var.set_value(jnp.asarray(mmdit.stack(path, var.shape, tensor).astype(var.dtype)))
   texts = TextEmbeddings(src / folder.TEXT) if (src / folder.TEXT).is_file() else None
   loaded = infer_model.LoadedModel(nnx.merge(graphdef, state),
                                    ml_collections.ConfigDict(meta['config']), int(meta['step']),

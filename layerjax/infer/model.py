@@ -9,7 +9,8 @@ directly, into a `LayerDecomposer` placed on a mesh, in the dtype asked for, and
     MODEL/weights.safetensors  every variable of the model by its nnx state path
                                ('transformer/transformer_blocks/0/attn/to_q/kernel'), in the
                                dtype it was trained in: the EMA weights and the frozen parts
-                               (the VAE, buffers)
+                               (the VAE, buffers); the MMDiT's stacked blocks one by one
+                               (`mmdit.unstack`), so files do not depend on how they are held
     MODEL/text.safetensors     models reading precomputed text embeddings only: the empty
                                text's embedding (`TextEmbeddings`' format), so spatial
                                prompts and guidance work without the embeddings file
@@ -37,7 +38,7 @@ from safetensors.numpy import save_file
 
 from layerjax import build, checkpoints, flow, parallel
 from layerjax.fileio import Artifact, as_path, atomic_dir, check_destination, is_url, read_json
-from layerjax.models import common
+from layerjax.models import common, mmdit
 from layerjax.models.decomposer import (TRAINABLE, DecomposerConfig, LayerDecomposer,
                                         TextEncoderConfig)
 from layerjax.models.mmdit import MMDiTConfig
@@ -107,14 +108,15 @@ def _default_mesh(mesh) -> jax.sharding.Mesh:
   return mesh if mesh is not None else parallel.make_mesh((1, 1, 1), jax.devices()[:1])
 
 
-def _filled(abstract: LayerDecomposer, value: Callable[[str], Any], mesh) -> LayerDecomposer:
-  """`abstract` with each variable `value(key)`, cast to the variable's dtype and placed as
-  `parallel.model_shardings` says; host arrays are sliced per device, never copied whole to
-  one device first."""
+def _filled(abstract: LayerDecomposer, value: Callable[[tuple, tuple], Any],
+            mesh) -> LayerDecomposer:
+  """`abstract` with each variable `value(path, shape)`, cast to the variable's dtype and
+  placed as `parallel.model_shardings` says; host arrays are sliced per device, never copied
+  whole to one device first."""
   shardings = dict(nnx.to_flat_state(parallel.model_shardings(abstract, mesh)))
   graphdef, state = nnx.split(abstract)
   for path, var in nnx.to_flat_state(state):
-    x, sharding, dtype = value(_key(path)), shardings[path], var.dtype
+    x, sharding, dtype = value(path, var.shape), shardings[path], var.dtype
     if isinstance(x, jax.Array):
       x = jax.device_put(x.astype(dtype), sharding)
     else:
@@ -195,7 +197,7 @@ def _load_workdir(w: _Workdir, mesh, dtype: str | None) -> LoadedModel:
   restored = w.checkpoints.restore(w.step, target, partial=True)
   w.checkpoints.close()
   values.update({_key(p): v[...] for p, v in nnx.to_flat_state(restored['ema'])})
-  return LoadedModel(_filled(abstract, values.__getitem__, mesh), w.config,
+  return LoadedModel(_filled(abstract, lambda path, _: values[_key(path)], mesh), w.config,
                      int(restored['step']), str(w.path), _embeddings_file(w.config))
 
 
@@ -219,7 +221,8 @@ def _check_weights(path: Path, abstract: LayerDecomposer, meta_path) -> None:
       have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
   except (SafetensorError, OSError) as e:
     raise ModelError(f'{path}: not a readable safetensors file ({e})') from None
-  want = {_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
+  want = {_key(p): x.shape for stacked, v in nnx.to_flat_state(nnx.state(abstract))
+          for p, x in mmdit.unstack(stacked, mmdit.shape_only(v.shape))}
   shown = lambda names: f'{names[:5]}' + (f' and {len(names) - 5} more' if len(names) > 5 else '')
   problems = []
   for what, names in (('missing', sorted(set(want) - set(have))),
@@ -246,7 +249,8 @@ def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedMod
   abstract = _abstract(config_from_json(meta['model'], dtype))
   _check_weights(folder / WEIGHTS, abstract, folder / META)
   with safe_open(str(folder / WEIGHTS), framework='np') as f:
-    model = _filled(abstract, f.get_tensor, _default_mesh(mesh))
+    read = lambda path, shape: mmdit.stack(path, shape, lambda p, _: f.get_tensor(_key(p)))
+    model = _filled(abstract, read, _default_mesh(mesh))
   texts = TextEmbeddings(folder / TEXT) if (folder / TEXT).is_file() else None
   return LoadedModel(model, ml_collections.ConfigDict(meta['config']), int(meta['step']),
                      str(folder), texts)
@@ -296,8 +300,9 @@ def save(loaded: LoadedModel, out, *, overwrite: bool = False) -> Path:
   if needs_text and loaded.texts is None:
     raise ModelError(f'{loaded.source}: the model reads precomputed text embeddings, and none '
                      "came with it: the packed model keeps the empty text's")
-  tensors = {_key(p): np.asarray(jax.device_get(v[...]))
-             for p, v in nnx.to_flat_state(nnx.state(loaded.model))}
+  tensors = {_key(p): np.ascontiguousarray(x)
+             for stacked, v in nnx.to_flat_state(nnx.state(loaded.model))
+             for p, x in mmdit.unstack(stacked, np.asarray(jax.device_get(v[...])))}
   meta = {'format': FORMAT, 'step': loaded.step, 'source': loaded.source,
           'config': loaded.config.to_dict(), 'model': config_json(loaded.model.config)}
   with atomic_dir(out, MODEL_FOLDER, overwrite) as tmp:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,11 @@ import numpy as np
 from flax import nnx
 
 from layerjax import parallel
-from layerjax.models.common import (Buffer, RMSNorm, attention, conv, layer_norm, linear,
-                                     store_grad_on_cpu)
+from layerjax.models.common import Buffer, RMSNorm, attention, conv, layer_norm, linear
+
+# Per-block rematerialisation (`MMDiTConfig.remat`): what each block's backward pass keeps
+# from its forward pass. 'offload' keeps the matmul outputs in pinned host memory.
+REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims_saveable', 'offload')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +41,11 @@ class MMDiTConfig:
   pos_embed_max_size: int = 192
   dual_attention_layers: tuple[int, ...] = ()
   qk_norm: str | None = None
-  # Not part of the checkpoint: compute dtype, parameter dtype, per-block rematerialisation.
+  # Not part of the checkpoint: compute dtype, parameter dtype, per-block rematerialisation
+  # (one of `REMAT_POLICIES`; older configs' True / False read as 'full' / 'none').
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = 'none'
 
   ARCH_FIELDS = ('sample_size', 'patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
                  'num_attention_heads', 'joint_attention_dim', 'caption_projection_dim',
@@ -56,6 +60,10 @@ class MMDiTConfig:
     if self.qk_norm not in (None, 'rms_norm'):
       raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
     object.__setattr__(self, 'dual_attention_layers', tuple(self.dual_attention_layers))
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {self.remat!r}')
 
   @property
   def width(self) -> int:
@@ -308,34 +316,102 @@ class JointTransformerBlock(nnx.Module):
     return y, context
 
 
-def _run_block(block: JointTransformerBlock, x, context, temb):
-  x, context = block(x, context, temb)
-  return store_grad_on_cpu(x), None if context is None else store_grad_on_cpu(context)
+def block_groups(cfg: MMDiTConfig) -> list[tuple[int, int]]:
+  """[start, stop) of each run of identical consecutive blocks (same dual attention, same
+  `context_pre_only`): SD3-medium's [(0, 23), (23, 24)], SD3.5-medium's
+  [(0, 13), (13, 23), (23, 24)]."""
+  kind = lambda i: (i in cfg.dual_attention_layers, i == cfg.num_layers - 1)
+  starts = [i for i in range(cfg.num_layers) if i == 0 or kind(i) != kind(i - 1)]
+  return list(zip(starts, starts[1:] + [cfg.num_layers]))
 
 
-def _remat_block(block: JointTransformerBlock, x, context, temb):
-  """`_run_block` rematerialised, as a pure function of the block's state under
-  `jax.checkpoint`: `nnx.remat` writes the block's variables back after the call, which
-  fails inside a `lax` loop the model was not made in (the sampler's `fori_loop`)."""
-  graphdef, state = nnx.split(block)
-  return jax.checkpoint(lambda s, *a: _run_block(nnx.merge(graphdef, s), *a))(
-      state, x, context, temb)
+def stacked_blocks(cfg: MMDiTConfig, start: int, stop: int,
+                   rngs: nnx.Rngs) -> JointTransformerBlock:
+  """Blocks start..stop-1 as one module whose variables gain a leading block axis (logical
+  name 'layers'), each block initialised from its own key."""
+  make = lambda key: JointTransformerBlock(cfg, context_pre_only=stop == cfg.num_layers,
+                                           dual=start in cfg.dual_attention_layers,
+                                           rngs=nnx.Rngs(key))
+  keys = jax.random.split(rngs.params(), stop - start)
+  return nnx.vmap(make, transform_metadata={nnx.PARTITION_NAME: 'layers'})(keys)
+
+
+def _checkpoint_policy(name: str):
+  policies = jax.checkpoint_policies
+  if name == 'offload':
+    device = jax.devices()[0]
+    if 'pinned_host' not in {m.kind for m in device.addressable_memories()}:
+      raise ValueError(f"remat 'offload' (model.remat): {device.platform} devices have no "
+                       "pinned_host memory to offload to; use 'full' or "
+                       "'dots_with_no_batch_dims_saveable'")
+    return policies.offload_dot_with_no_batch_dims('device', 'pinned_host')
+  return {'full': policies.nothing_saveable,
+          'dots_with_no_batch_dims_saveable': policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def _scan_blocks(blocks: JointTransformerBlock, x, context, temb, remat: str):
+  """Runs a group's stacked blocks in order: `lax.scan` over their state, each block
+  rematerialised as `remat` says. A pure function of the state rather than `nnx.scan` /
+  `nnx.remat`, which write the variables back after the call and so fail inside a `lax` loop
+  the model was not made in (the sampler's `fori_loop`)."""
+  graphdef, state = nnx.split(blocks)
+
+  def body(carry, block_state):
+    x, context = (parallel.constrain(a, ('batch', 'length', 'embed')) for a in carry)
+    x, new_context = nnx.merge(graphdef, block_state)(x, context, temb)
+    # A `context_pre_only` block returns no context; the carry keeps its structure.
+    return (x, context if new_context is None else new_context), None
+
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=_checkpoint_policy(remat))
+  (x, context), _ = jax.lax.scan(body, (x, context), state)
+  return x, context
+
+
+def _group_key_at(path: tuple) -> int | None:
+  """Where in a variable's path the key of its stacked block group is, if it has one."""
+  names = [str(p) for p in path[:-2]]
+  return names.index('transformer_blocks') + 1 if 'transformer_blocks' in names else None
+
+
+def unstack(path: tuple, x) -> list[tuple[tuple, Any]]:
+  """A variable's path and value (anything indexed along its first axis) as the per-block
+  layout holds them (diffusers' names, packed model files): itself outside the blocks, else
+  one entry per block of its group, whose key is the index of the group's first block."""
+  k = _group_key_at(path)
+  if k is None:
+    return [(path, x)]
+  start = int(path[k])
+  return [(path[:k] + (start + j,) + path[k + 1:], x[j]) for j in range(x.shape[0])]
+
+
+def shape_only(shape) -> np.ndarray:
+  """A stand-in array of `shape` holding no memory, for `unstack` and layout changes."""
+  return np.broadcast_to(np.bool_(False), tuple(shape))
+
+
+def stack(path: tuple, shape, get: Callable[[tuple, tuple], Any]) -> Any:
+  """The inverse of `unstack`: the value of the variable at `path` of `shape` from the
+  per-block layout's `get(path, shape)`, stacked along a new first axis for a group's."""
+  parts = [get(p, s.shape) for p, s in unstack(path, shape_only(shape))]
+  return parts[0] if _group_key_at(path) is None else np.stack(parts)
 
 
 class SD3Transformer2DModel(nnx.Module):
   """SD3/SD3.5 MMDiT: `(latents NHWC, text [B,T,4096], pooled [B,2048], sigma*1000) -> NHWC`."""
 
   def __init__(self, cfg: MMDiTConfig, *, rngs: nnx.Rngs):
+    if cfg.remat != 'none':
+      _checkpoint_policy(cfg.remat)  # a policy the devices lack is refused before any work
     self.config = cfg
     self.pos_embed = PatchEmbed(cfg, rngs=rngs)
     self.time_text_embed = CombinedTimestepTextProjEmbeddings(cfg, rngs=rngs)
     self.context_embedder = linear(cfg.joint_attention_dim, cfg.width, ('joint', 'embed'),
                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.transformer_blocks = nnx.List([
-        JointTransformerBlock(cfg, context_pre_only=i == cfg.num_layers - 1,
-                              dual=i in cfg.dual_attention_layers, rngs=rngs)
-        for i in range(cfg.num_layers)
-    ])
+    # Each group of identical blocks stacked, keyed by its first block's index.
+    self.transformer_blocks = nnx.Dict({
+        str(start): stacked_blocks(cfg, start, stop, rngs)
+        for start, stop in block_groups(cfg)})
     self.norm_out = AdaNorm(cfg.width, 2, cfg, rngs=rngs)
     self.proj_out = linear(cfg.width, cfg.patch_size ** 2 * cfg.out_channels, ('embed', None),
                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -355,11 +431,9 @@ class SD3Transformer2DModel(nnx.Module):
     temb = self.time_text_embed(jnp.broadcast_to(timestep, (x.shape[0],)),
                                 pooled_projections.astype(dtype))
     context = self.context_embedder(encoder_hidden_states.astype(dtype))
-    run = _remat_block if cfg.remat else _run_block
-    for block in self.transformer_blocks:
-      x = parallel.constrain(x, ('batch', 'length', 'embed'))
-      context = parallel.constrain(context, ('batch', 'length', 'embed'))
-      x, context = run(block, x, context, temb)
+    for start, _ in block_groups(cfg):
+      x, context = _scan_blocks(self.transformer_blocks[str(start)], x, context, temb,
+                                cfg.remat)
     scale, shift = self.norm_out(temb)
     return self.proj_out(modulate(x, shift, scale))
 

@@ -81,7 +81,8 @@ def base() -> ConfigDict:
       text={'encoder': 'precomputed', 'embeddings': '', 'max_len': 32, 'width': 128,
             'depth': 2, 'heads': 4},
       mmdit=mmdit_arch(mmdit.SD3_MEDIUM),
-      long_skip=False, prediction='velocity', dtype='float32', param_dtype='float32', remat=False))
+      long_skip=False, prediction='velocity', dtype='float32', param_dtype='float32',
+      remat='none'))
   c.init = ConfigDict({'pretrained': ''})
 
   c.loss = ConfigDict(dict(
@@ -158,7 +159,7 @@ SPEC = spec.section({
         'mmdit': spec.section(_MMDIT, optional=('in_channels', 'out_channels')),
         'long_skip': spec.boolean(), 'prediction': spec.string(('velocity', 'sample')),
         'dtype': spec.string(build.DTYPES), 'param_dtype': spec.string(build.DTYPES),
-        'remat': spec.boolean()}),
+        'remat': spec.string(mmdit.REMAT_POLICIES)}),
     'init': spec.section({'pretrained': spec.string()}),
     'loss': spec.section({
         'logit_mean': spec.number(), 'logit_std': spec.number(above=0),
