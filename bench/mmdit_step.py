@@ -121,6 +121,8 @@ def parse_args(argv=None):
     help='compute dtype; parameters and optimiser state stay fp32')
   a('--remat', action='store_true',
     help='rematerialise each block (layerjax remat=True, diffusers gradient checkpointing)')
+  a('--blocks', choices=('auto', 'scan', 'unroll'), default='auto',
+    help="layerjax's loop over the blocks (MMDiTConfig.unroll): auto unrolls it on a CPU")
   a('--threads', type=int, default=usable_cpus(), help='CPU threads (see module doc)')
   a('--torch-device', default=None, help="default 'cuda' if available else 'cpu'")
   a('--peak-n', type=int, default=None, help='matrix size of the peak matmul '
@@ -157,6 +159,7 @@ from layerjax.models import mmdit  # noqa: E402
 from layerjax.models.common import abstract  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
+UNROLL = {'auto': None, 'scan': False, 'unroll': True}  # --blocks
 
 
 # --- configuration, data, FLOPs --------------------------------------------------------------
@@ -599,7 +602,8 @@ def trace_breakdown(side: JaxSide, steps: int, trace_dir: str | None) -> dict:
 
 def compile_only(args, cfg) -> dict:
   """Lowers and compiles the jax step for an abstract model (no weights are made)."""
-  config = mmdit.MMDiTConfig.from_diffusers(cfg, dtype=jnp.dtype(args.dtype), remat=args.remat)
+  config = mmdit.MMDiTConfig.from_diffusers(cfg, dtype=jnp.dtype(args.dtype), remat=args.remat,
+                                            unroll=UNROLL[args.blocks])
   side = JaxSide(abstract(lambda rngs: mmdit.SD3Transformer2DModel(config, rngs=rngs)),
                  make_batch(args), flat=args.flat_args)
   t0 = time.perf_counter()
@@ -639,7 +643,8 @@ def main(args) -> dict:
     print(f'WARNING: other processes keep {busy:.0%} of the CPUs busy: timings (torch eager '
           'with its OpenMP threads especially) will be inflated and noisy.')
   print('config:', json.dumps(cfg), f'batch {args.batch}, {args.text_tokens} text tokens, '
-        f'dtype {args.dtype}, remat {args.remat}, flat args {args.flat_args}')
+        f'dtype {args.dtype}, remat {args.remat}, blocks {args.blocks}, '
+        f'flat args {args.flat_args}')
   results = dict(config=cfg, args=vars(args), cpu=cpu, other_cpu_load=busy,
                  jax_platform=jax_device.platform, torch_device=torch_device)
   if args.compile_only:
@@ -652,7 +657,8 @@ def main(args) -> dict:
   n_params = sum(p.numel() for p in torch_model.parameters())
   with tempfile.TemporaryDirectory() as folder:
     torch_model.save_pretrained(folder)
-    jax_model = load_transformer(folder, dtype=dtype, remat=args.remat)
+    jax_model = load_transformer(folder, dtype=dtype, remat=args.remat,
+                                 unroll=UNROLL[args.blocks])
   n_jax = sum(x.size for x in jax.tree.leaves(nnx.state(jax_model, nnx.Param)))
   assert n_jax == n_params, (n_jax, n_params)
   print(f'{n_params / 1e6:.2f}M trainable parameters')

@@ -54,6 +54,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from layerjax import build, parallel  # noqa: E402
+from layerjax.models.mmdit import REMAT_POLICIES  # noqa: E402
 from layerjax.train import objectives, trainer  # noqa: E402
 from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
                         xla_flops)
@@ -257,7 +258,7 @@ def time_peer(config, steps: int, warmup: int, seed: int = 0) -> dict:
                pooled=f32(b, m.pooled_projection_dim),
                t=rng.uniform(0, 1000, b).astype(np.float32),
                target=f32(b, m.out_channels, k * h, w))
-  side = TorchSide(model, batch, SimpleNamespace(remat=bool(config.model.remat),
+  side = TorchSide(model, batch, SimpleNamespace(remat=config.model.remat != 'none',
                                                  dtype=config.model.dtype),
                    'cuda' if torch.cuda.is_available() else 'cpu')
   return dict(step_s=median_time(side.step, steps, warmup, side.sync),
@@ -272,7 +273,8 @@ def main(argv=None) -> dict:
   p.add_argument('--size', type=int, default=128, help='sd3_medium: image size in pixels')
   p.add_argument('--batch', type=int, default=0, help='global batch (0: demo 16, sd3 2)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--remat', action='store_true')
+  p.add_argument('--remat', default='none', choices=REMAT_POLICIES,
+                 help='sd3_medium: the per-block remat policy')
   p.add_argument('--estimate-every', type=int, default=1,
                  help='loss.estimate_every: terms on the one-step estimate on every k-th example')
   p.add_argument('--steps', type=int, default=5)

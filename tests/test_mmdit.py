@@ -127,10 +127,11 @@ def one_by_one(request):
   return request.param, model, args, out, grads
 
 
-@pytest.mark.parametrize('remat', [
-    'none', 'full',
-    *(pytest.param(r, marks=pytest.mark.slow) for r in mmdit.REMAT_POLICIES[2:])])
-def test_scanned_groups_equal_blocks_one_by_one(one_by_one, remat):
+@pytest.mark.parametrize('remat,unroll', [
+    ('none', False), ('none', True), ('full', False), ('full', True),
+    *(pytest.param(r, False, marks=pytest.mark.slow) for r in mmdit.REMAT_POLICIES[2:])])
+def test_scanned_groups_equal_blocks_one_by_one(one_by_one, remat, unroll):
+  """Rolled (the accelerators' default) and unrolled (the CPU's) alike."""
   kind, ref_model, args, want, want_grads = one_by_one
   groups = {k: v.shape[0] for k, v in nnx.to_flat_state(nnx.state(ref_model))
             if k[-3:] == ('attn', 'to_q', 'kernel')}
@@ -138,8 +139,8 @@ def test_scanned_groups_equal_blocks_one_by_one(one_by_one, remat):
                      ('transformer_blocks', '2', 'attn', 'to_q', 'kernel'): 1} if kind == 'sd3'
                     else {('transformer_blocks', str(i), 'attn', 'to_q', 'kernel'): n
                           for i, n in ((0, 2), (2, 1), (3, 1))})
-  model = mmdit.SD3Transformer2DModel(dataclasses.replace(ref_model.config, remat=remat),
-                                      rngs=nnx.Rngs(0))
+  model = mmdit.SD3Transformer2DModel(
+      dataclasses.replace(ref_model.config, remat=remat, unroll=unroll), rngs=nnx.Rngs(0))
   nnx.update(model, nnx.state(ref_model))
   (_, out), grads = weighted_loss(lambda m: m(*args))(model)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

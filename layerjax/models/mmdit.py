@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from layerjax import parallel
-from layerjax.models.common import Buffer, RMSNorm, attention, conv, layer_norm, linear
+from layerjax.models.common import (Buffer, RMSNorm, attention, conv, layer_norm, linear,
+                                     store_grad_on_cpu)
 
 # Per-block rematerialisation (`MMDiTConfig.remat`): what each block's backward pass keeps
 # from its forward pass. 'offload' keeps the matmul outputs in pinned host memory.
@@ -46,6 +47,11 @@ class MMDiTConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = 'none'
+  # The blocks' loop: None unrolls it on the CPU backend and scans elsewhere. XLA:CPU runs
+  # the unrolled step faster (678 against 785 ms at 8 blocks, width 384, batch 4, 2-core
+  # EPYC); elsewhere the scan compiles faster (SD3-medium's step: 3.8 s against 12.4 s on
+  # that CPU) and holds one block's code.
+  unroll: bool | None = None
 
   ARCH_FIELDS = ('sample_size', 'patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
                  'num_attention_heads', 'joint_attention_dim', 'caption_projection_dim',
@@ -349,7 +355,7 @@ def _checkpoint_policy(name: str):
           'dots_with_no_batch_dims_saveable': policies.dots_with_no_batch_dims_saveable}[name]
 
 
-def _scan_blocks(blocks: JointTransformerBlock, x, context, temb, remat: str):
+def _scan_blocks(blocks: JointTransformerBlock, x, context, temb, remat: str, unroll: bool):
   """Runs a group's stacked blocks in order: `lax.scan` over their state, each block
   rematerialised as `remat` says. A pure function of the state rather than `nnx.scan` /
   `nnx.remat`, which write the variables back after the call and so fail inside a `lax` loop
@@ -360,11 +366,14 @@ def _scan_blocks(blocks: JointTransformerBlock, x, context, temb, remat: str):
     x, context = (parallel.constrain(a, ('batch', 'length', 'embed')) for a in carry)
     x, new_context = nnx.merge(graphdef, block_state)(x, context, temb)
     # A `context_pre_only` block returns no context; the carry keeps its structure.
-    return (x, context if new_context is None else new_context), None
+    context = context if new_context is None else new_context
+    if unroll:  # unrolled, XLA:CPU would recompute the stream's gradient in every consumer
+      x, context = store_grad_on_cpu(x), store_grad_on_cpu(context)
+    return (x, context), None
 
   if remat != 'none':
     body = jax.checkpoint(body, policy=_checkpoint_policy(remat))
-  (x, context), _ = jax.lax.scan(body, (x, context), state)
+  (x, context), _ = jax.lax.scan(body, (x, context), state, unroll=unroll)
   return x, context
 
 
@@ -431,9 +440,10 @@ class SD3Transformer2DModel(nnx.Module):
     temb = self.time_text_embed(jnp.broadcast_to(timestep, (x.shape[0],)),
                                 pooled_projections.astype(dtype))
     context = self.context_embedder(encoder_hidden_states.astype(dtype))
+    unroll = jax.default_backend() == 'cpu' if cfg.unroll is None else cfg.unroll
     for start, _ in block_groups(cfg):
       x, context = _scan_blocks(self.transformer_blocks[str(start)], x, context, temb,
-                                cfg.remat)
+                                cfg.remat, unroll)
     scale, shift = self.norm_out(temb)
     return self.proj_out(modulate(x, shift, scale))
 
