@@ -79,8 +79,8 @@ def _empty_file(name: str) -> Path:
 def make_config(name: str, args):
   if name == 'demo':
     c = load_config('demo')
-  elif name == 'sd3_medium':
-    c = load_config('sd3_medium')
+  elif name in ('sd3_medium', 'sd35_medium', 'sd35_large'):
+    c = load_config(name)
     c.init.pretrained = ''  # random weights of the same shapes
     c.model.mmdit.num_layers = args.depth
     c.model.dtype = args.dtype

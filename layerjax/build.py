@@ -28,7 +28,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 
 
 def _compute(m) -> dict:
-  return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=m.remat)
+  return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=m.remat,
+              attention=m.get('attention', 'xla'))  # configs before it was a key: 'xla'
 
 
 def _pretrained_folder(config) -> Path | None:

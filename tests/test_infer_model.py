@@ -246,15 +246,18 @@ def test_packed_files_hold_the_stacked_blocks_one_by_one(workdirs, tmp_path):
 
 
 def test_older_configs_with_a_boolean_remat_load(workdirs, tmp_path):
-  """Workdirs and packed models from when `remat` was a boolean load: True as 'full'."""
+  """Workdirs and packed models from when `remat` was a boolean, and before `attention` and
+  `unroll` were keys, load: True as 'full', XLA's attention, the platform's loop."""
   _, workdir = workdirs('pixels')
   old = tmp_path / 'old'
   shutil.copytree(workdir, old)
   config = json.loads((old / checkpoints.CONFIG).read_text())
   config['model']['remat'] = True
+  del config['model']['attention']
   (old / checkpoints.CONFIG).write_text(json.dumps(config))
   loaded = infer.load(old)
   assert loaded.model.config.mmdit.remat == 'full'
+  assert loaded.model.config.mmdit.attention == 'xla'
   want = flat(nnx.state(infer.load(workdir).model))
   got = flat(nnx.state(loaded.model))
   assert got.keys() == want.keys()
@@ -264,8 +267,10 @@ def test_older_configs_with_a_boolean_remat_load(workdirs, tmp_path):
   meta = json.loads((packed / infer.META).read_text())
   assert meta['model']['mmdit']['remat'] == 'full'
   meta['model']['mmdit']['remat'] = False
+  del meta['model']['mmdit']['attention'], meta['model']['mmdit']['unroll']
   (packed / infer.META).write_text(json.dumps(meta))
-  assert infer.load(packed).model.config.mmdit.remat == 'none'
+  mmdit = infer.load(packed).model.config.mmdit
+  assert (mmdit.remat, mmdit.attention, mmdit.unroll) == ('none', 'xla', None)
 
 
 def test_a_workdir_without_its_config_loads_with_one_given(workdirs, tmp_path):

@@ -155,6 +155,8 @@ def test_remat_reads_old_booleans_and_refuses_unknown_policies():
   assert mmdit.MMDiTConfig(remat=False).remat == 'none'
   with pytest.raises(ValueError, match="remat must be one of .*got 'some'"):
     mmdit.MMDiTConfig(remat='some')
+  with pytest.raises(ValueError, match="attention must be 'xla' or 'cudnn', got 'flash'"):
+    mmdit.MMDiTConfig(attention='flash')
 
 
 def test_offload_is_refused_where_the_devices_have_no_pinned_host(monkeypatch):

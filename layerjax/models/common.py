@@ -85,12 +85,14 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
-              ) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+              implementation: str = 'xla') -> jax.Array:
   """Softmax attention on [B, T, N, H] with scale 1/sqrt(H); `mask` [B, N, T, S] keeps True.
 
-  `jax.nn.dot_product_attention` picks the fused cuDNN kernel on GPUs; fp32 inputs keep full
-  fp32 matmuls there (no TF32) so fp32 runs match PyTorch. On CPUs `_cpu_attention`, whose
+  On accelerators `jax.nn.dot_product_attention`: XLA's unless `implementation='cudnn'`
+  asks for cuDNN's fused kernel (NVIDIA GPUs, bf16/fp16; it raises where it does not apply);
+  fp32 inputs keep full fp32 matmuls (no TF32) so fp32 runs match PyTorch. On CPUs
+  `_cpu_attention`, whose
   hand-written backward makes attention's forward+backward ~1.35x and an SD3-shaped training
   step ~1.1x faster (bench/mmdit_step.py, 2-core AVX-512 EPYC).
   """
@@ -98,7 +100,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     return _cpu_attention(q, k, v, mask)
   precision = 'highest' if q.dtype == jnp.float32 else None
   with jax.default_matmul_precision(precision):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                                        implementation=None if implementation == 'xla'
+                                        else implementation)
 
 
 def _attention_forward(q, k, v, mask):

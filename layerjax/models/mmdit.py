@@ -52,6 +52,8 @@ class MMDiTConfig:
   # EPYC); elsewhere the scan compiles faster (SD3-medium's step: 3.8 s against 12.4 s on
   # that CPU) and holds one block's code.
   unroll: bool | None = None
+  # The attention kernel on accelerators (`common.attention`): 'xla' or 'cudnn'.
+  attention: str = 'xla'
 
   ARCH_FIELDS = ('sample_size', 'patch_size', 'in_channels', 'num_layers', 'attention_head_dim',
                  'num_attention_heads', 'joint_attention_dim', 'caption_projection_dim',
@@ -70,6 +72,8 @@ class MMDiTConfig:
       object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {self.remat!r}')
+    if self.attention not in ('xla', 'cudnn'):
+      raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
 
   @property
   def width(self) -> int:
@@ -238,6 +242,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: MMDiTConfig, *, joint: bool, context_pre_only: bool = False,
                rngs: nnx.Rngs):
     dim, self.heads = cfg.width, cfg.num_attention_heads
+    self.implementation = cfg.attention
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     qkv = lambda: linear(dim, dim, ('embed', 'heads'), **kw)
     out = lambda: linear(dim, dim, ('heads', 'embed'), **kw)
@@ -273,7 +278,7 @@ class Attention(nnx.Module):
                              getattr(self, 'norm_added_q', None),
                              getattr(self, 'norm_added_k', None))
       q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
-    o = attention(q, k, v)
+    o = attention(q, k, v, implementation=self.implementation)
     o = o.reshape(*o.shape[:2], -1)
     img = self.to_out[0](o[:, :n])
     if not self.joint:

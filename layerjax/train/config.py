@@ -82,7 +82,7 @@ def base() -> ConfigDict:
             'depth': 2, 'heads': 4},
       mmdit=mmdit_arch(mmdit.SD3_MEDIUM),
       long_skip=False, prediction='velocity', dtype='float32', param_dtype='float32',
-      remat='none'))
+      remat='none', attention='xla'))
   c.init = ConfigDict({'pretrained': ''})
 
   c.loss = ConfigDict(dict(
@@ -159,7 +159,8 @@ SPEC = spec.section({
         'mmdit': spec.section(_MMDIT, optional=('in_channels', 'out_channels')),
         'long_skip': spec.boolean(), 'prediction': spec.string(('velocity', 'sample')),
         'dtype': spec.string(build.DTYPES), 'param_dtype': spec.string(build.DTYPES),
-        'remat': spec.string(mmdit.REMAT_POLICIES)}),
+        'remat': spec.string(mmdit.REMAT_POLICIES),
+        'attention': spec.string(('xla', 'cudnn'))}),
     'init': spec.section({'pretrained': spec.string()}),
     'loss': spec.section({
         'logit_mean': spec.number(), 'logit_std': spec.number(above=0),
