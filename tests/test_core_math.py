@@ -151,6 +151,16 @@ class FakeLatents:
     return jnp.repeat(jnp.repeat(z, 2, 1), 2, 2)
 
 
+class FakeHead(nnx.Module):
+  """A parameterless head: the latent's `channels` (in that order) at pixel resolution."""
+
+  def __init__(self, channels: tuple[int, ...]):
+    self.channels = channels
+
+  def __call__(self, z):
+    return FakeLatents().decode(z[..., list(self.channels)])
+
+
 class FakeDecomposer:
   """The decomposer's interface, knowing the clean latents `x0` [B, K, h, w, C]: predicts the
   exact velocity at (x, sigma), (x - x0) / sigma = noise - x0, plus a known `error`. Heads:
@@ -162,6 +172,7 @@ class FakeDecomposer:
     self.latents = FakeLatents()
     self.x0, self.error = jnp.asarray(x0), jnp.asarray(error)
     self.sigmas = []
+    self.alpha_head, self.shadow_head = FakeHead((0,)), FakeHead((0, 1, 2, 1))
 
   def encode_text(self, batch):
     return None, None
@@ -176,11 +187,15 @@ class FakeDecomposer:
     jax.debug.callback(lambda s: self.sigmas.append(np.asarray(s)), sigma, ordered=True)
     return (x - self.x0) / sigma[:, None, None, None, None] + self.error
 
+  @staticmethod
+  def apply_head(head, z, pixels):
+    return head(z)
+
   def alpha(self, z, pixels):
-    return self.latents.decode(z[..., :1])
+    return self.alpha_head(z)
 
   def shadow(self, z, pixels):
-    return self.latents.decode(jnp.concatenate([z, z[..., 1:2]], -1))
+    return self.shadow_head(z)
 
 
 def loss_batch():
