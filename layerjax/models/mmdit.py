@@ -49,7 +49,7 @@ class MMDiTConfig:
   remat: str = 'none'
   # The blocks' loop: None unrolls it on the CPU backend and scans elsewhere. XLA:CPU runs
   # the unrolled step faster (678 against 785 ms at 8 blocks, width 384, batch 4, 2-core
-  # EPYC); elsewhere the scan compiles faster (SD3-medium's step: 3.8 s against 12.4 s on
+  # EPYC); elsewhere the scan compiles faster (SD3-medium's step: 3.7 s against 21.5 s on
   # that CPU) and holds one block's code.
   unroll: bool | None = None
   # The attention kernel on accelerators (`common.attention`): 'xla' or 'cudnn'.
