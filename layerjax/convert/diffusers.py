@@ -216,11 +216,12 @@ def save(model: nnx.Module, path, *, dtype: Any = None, max_shard_size: int = 10
 
 def load_transformer(path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                      remat: str = 'none', unroll: bool | None = None,
-                     allow_nonfinite: bool = False) -> SD3Transformer2DModel:
+                     attention: str = 'xla', allow_nonfinite: bool = False
+                     ) -> SD3Transformer2DModel:
   """SD3/SD3.5 transformer from a diffusers model folder or pipeline folder (`remat`,
-  `unroll`: `MMDiTConfig`'s)."""
+  `unroll`, `attention`: `MMDiTConfig`'s)."""
   return load(TRANSFORMER, path, dtype=dtype, param_dtype=param_dtype, remat=remat,
-              unroll=unroll, allow_nonfinite=allow_nonfinite)
+              unroll=unroll, attention=attention, allow_nonfinite=allow_nonfinite)
 
 
 def save_transformer(model: SD3Transformer2DModel, path, **kw) -> Path:
