@@ -88,12 +88,9 @@ def model_flops(config, setup, batch) -> int:
 def train_part(args) -> dict:
   """The decomposer's step at the largest batch that fits (or `--batch`)."""
   import jax
-  import jax.numpy as jnp
 
   from layerjax.train import trainer
-  from mmdit_step import median_time
-  from train_step import make_config, random_batch
-  from layerjax import build
+  from train_step import compile_step, make_config, step_time
   ns = SimpleNamespace(depth=args.depth, dtype='bfloat16', remat=args.remat, size=args.size,
                        batch=1, estimate_every=1)
   config = make_config(args.config, ns)
@@ -102,14 +99,10 @@ def train_part(args) -> dict:
   limit = (dev.memory_stats() or {}).get('bytes_limit')
   setup = trainer.create(config)
   step_fn = trainer.make_step(setup)
-  cfg = build.decomposer_config(config)
 
   def compile_at(b):
     config.data.global_batch_size = b
-    batch = {k: jnp.asarray(v) for k, v in random_batch(config, cfg).items()}
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(setup.state, setup.frozen, batch).compile()
-    return compiled, batch, time.perf_counter() - t0
+    return compile_step(setup, step_fn, config)
 
   out: dict = {'device': dev.device_kind, 'remat': args.remat, 'attention': args.attention}
   with jax.set_mesh(setup.mesh):
@@ -127,13 +120,7 @@ def train_part(args) -> dict:
     while True:
       try:
         compiled, batch, compile_s = compile_at(batch_size)
-        state = setup.state
-
-        def one():
-          nonlocal state
-          state, metrics = compiled(state, setup.frozen, batch)
-          return metrics['loss']
-        step_s = median_time(one, args.steps, 2, jax.block_until_ready)
+        step_s = step_time(compiled, setup, batch, args.steps, 2)
         break
       except Exception as e:  # pylint: disable=broad-except  # out of memory: halve
         if 'RESOURCE_EXHAUSTED' not in str(e) or batch_size == 1:

@@ -118,24 +118,33 @@ def random_batch(config, model_cfg, seed: int = 0) -> dict[str, np.ndarray]:
   return batch
 
 
+def compile_step(setup, step_fn, config) -> tuple:
+  """`step_fn` compiled for a random batch of `config`'s shape: (compiled, batch, seconds).
+  Under the setup's mesh."""
+  host = random_batch(config, build.decomposer_config(config))
+  batch = {k: jnp.asarray(v) for k, v in host.items()}
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(setup.state, setup.frozen, batch).compile()
+  return compiled, batch, time.perf_counter() - t0
+
+
+def step_time(compiled, setup, batch, steps: int, warmup: int) -> float:
+  """Median seconds of `compiled` steps from the setup's state, each feeding the next."""
+  state = setup.state
+
+  def one():
+    nonlocal state
+    state, metrics = compiled(state, setup.frozen, batch)
+    return metrics['loss']
+  return median_time(one, steps, warmup, jax.block_until_ready)
+
+
 def time_ours(config, steps: int, warmup: int) -> dict:
   """Median seconds per step of the real training step, its FLOPs and compile time."""
   setup = trainer.create(config)
-  batch = random_batch(config, build.decomposer_config(config))
-  step_fn = trainer.make_step(setup)
   with jax.set_mesh(setup.mesh):
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(setup.state, setup.frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    state = setup.state
-
-    def one():
-      nonlocal state
-      state, metrics = compiled(state, setup.frozen, batch)
-      return metrics['loss']
-
-    step_s = median_time(one, steps, warmup, jax.block_until_ready)
+    compiled, batch, compile_s = compile_step(setup, trainer.make_step(setup), config)
+    step_s = step_time(compiled, setup, batch, steps, warmup)
   params = sum(x.size for x in jax.tree.leaves(setup.state['params']))
   return dict(step_s=step_s, flops=xla_flops(compiled), compile_s=compile_s,
               parameters=int(params))
