@@ -24,7 +24,9 @@ dense bf16 datasheet peak given with `--peak-tflops`.
 values (the host->device batch, latent encodes, text encoder, transformer forward and
 backward, each head pass, the recomposition's latent decodes, optimizer, EMA), in ms and %
 of the step; what the parts do not cover (the loss terms' own arithmetic, the non-finite
-guard, fusion across parts) is the 'other' line.
+guard, fusion across parts) is the 'other' line. Last, the host's own time in one call of
+the jitted step (flattening the state's pytree into its leaves and launching), which the
+loop overlaps with the previous step's compute: what passing flat argument lists would save.
 
     python bench/train_step.py                          # both configs, CPU-sized
     python bench/train_step.py --no-peer --breakdown    # where the step's time goes
@@ -224,7 +226,19 @@ def breakdown(config, steps: int, warmup: int) -> dict:
       state, metrics = compiled(state, frozen, batch)
       return metrics['loss']
     out['step'] = ms(one)
+
+    def dispatch():  # the host's time in the call: flattening the state's leaves, launching
+      nonlocal state
+      t = time.perf_counter()
+      state, metrics = compiled(state, frozen, batch)
+      host = time.perf_counter() - t
+      jax.block_until_ready(metrics)
+      return host
+    dispatch_ms = 1e3 * float(np.median([dispatch() for _ in range(steps)]))
+    leaves = len(jax.tree.leaves(state))
   out['other (step - parts)'] = out['step'] - sum(v for n, v in out.items() if n != 'step')
+  # Not a part: it overlaps the previous step's compute, as the loop dispatches one ahead.
+  out[f'host time of the call ({leaves} state leaves)'] = dispatch_ms
   return out
 
 

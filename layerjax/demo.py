@@ -159,20 +159,22 @@ TARGETS = {'foreground/alpha_iou': 1.10, 'background/rgb_l1': 0.75}
 
 
 def against_targets(result: dict) -> list[str]:
-  """Per `TARGETS` entry, a line: the model's score over the trivial baseline's in the
-  flat `result` (`Evaluation.run`), and whether it meets the target."""
+  """Per `TARGETS` entry and per system (the sampler's raw layers, and the layers
+  `Decomposer` returns: `exact`), a line: its score over the trivial baseline's in the flat
+  `result` (`Evaluation.run`), and whether it meets the target."""
   from layerjax.evaluate.baselines import TRIVIAL
-  from layerjax.train.evaluate import MODEL
+  from layerjax.train.evaluate import EXACT, MODEL
   lines = []
-  for key, target in TARGETS.items():
-    model, base = result[f'{MODEL}/layers/{key}'], result[f'{TRIVIAL}/layers/{key}']
-    higher = key.endswith('alpha_iou')  # IoU: higher is better; L1: lower
-    ratio = model / base
-    met = ratio >= target if higher else ratio <= target
-    layer, metric = key.split('/')
-    lines.append(f'{layer} {metric}: model {model:.3f}, baseline {base:.3f}, ratio '
-                 f'{ratio:.3f} (target {">=" if higher else "<="} {target:.2f}: '
-                 f'{"met" if met else "NOT met"})')
+  for system, what in ((MODEL, 'sampled'), (EXACT, 'decomposer')):
+    for key, target in TARGETS.items():
+      model, base = result[f'{system}/layers/{key}'], result[f'{TRIVIAL}/layers/{key}']
+      higher = key.endswith('alpha_iou')  # IoU: higher is better; L1: lower
+      ratio = model / base
+      met = ratio >= target if higher else ratio <= target
+      layer, metric = key.split('/')
+      lines.append(f'{what:>10} {layer} {metric}: {model:.3f}, baseline {base:.3f}, ratio '
+                   f'{ratio:.3f} (target {">=" if higher else "<="} {target:.2f}: '
+                   f'{"met" if met else "NOT met"})')
   return lines
 
 

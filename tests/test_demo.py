@@ -55,14 +55,15 @@ def test_demo_decomposes_into_layer_files_and_moves_an_object(trained_workdirs, 
 
 
 def test_against_targets_reads_the_ratios_to_the_baselines():
-  # IoU 0.80 / 0.70 = 1.143 >= 1.10; L1 0.030 / 0.040 = 0.750 <= 0.75 (met at the bound).
+  # Sampled: IoU 0.80 / 0.70 = 1.143 >= 1.10; L1 0.030 / 0.040 = 0.750 <= 0.75 (met at the
+  # bound). Decomposer: IoU 0.75 / 0.70 = 1.071 < 1.10; L1 0.031 / 0.040 = 0.775 > 0.75.
   result = {'model/layers/foreground/alpha_iou': 0.80, 'trivial/layers/foreground/alpha_iou': 0.70,
-            'model/layers/background/rgb_l1': 0.030, 'trivial/layers/background/rgb_l1': 0.040}
-  fg, bg = demo.against_targets(result)
-  assert fg == ('foreground alpha_iou: model 0.800, baseline 0.700, ratio 1.143 '
+            'model/layers/background/rgb_l1': 0.030, 'trivial/layers/background/rgb_l1': 0.040,
+            'exact/layers/foreground/alpha_iou': 0.75, 'exact/layers/background/rgb_l1': 0.031}
+  fg, bg, exact_fg, exact_bg = demo.against_targets(result)
+  assert fg == ('   sampled foreground alpha_iou: 0.800, baseline 0.700, ratio 1.143 '
                 '(target >= 1.10: met)')
-  assert bg == 'background rgb_l1: model 0.030, baseline 0.040, ratio 0.750 (target <= 0.75: met)'
-  # IoU 0.75 / 0.70 = 1.071 < 1.10; L1 0.031 / 0.040 = 0.775 > 0.75.
-  result.update({'model/layers/foreground/alpha_iou': 0.75,
-                 'model/layers/background/rgb_l1': 0.031})
-  assert [line.endswith('NOT met)') for line in demo.against_targets(result)] == [True, True]
+  assert bg == ('   sampled background rgb_l1: 0.030, baseline 0.040, ratio 0.750 '
+                '(target <= 0.75: met)')
+  assert exact_fg.startswith('decomposer foreground alpha_iou: 0.750, baseline 0.700, ratio 1.071')
+  assert exact_fg.endswith('NOT met)') and exact_bg.endswith('NOT met)')

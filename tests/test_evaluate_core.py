@@ -297,7 +297,8 @@ def test_unreadable_ground_truth_is_listed(tmp_path):
 @pytest.mark.slow
 def test_evaluation_compiles_once_and_repeats(tmp_path, monkeypatch):
   """A second evaluation does not trace the sampler again (counted by a Python side effect,
-  which runs only while jax traces) and, with the same state, gives the same scores."""
+  which runs only while jax traces) and, with the same state, gives the same scores; the
+  `exact` system is scored beside the model."""
   from layerjax import flow
   from layerjax.train import trainer
   traces = []
@@ -311,6 +312,8 @@ def test_evaluation_compiles_once_and_repeats(tmp_path, monkeypatch):
   assert len(traces) == 1 and ev.decompose._cache_size() == 1
   assert first == second
   assert first['examples'] == 8 and first['trivial/layers/background/alpha_iou'] == 1
+  # The decomposer's layers (`exact`) recompose to the input, whatever the model's do.
+  assert first['exact/layers/recompose_l1'] < 1e-5 < first['model/layers/recompose_l1']
 
 
 @pytest.mark.slow

@@ -106,3 +106,30 @@ def test_exact_layers_recompose_to_the_photo():
   layers, repaired = post.exact_layers(photo, bg, [dark])
   np.testing.assert_allclose(composite(layers)[..., :3], photo, atol=1e-5)
   assert 0 < repaired <= ((shadow[..., 3] > 0) & (alpha < 1)).sum()
+
+
+def test_exact_thresholds_the_models_layers_then_solves():
+  """`decomposer.exact` (what `Decomposer.decompose` does after sampling, and the trainer's
+  `exact` evaluation) on hand-made decoded layers: alpha under ALPHA_MIN and shadow opacity
+  under SHADOW_MIN are the model's noise and dropped, so the photo shows there; the model's
+  completion stays behind the object; the layers recompose to the photo."""
+  from layerjax.data.schema import ALPHA_MIN
+  from layerjax.infer import decomposer
+  rng = np.random.default_rng(0)
+  h = w = 16
+  photo = rng.uniform(0.1, 0.9, (h, w, 3)).astype(np.float32)
+  background = np.clip(photo + 0.1, 0, 1)  # off everywhere
+  alpha = np.full((h, w), 0.5 * ALPHA_MIN, np.float32)
+  alpha[4:8, 4:8] = 1
+  fg = np.concatenate([rng.uniform(0, 1, (h, w, 3)), alpha[..., None]], -1).astype(np.float32)
+  shadow = np.full((h, w, 4), 0.5 * decomposer.SHADOW_MIN, np.float32)
+  ones = np.ones((h, w, 1), np.float32)
+  layers = decomposer.exact({'background': np.concatenate([background, ones], -1),
+                             'foreground': fg, 'shadow': shadow}, photo)
+  assert [l.kind for l in layers] == ['background', 'object']
+  np.testing.assert_allclose(composite(layers)[..., :3], photo, atol=1e-5)
+  inside = np.zeros((h, w), bool)
+  inside[4:8, 4:8] = True
+  np.testing.assert_array_equal(layers[1].rgba[..., 3], np.where(inside, 1, 0))
+  np.testing.assert_array_equal(layers[0].rgba[~inside][:, :3], photo[~inside])
+  np.testing.assert_allclose(layers[0].rgba[inside][:, :3], background[inside], atol=1e-6)

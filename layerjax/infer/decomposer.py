@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from layerjax.data import examples, images
-from layerjax.data.schema import ALPHA_MIN, LayeredSample, Prompt, assemble, composite
+from layerjax.data.schema import (ALPHA_MIN, Layer, LayeredSample, Prompt, assemble,
+                                  composite)
 from layerjax.infer import postprocess as post
 from layerjax.infer import scene
 from layerjax.infer.prompts import PromptError, Query, as_query, check_query
@@ -237,31 +238,13 @@ class Decomposer:
       if best is None or err < scores[best[0]]:
         best = (i, layers)
     t = time.perf_counter()
-    background, colour, alpha, shadow = best[1]
-    if 'background' in s.layers:
-      background = np.clip(post.resize(background, g.size), 0, 1)
-    else:
-      background = photo
-    if photo.shape[0] > sh or photo.shape[1] > sw:  # upsampling: edges from the photo
-      alpha = post.guided_upsample(alpha, photo)
-    else:
-      alpha = np.clip(post.resize(alpha, g.size), 0, 1)
-    alpha = np.where(alpha < ALPHA_MIN, 0, alpha).astype(np.float32)
-    colour = np.clip(post.resize(colour, g.size), 0, 1)
-    if shadow is not None:
-      premult = post.resize(np.concatenate([shadow[..., :3] * shadow[..., 3:],
-                                            shadow[..., 3:]], -1), g.size)
-      opacity = np.clip(premult[..., 3], 0, 1)
-      opacity = np.where(opacity < SHADOW_MIN, 0, opacity)
-      shadow = None
-      if opacity.any():
-        rgb = np.clip(premult[..., :3] / np.maximum(premult[..., 3:], 1e-6), 0, 1)
-        shadow = np.concatenate([rgb, opacity[..., None]], -1).astype(np.float32)
-    recomposed = _recompose(background, colour, alpha, shadow)
-    timings['postprocess'] += time.perf_counter() - t
     label = q.text or 'object'
-    obj = post.Extracted(alpha, colour, shadow, label=label,
-                         referring=(q.text,) if q.text else ())
+    background, obj = to_photo(best[1], photo, label=label,
+                               referring=(q.text,) if q.text else ())
+    if 'background' not in s.layers:  # the photo itself, not its model-sized copy
+      background = photo
+    recomposed = _recompose(background, obj.colour, obj.alpha, obj.shadow)
+    timings['postprocess'] += time.perf_counter() - t
     prov = {'seeds_tried': [seed + i for i in range(seeds)], 'seed_scores': scores,
             'chosen_seed': seed + best[0], 'model_size': list(g.padded),
             # How far the model's own layers are from the photo, before the exact solve:
@@ -283,6 +266,43 @@ class Decomposer:
     batch = {'image': post.to_model(photo, g)[None], 'prompt': prompt[None],
              'checkerboard': board[None, ..., :3]}
     return {**batch, **self.backend.text_inputs([q.text])}
+
+
+def to_photo(layers: tuple, photo: np.ndarray, label: str = 'object',
+             referring: tuple[str, ...] = ()) -> tuple[np.ndarray, post.Extracted]:
+  """One sample's layers (`_layers`: background, object colour and alpha, shadow RGBA or
+  None, at the model's resolution over the photo's region) at `photo`'s resolution, as
+  `post.exact_layers` takes them: (background, the object). Alpha below `ALPHA_MIN` and
+  shadow opacity below `SHADOW_MIN` become 0; alpha is upsampled guided by the photo."""
+  background, colour, alpha, shadow = layers
+  size = photo.shape[:2]
+  background = np.clip(post.resize(background, size), 0, 1)
+  if size[0] > alpha.shape[0] or size[1] > alpha.shape[1]:  # upsampling: edges from the photo
+    alpha = post.guided_upsample(alpha, photo)
+  else:
+    alpha = np.clip(post.resize(alpha, size), 0, 1)
+  alpha = np.where(alpha < ALPHA_MIN, 0, alpha).astype(np.float32)
+  colour = np.clip(post.resize(colour, size), 0, 1)
+  if shadow is not None:
+    premult = post.resize(np.concatenate([shadow[..., :3] * shadow[..., 3:],
+                                          shadow[..., 3:]], -1), size)
+    opacity = np.clip(premult[..., 3], 0, 1)
+    opacity = np.where(opacity < SHADOW_MIN, 0, opacity)
+    shadow = None
+    if opacity.any():
+      rgb = np.clip(premult[..., :3] / np.maximum(premult[..., 3:], 1e-6), 0, 1)
+      shadow = np.concatenate([rgb, opacity[..., None]], -1).astype(np.float32)
+  return background, post.Extracted(alpha, colour, shadow, label=label, referring=referring)
+
+
+def exact(decoded: dict, photo: np.ndarray) -> list[Layer]:
+  """One example's decoded layers ({name: straight RGBA [H, W, 4]} at `photo`'s
+  resolution, as `flow.decode_layers` gives them) as `Decomposer.decompose` returns them:
+  thresholded (`to_photo`) and solved exactly against `photo` (`post.exact_layers`):
+  background, the object's shadow if it casts one, the object."""
+  photo = np.asarray(photo, np.float32)
+  background, obj = to_photo(_layers(decoded, photo), photo)
+  return post.exact_layers(photo, background, [obj])[0]
 
 
 def _layers(out: dict, image: np.ndarray) -> tuple:

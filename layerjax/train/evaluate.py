@@ -1,10 +1,11 @@
 """The trainer's periodic evaluation: sample decompositions of held-out examples with the flow
 sampler and run the configured evaluators (`config.eval.evaluators`, looked up by name in
 `layerjax.evaluate.evaluators`; by default `layers`: RGB L1 and Alpha IoU per layer and the
-recomposition error) on the model and on the trivial baseline (`evaluate.baselines.trivial`:
-the input as the background, the input cut by the prompt's box or mask as the foreground, an
-empty shadow). `Evaluation` jits the sampler once per training run, so only the first
-evaluation compiles.
+recomposition error) on the model, on its layers as `Decomposer` returns them to users
+(`exact`: thresholded and solved exactly against the photo) and on the trivial baseline
+(`evaluate.baselines.trivial`: the input as the background, the input cut by the prompt's
+box or mask as the foreground, an empty shadow). `Evaluation` jits the sampler once per
+training run, so only the first evaluation compiles.
 Examples are drawn deterministically (`config.eval.seed`) with the eval prompt kinds and no
 degradation, flip or zoom. Writes `eval/<split>_<step>.json` and a sample grid
 `samples/<split>_<step>.png` (input | prompt | background | foreground | shadow |
@@ -28,10 +29,16 @@ from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import Layer, LayeredSample, Prompt
 from layerjax.evaluate import baselines, evaluators, outputs
 from layerjax.export import preview
+from layerjax.infer import decomposer
 
 LAYERS = ('background', 'foreground', 'shadow')
 KINDS = {'background': 'background', 'foreground': 'object', 'shadow': 'shadow'}
+NAMES = {kind: name for name, kind in KINDS.items()}
 MODEL = 'model'
+# The model's layers as `Decomposer.decompose` returns them to users: thresholded and solved
+# exactly against the photo (`infer.decomposer.exact`), so the background is the photo
+# wherever no layer covers it.
+EXACT = 'exact'
 
 
 def eval_data_config(config, mesh) -> ml_collections.ConfigDict:
@@ -67,6 +74,20 @@ def as_samples(layers: dict[str, np.ndarray], image: np.ndarray, ids: list[str],
     prompts = ([Prompt('foreground', mask=regions[i])]
                if regions is not None and 'foreground' in names else [])
     out.append(LayeredSample(sid, np.asarray(image[i], np.float32), stack, prompts))
+  return out
+
+
+def exact_layers(pred: dict[str, np.ndarray], image: np.ndarray) -> dict[str, np.ndarray]:
+  """`pred`'s layers ({name: RGBA [B, H, W, 4]}) per example through
+  `infer.decomposer.exact`, back under the same names; a shadow it drops (too faint) is
+  an empty layer."""
+  out = {n: np.zeros_like(pred[n]) for n in LAYERS if n in pred}
+  for i in range(len(image)):
+    solved = decomposer.exact({n: v[i] for n, v in pred.items()}, image[i])
+    for layer in solved:
+      name = NAMES[layer.kind]
+      if name in out:
+        out[name][i] = layer.rgba
   return out
 
 
@@ -123,7 +144,9 @@ class Evaluation:
     if split not in self.loaders:
       self.loaders[split] = make_loader(eval_data_config(self.config, mesh), split, mesh)
     it = iter(self.loaders[split])
-    systems = (MODEL, baselines.TRIVIAL)
+    # A model without a foreground layer has no object for the exact solve to place.
+    exact = 'foreground' in self.config.model.layers
+    systems = (MODEL, EXACT, baselines.TRIVIAL) if exact else (MODEL, baselines.TRIVIAL)
     rows = {s: {name: [] for name in self.evaluators} for s in systems}
     picture = None
     with jax.set_mesh(mesh):
@@ -136,6 +159,8 @@ class Evaluation:
         gts = ground_truth(host, self.config.model.layers, ids)
         preds = {MODEL: as_samples(pred, host['image'], ids),
                  baselines.TRIVIAL: [baselines.trivial(g) for g in gts]}
+        if exact:
+          preds[EXACT] = as_samples(exact_layers(pred, host['image']), host['image'], ids)
         for system in systems:
           for name, e in self.evaluators.items():
             rows[system][name] += [e.score(g.id, p, g) for p, g in zip(preds[system], gts)]
