@@ -6,8 +6,10 @@
    re-run reuses both (the engine resumes, the dataset is rebuilt only if its scenes
    changed);
 2. training: `configs/liwi.py:demo` through `layerjax.train.trainer` (resumes if stopped);
-3. evaluation on the held-out test scenes: the model against trivial baselines (background
-   = the input; foreground = the input cut by the prompt box; shadow = empty);
+3. evaluation on the held-out test scenes: the model's sampled layers and the same layers as
+   `Decomposer` returns them (`exact`: solved against the photo) against trivial baselines
+   (background = the input; foreground = the input cut by the prompt box; shadow = empty),
+   and each against `TARGETS`;
 4. the trained model packed for inference (`out/demo/model`), held-out photos (scaled up
    4x, to 128 px; one with its box as the prompt, one whole scene) and scikit-image's
    coffee photo (its cup's box, and whole) decomposed with it into sample folders with
