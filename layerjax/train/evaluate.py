@@ -77,7 +77,7 @@ def as_samples(layers: dict[str, np.ndarray], image: np.ndarray, ids: list[str],
   return out
 
 
-def exact_layers(pred: dict[str, np.ndarray], image: np.ndarray) -> dict[str, np.ndarray]:
+def as_decomposed(pred: dict[str, np.ndarray], image: np.ndarray) -> dict[str, np.ndarray]:
   """`pred`'s layers ({name: RGBA [B, H, W, 4]}) per example through
   `infer.decomposer.exact`, back under the same names; a shadow it drops (too faint) is
   an empty layer."""
@@ -160,7 +160,7 @@ class Evaluation:
         preds = {MODEL: as_samples(pred, host['image'], ids),
                  baselines.TRIVIAL: [baselines.trivial(g) for g in gts]}
         if exact:
-          preds[EXACT] = as_samples(exact_layers(pred, host['image']), host['image'], ids)
+          preds[EXACT] = as_samples(as_decomposed(pred, host['image']), host['image'], ids)
         for system in systems:
           for name, e in self.evaluators.items():
             rows[system][name] += [e.score(g.id, p, g) for p, g in zip(preds[system], gts)]
