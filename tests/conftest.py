@@ -133,3 +133,11 @@ def trained_workdirs(tmp_path_factory):
     return made[kind]
   get.embeddings = emb
   return get
+
+
+@pytest.fixture(scope='session')
+def packed(trained_workdirs, tmp_path_factory):
+  """The 'pixels' tiny model of `trained_workdirs`, packed for inference."""
+  from layerjax.infer import model as infer_model
+  return infer_model.pack(trained_workdirs('pixels')[1],
+                          tmp_path_factory.mktemp('packed') / 'model')

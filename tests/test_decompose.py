@@ -24,12 +24,6 @@ from data_engine.tools.types import Detection
 
 
 @pytest.fixture(scope='module')
-def packed(trained_workdirs, tmp_path_factory):
-  return infer_model.pack(trained_workdirs('pixels')[1],
-                          tmp_path_factory.mktemp('packed') / 'model')
-
-
-@pytest.fixture(scope='module')
 def decomposer(packed):
   return Decomposer.load(packed)
 

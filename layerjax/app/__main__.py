@@ -153,8 +153,10 @@ def build(decomposer, root: Path, examples=()):
                 f'prompt kinds it was trained with: {", ".join(sorted(decomposer.settings.kinds))}.')
     with gr.Row():
       with gr.Column():
-        photo = gr.Image(type='filepath', sources=['upload', 'clipboard'], label='Photo',
-                         elem_id='photo', height=260)
+        # A file, not gr.Image: Gradio would decode it first, before `load_image` refuses
+        # what is too large or not an image with its own message.
+        photo = gr.File(type='filepath', file_types=['image'], label='Photo', elem_id='photo',
+                        height=120)
         if examples:
           gr.Examples([[str(p)] for p in examples], inputs=photo, label='Example photos')
         with gr.Tab('Click points or a box'):
@@ -190,7 +192,9 @@ def build(decomposer, root: Path, examples=()):
         timing = gr.Markdown()
         files = gr.File(label='Layer files', file_count='multiple', elem_id='files')
         with gr.Accordion('Edit an object (its shadow follows)', open=True):
-          layer = gr.Dropdown(label='Object', choices=[], elem_id='layer')
+          # Custom values reach `Document`, which names a layer that is gone and what is left.
+          layer = gr.Dropdown(label='Object', choices=[], elem_id='layer',
+                              allow_custom_value=True)
           with gr.Row():
             dx = gr.Slider(-512, 512, value=0, step=1, label='Move right')
             dy = gr.Slider(-512, 512, value=0, step=1, label='Move down')
@@ -251,7 +255,8 @@ def main(argv=None) -> int:
   print(f'layerjax app on {decomposer.backend.source}: http://{a.host}:{a.port or "?"}',
         file=sys.stderr)
   app.launch(server_name=a.host, server_port=a.port or None, max_file_size=MAX_UPLOAD,
-             allowed_paths=[str(root)], footer_links=['api'], theme=gr.themes.Soft())
+             allowed_paths=[str(root)], footer_links=['api'], show_error=True,
+             theme=gr.themes.Soft())
   return 0
 
 

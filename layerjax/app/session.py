@@ -45,6 +45,10 @@ class Edit:
   remove: bool = False
 
   def apply(self, doc: Document) -> Document:
+    name = doc.find(self.layer)  # first: a layer that is gone is named as such
+    if self == Edit(self.layer):
+      raise EditError(f'edit of {name!r}: nothing to change (move, scale, recolour or '
+                      'remove it)')
     if self.scale != 1:
       doc.scale(self.layer, self.scale)
     if self.dx or self.dy:
