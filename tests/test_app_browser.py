@@ -3,8 +3,8 @@ through its chromedriver (apt-get install chromium chromium-driver; nothing is d
 run time). A user uploads a photo, clicks a box's two corners on it, runs, sees the layer
 gallery and the recomposition, and downloads the PSD, which is opened with psd-tools.
 
-The driver helpers (`chrome`, `decompose_in_browser`, `download`) also drive the app for the
-README's screenshot."""
+The driver helpers (`chrome`, `decompose_in_browser`, `download`, `screenshot`) also drive
+the app for the README's screenshot."""
 
 from __future__ import annotations
 
@@ -147,6 +147,22 @@ def download(driver, suffix: str, folder: Path, timeout: float = 60) -> Path:
       (p for p in folder.glob(f'*{suffix}') if p.stat().st_size > 0), None))
 
 
+def screenshot(driver, path: Path, down_to: tuple[str, ...] = ('run', 'files')) -> Image.Image:
+  """The page from its top to the lowest bottom of the elements `down_to` (ids), at the
+  window's width, saved to `path` as PNG."""
+  import base64
+  bottom = driver.execute_script(
+      'return Math.max(...arguments[0].map(i => document.getElementById(i)'
+      '.getBoundingClientRect().bottom)) + window.scrollY', list(down_to))
+  width = driver.execute_script('return document.documentElement.clientWidth')
+  shot = driver.execute_cdp_cmd('Page.captureScreenshot', {
+      'format': 'png', 'captureBeyondViewport': True,
+      'clip': {'x': 0, 'y': 0, 'width': width, 'height': math.ceil(bottom) + 12, 'scale': 1}})
+  image = Image.open(io.BytesIO(base64.b64decode(shot['data'])))
+  image.save(path)
+  return image
+
+
 def psd_names(captions: list[str]) -> list[str]:
   """The PSD's layer names for the gallery's captions ('name' or 'name (label)'), as
   `layerjax.export.names` states them: the label, else the name; the decomposer's shadow
@@ -186,7 +202,7 @@ def test_a_user_boxes_an_object_runs_and_downloads_the_psd(packed, tmp_path, tmp
       recomposed = np.asarray(Image.open(io.BytesIO(r.read())).convert('RGB'))
     # Outside tmp_path, which pytest.ini removes when the test passes: kept with --basetemp.
     shot = tmp_path_factory.mktemp('screenshot') / 'app.png'
-    driver.save_screenshot(str(shot))
+    screenshot(driver, shot)
     print('screenshot:', shot)
   finally:
     driver.quit()
