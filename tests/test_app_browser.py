@@ -215,10 +215,13 @@ def test_a_user_boxes_an_object_runs_and_downloads_the_psd(packed, tmp_path, tmp
   # The layers recompose the photo to within 1e-4 (`Decomposer`), far below half an 8-bit
   # level: the recomposition shown is the photo's pixels.
   np.testing.assert_array_equal(recomposed, pixels)
-  # psd-tools composites the PSD's 8-bit layers itself: each stored colour and alpha is
-  # within half a level, which moves a pixel by at most one level per layer over the
-  # background (over the opaque background's own half level), and its result is rounded once
-  # more: two levels for the two layers of one object and its shadow.
+  # psd-tools composites the PSD's 8-bit layers itself. Each stored colour and alpha is
+  # within half a level of ours; over a base e levels off, a layer of alpha a is off by at
+  # most a/2 + (1 - a) e + 1/2 (the alpha's error times a colour difference of at most 255
+  # levels) <= max(e, 1/2) + 1/2. From the opaque background's 1/2, each layer above it adds
+  # 1/2, and psd-tools rounds its result: 1 + (layers - 1) / 2 levels.
   ours = np.asarray(psd.composite(force=True).convert('RGB'), np.int16)
-  assert np.abs(ours - pixels).max() <= len(captions) - 1, np.abs(ours - pixels).max()
+  off = np.abs(ours - pixels).max()
+  print(f'PSD composite: {off} levels off the photo')
+  assert off <= 1 + (len(captions) - 1) / 2, off
   print(f'browser test: {time.monotonic() - start:.1f} s')
