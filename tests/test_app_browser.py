@@ -1,9 +1,11 @@
 """The web app in a real headless browser (slow): Debian's chromium driven by selenium
 through its chromedriver (apt-get install chromium chromium-driver; nothing is downloaded at
 run time). A user uploads a photo, clicks a box's two corners on it, runs, sees the layer
-gallery and the recomposition, and downloads the PSD, which is opened with psd-tools.
+gallery and the recomposition, downloads the PSD, moves the object, and downloads the edited
+PSD; both are opened with psd-tools.
 
-The driver helpers (`chrome`, `decompose_in_browser`, `download`, `screenshot`) also drive
+The driver helpers (`chrome`, `decompose_in_browser`, `move_in_browser`, `download`,
+`screenshot`) also drive
 the app for the README's screenshot."""
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'  # read at gradio's import: no 
 import io
 import math
 import re
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import test_decompose
+from test_app import free_port
 from test_decompose import scene
 
 CHROMIUM = '/usr/bin/chromium'
@@ -33,14 +34,8 @@ FLAGS = ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-quic', '-
          '--disable-background-networking', '--disable-component-update', '--disable-sync',
          '--disable-dev-shm-usage')
 UP = 2  # the test photo's upscaling: a disc easy to click
+DX = 6  # the edit: the object moved this many pixels to the right
 
-packed = test_decompose.packed  # the fixture: the tiny packed model test_decompose uses
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def chrome(profile: Path, downloads: Path, size: tuple[int, int] = (1400, 1100)):
@@ -55,8 +50,10 @@ def chrome(profile: Path, downloads: Path, size: tuple[int, int] = (1400, 1100))
   options.binary_location = CHROMIUM
   for flag in FLAGS + (f'--user-data-dir={profile}', f'--window-size={size[0]},{size[1]}'):
     options.add_argument(flag)
+  # Chrome blocks a site's second download unless 'automatic downloads' are allowed.
   options.add_experimental_option('prefs', {
-      'download.default_directory': str(downloads), 'download.prompt_for_download': False})
+      'download.default_directory': str(downloads), 'download.prompt_for_download': False,
+      'profile.default_content_setting_values.automatic_downloads': 1})
   # The driver's path given: selenium-manager would otherwise try to download one.
   driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
   driver.execute_cdp_cmd('Page.setDownloadBehavior',
@@ -140,11 +137,45 @@ def decompose_in_browser(driver, url: str, photo: Path, box, timeout: float = 60
 
 
 def download(driver, suffix: str, folder: Path, timeout: float = 60) -> Path:
-  """Clicks the file link ending in `suffix` and waits for the browser to save it."""
+  """Clicks the file link ending in `suffix` and waits for the browser to save it (a file
+  not in `folder` before: a second download of the same name is saved as 'name (1).psd')."""
   from selenium.webdriver.common.by import By
+  before = set(folder.iterdir())
   driver.find_element(By.CSS_SELECTOR, f'#files a[download$="{suffix}"]').click()
   return _wait(driver, timeout, f'the {suffix} download in {folder}', lambda d: next(
-      (p for p in folder.glob(f'*{suffix}') if p.stat().st_size > 0), None))
+      (p for p in folder.glob(f'*{suffix}') if p not in before and p.stat().st_size > 0),
+      None))
+
+
+def move_in_browser(driver, layer: str, dx: int, timeout: float = 60) -> None:
+  """As a user: pick `layer` in the edit panel (the first object is already picked), type
+  `dx` into the 'Move right' slider's box, apply, and wait for the new files."""
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.common.keys import Keys
+  assert _text(driver, 'layer') == layer
+  old = [a.get_attribute('href') for a in driver.find_elements(By.CSS_SELECTOR, '#files a')]
+  box = driver.find_element(By.CSS_SELECTOR, '#dx input[type=number]')
+  box.send_keys(Keys.CONTROL, 'a')
+  box.send_keys(str(dx), Keys.TAB)
+  driver.find_element(By.ID, 'apply').click()
+  _wait(driver, timeout, 'the edit', lambda d: d.find_element(By.ID, 'status').text ==
+        '1 edit(s).')
+  _wait(driver, timeout, "the edit's files", lambda d: (
+      (new := [a.get_attribute('href') for a in d.find_elements(By.CSS_SELECTOR, '#files a')])
+      and not set(new) & set(old)))
+
+
+def on_canvas(psd) -> dict[str, np.ndarray]:
+  """{layer name: alpha on the canvas} of a PSD read with psd-tools (layers are stored
+  cropped, at an offset)."""
+  out = {}
+  for layer in psd:
+    alpha = np.zeros((psd.height, psd.width))
+    a = layer.numpy('shape')
+    if a is not None:
+      alpha[layer.top:layer.top + a.shape[0], layer.left:layer.left + a.shape[1]] = a[..., 0]
+    out[layer.name] = alpha
+  return out
 
 
 def screenshot(driver, path: Path, down_to: tuple[str, ...] = ('run', 'files')) -> Image.Image:
@@ -174,7 +205,7 @@ def psd_names(captions: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_user_boxes_an_object_runs_and_downloads_the_psd(packed, tmp_path, tmp_path_factory):
+def test_a_user_boxes_an_object_runs_moves_it_and_downloads_the_psd(packed, tmp_path, tmp_path_factory):
   from psd_tools import PSDImage
 
   from layerjax.app.__main__ import build
@@ -198,6 +229,8 @@ def test_a_user_boxes_an_object_runs_and_downloads_the_psd(packed, tmp_path, tmp
     shown = decompose_in_browser(driver, f'http://127.0.0.1:{port}/', tmp_path / 'discs.png',
                                  box)
     psd = PSDImage.open(download(driver, '.psd', downloads))
+    move_in_browser(driver, 'object_1', DX)
+    moved = PSDImage.open(download(driver, '.psd', downloads))
     with urllib.request.urlopen(shown['recomposed']) as r:
       recomposed = np.asarray(Image.open(io.BytesIO(r.read())).convert('RGB'))
     # Outside tmp_path, which pytest.ini removes when the test passes: kept with --basetemp.
@@ -224,4 +257,11 @@ def test_a_user_boxes_an_object_runs_and_downloads_the_psd(packed, tmp_path, tmp
   off = np.abs(ours - pixels).max()
   print(f'PSD composite: {off} levels off the photo')
   assert off <= 1 + (len(captions) - 1) / 2, off
+  # The edit: the object and its shadow DX pixels to the right, the background where it was.
+  before, after = on_canvas(psd), on_canvas(moved)
+  assert list(after) == list(before)
+  for name in ('object', 'object shadow'):
+    np.testing.assert_allclose(after[name][:, DX:], before[name][:, :-DX], atol=1 / 255)
+    assert after[name][:, :DX].max() == 0
+  np.testing.assert_array_equal(moved[0].numpy(), psd[0].numpy())
   print(f'browser test: {time.monotonic() - start:.1f} s')

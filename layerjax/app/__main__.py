@@ -18,7 +18,6 @@ logic is `layerjax.app.session`; this module wires it to Gradio (the `[app]` ext
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import logging
@@ -148,9 +147,10 @@ def build(decomposer, root: Path, examples=()):
   with gr.Blocks(title='layerjax: photo to layers', delete_cache=(3600, SESSION_TTL)) as app:
     state = gr.State(Session(), time_to_live=SESSION_TTL,
                      delete_callback=lambda s: Session.forget(s.files))
+    kinds = ', '.join(sorted(decomposer.settings.kinds))
     gr.Markdown('# layerjax: a photo in, editable layers out\n'
                 f'Model: `{decomposer.backend.source}` (step {decomposer.backend.step}); '
-                f'prompt kinds it was trained with: {", ".join(sorted(decomposer.settings.kinds))}.')
+                f'prompt kinds it was trained with: {kinds}.')
     with gr.Row():
       with gr.Column():
         # A file, not gr.Image: Gradio would decode it first, before `load_image` refuses
@@ -196,8 +196,8 @@ def build(decomposer, root: Path, examples=()):
           layer = gr.Dropdown(label='Object', choices=[], elem_id='layer',
                               allow_custom_value=True)
           with gr.Row():
-            dx = gr.Slider(-512, 512, value=0, step=1, label='Move right')
-            dy = gr.Slider(-512, 512, value=0, step=1, label='Move down')
+            dx = gr.Slider(-512, 512, value=0, step=1, label='Move right', elem_id='dx')
+            dy = gr.Slider(-512, 512, value=0, step=1, label='Move down', elem_id='dy')
           scale = gr.Slider(0.25, 4, value=1, step=0.05, label='Scale')
           with gr.Row():
             hue = gr.Slider(-180, 180, value=0, step=1, label='Hue (degrees)')

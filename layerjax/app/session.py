@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from layerjax.data.schema import LayeredSample, composite
 from layerjax.edit import Document, EditError
 from layerjax.export import FORMATS, write
-from layerjax.export.preview import sheet
+from layerjax.export.preview import picture
 from layerjax.infer.decomposer import Decomposer
 from layerjax.infer.prompts import PromptError, Query
 
@@ -101,9 +101,11 @@ class Session:
   files: list[Path] = dataclasses.field(default_factory=list)  # the current layer files
 
   def _write(self, sample: LayeredSample, root) -> LayeredSample:
-    """`sample`'s files in a new folder under `root`; the previous ones removed (Gradio
-    serves copies of what it was given)."""
-    old, self.files = self.files, write_files(sample, root, self.name)
+    """`sample`'s files in a new folder under `root` (named `<photo>-edited.*` once edited,
+    so a browser does not save them over the unedited ones); the previous ones removed
+    (Gradio serves copies of what it was given)."""
+    stem = f'{self.name}-edited' if self.edits else self.name
+    old, self.files = self.files, write_files(sample, root, stem)
     self.forget(old)
     return sample
 
@@ -241,7 +243,7 @@ def gallery(sample: LayeredSample) -> list[tuple[np.ndarray, str]]:
   out = []
   for layer in sample.layers:
     caption = layer.name if not layer.label else f'{layer.name} ({layer.label})'
-    out.append((sheet([[(caption, layer.rgba)]], TILE), caption))
+    out.append(((picture(layer.rgba, TILE) * 255).round().astype(np.uint8), caption))
   return out
 
 

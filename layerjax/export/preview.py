@@ -1,7 +1,8 @@
-"""Pictures for people who would rather look than read: `sheet` draws rows of captioned tiles
-(RGBA ones over a checkerboard, so transparency reads the same in every picture), and
-`contact_sheet` is one decomposition as such a row (the input, each layer with its name, the
-layers' recomposition). The evaluation grids of `layerjax.train.evaluate` use `sheet` too."""
+"""Pictures for people who would rather look than read: `picture` draws an image (an RGBA one
+over a checkerboard, so transparency reads the same in every picture), `sheet` rows of them
+with captions, and `contact_sheet` is one decomposition as such a row (the input, each layer
+with its name, the layers' recomposition). The evaluation grids of `layerjax.train.evaluate`
+use `sheet` too."""
 
 from __future__ import annotations
 
@@ -41,34 +42,38 @@ def _caption(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
   return text + '~'
 
 
-def sheet(rows: Sequence[Sequence[Tile]], tile: int = 192) -> np.ndarray:
-  """uint8 [H, W, 3]: one line of cells per row, each a tile with its caption underneath.
+def picture(img: np.ndarray, longer: int) -> np.ndarray:
+  """float RGB: `img` scaled so its longer side is `longer` pixels (aspect kept); an RGBA
+  one over a light / dark grey checkerboard of `CHECKER`-pixel cells, light at the top left."""
+  h, w = (max(1, round(n * longer / max(img.shape[:2]))) for n in img.shape[:2])
+  rgba = _fitted(img, (h, w))
+  if img.shape[-1] == 4:
+    rgba = over(rgba, examples.checkerboard((h, w), CHECKER, np.random.default_rng(0), 0.0))
+  return rgba[..., :3]
 
-  Each tile is scaled so its longer side is `tile` pixels (aspect kept) and centred in a cell
-  as large as the largest scaled tile; RGB tiles are drawn as they are, RGBA ones over a light
-  / dark grey checkerboard of `CHECKER`-pixel cells starting light at the tile's top left."""
+
+def sheet(rows: Sequence[Sequence[Tile]], tile: int = 192) -> np.ndarray:
+  """uint8 [H, W, 3]: one line of cells per row, each tile a `picture` (longer side `tile`)
+  with its caption underneath, centred in a cell as large as the largest tile."""
   if not rows or not all(rows):
     raise ValueError('sheet: expected at least one row and at least one tile in every row')
   for caption, img in (t for r in rows for t in r):
     if np.ndim(img) != 3 or np.shape(img)[-1] not in (3, 4):
       raise ValueError(f'sheet: tile {caption!r} has shape {np.shape(img)}, expected '
                        '[H, W, 3] (RGB) or [H, W, 4] (RGBA)')
-  scaled = [[tuple(max(1, round(n * tile / max(img.shape[:2]))) for n in img.shape[:2])
-             for _, img in row] for row in rows]
-  ch = max(h for row in scaled for h, _ in row)
-  cw = max(w for row in scaled for _, w in row)
+  drawn = [[(caption, picture(img, tile)) for caption, img in row] for row in rows]
+  ch = max(t.shape[0] for row in drawn for _, t in row)
+  cw = max(t.shape[1] for row in drawn for _, t in row)
   columns = max(len(row) for row in rows)
   out = Image.new('RGB', (GAP + columns * (cw + GAP), GAP + len(rows) * (ch + CAPTION + GAP)),
                   'white')
   draw = ImageDraw.Draw(out)
-  for r, (row, sizes) in enumerate(zip(rows, scaled)):
-    for c, ((caption, img), (h, w)) in enumerate(zip(row, sizes)):
-      rgba = _fitted(img, (h, w))
-      if img.shape[-1] == 4:
-        rgba = over(rgba, examples.checkerboard((h, w), CHECKER, np.random.default_rng(0), 0.0))
+  for r, row in enumerate(drawn):
+    for c, (caption, rgb) in enumerate(row):
+      h, w = rgb.shape[:2]
       x = GAP + c * (cw + GAP) + (cw - w) // 2
       y = GAP + r * (ch + CAPTION + GAP) + (ch - h) // 2
-      out.paste(Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8)), (x, y))
+      out.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (x, y))
       top = GAP + r * (ch + CAPTION + GAP) + ch + 1
       draw.text((GAP + c * (cw + GAP), top), _caption(draw, caption, cw), fill=(0, 0, 0))
   return np.asarray(out)
