@@ -25,6 +25,7 @@ from test_decompose import scene  # noqa: E402
 H, W = 48, 80
 DISC = (4, 8, 17, 21)  # scene(1)'s disc: centre (10, 14), radius 7
 RGB_TOL = 2 / 255  # 8-bit files of layers that recompose to the photo to 1e-5
+RESULT = ('gallery', 'recomposition', 'timings', 'files', 'layer', 'status')  # what a run shows
 
 
 def free_port() -> int:
@@ -65,13 +66,23 @@ def load(c: Client, path):
 def decompose(c: Client, points='', box='', editor=None, text='', whole=False, max_layers=0):
   out = c.predict(points, box, editor, text, whole, max_layers, 1, 0, 0, 1,
                   api_name='/decompose')
-  return dict(zip(('gallery', 'recomposition', 'timings', 'files', 'layer', 'status'), out))
+  return dict(zip(RESULT, out))
 
 
 def edit(c: Client, layer, dx=0, dy=0, scale=1, hue=0, saturation=1, brightness=1,
          remove=False):
   out = c.predict(layer, dx, dy, scale, hue, saturation, brightness, remove, api_name='/edit')
-  return dict(zip(('gallery', 'recomposition', 'timings', 'files', 'layer', 'status'), out))
+  return dict(zip(RESULT, out))
+
+
+def undo(c: Client) -> dict:
+  out = c.predict(api_name='/undo')
+  return dict(zip(RESULT, out))
+
+
+def expect_error(match: str, call, *args, **kwargs):
+  with pytest.raises(gradio_client.exceptions.AppError, match=match):
+    call(*args, **kwargs)
 
 
 def by_suffix(files) -> dict:
@@ -188,11 +199,6 @@ def test_points_mask_text_and_whole_scene(served, photo, tmp_path):
   np.testing.assert_allclose(rgba(r['recomposition'])[..., :3], image, atol=1 / 255)
 
 
-def centroid(alpha: np.ndarray) -> np.ndarray:
-  yy, xx = np.mgrid[0:alpha.shape[0], 0:alpha.shape[1]]
-  return np.array([(xx * alpha).sum(), (yy * alpha).sum()]) / alpha.sum()
-
-
 def test_an_edit_moves_the_object_with_its_shadow_undo_and_remove(served, photo):
   url, _ = served
   path, image = photo
@@ -210,24 +216,15 @@ def test_an_edit_moves_the_object_with_its_shadow_undo_and_remove(served, photo)
     np.testing.assert_allclose(a1[:H - 3, 9:], a0[3:, :W - 9], atol=1 / 255)
     assert a1[H - 3:].max() == 0 and a1[:, :9].max() == 0
   np.testing.assert_allclose(after['background'], before['background'])
-  undone = client_undo(c)
+  undone = undo(c)
   np.testing.assert_allclose(read_zip(by_suffix(undone['files'])['.zip'])[1]['object_1'],
                              before['object_1'])
+  expect_error('undo: no edit to take back', undo, c)
   removed = edit(c, 'object_1', remove=True)
   assert names_of(removed) == ['background'] and removed['layer']['choices'] == []
   check_downloads(removed['files'], before['background'][..., :3], ['background'])
   with pytest.raises(gradio_client.exceptions.AppError, match="'object_1' has been removed"):
     edit(c, 'object_1', dx=1)
-
-
-def client_undo(c: Client) -> dict:
-  out = c.predict(api_name='/undo')
-  return dict(zip(('gallery', 'recomposition', 'timings', 'files', 'layer', 'status'), out))
-
-
-def expect_error(match: str, call, *args, **kwargs):
-  with pytest.raises(gradio_client.exceptions.AppError, match=match):
-    call(*args, **kwargs)
 
 
 def test_bad_input_gets_one_clear_message_and_the_app_goes_on(served, photo, tmp_path,
@@ -275,8 +272,7 @@ def test_two_users_at_once_each_see_only_their_own(served, photo, tmp_path):
                    api_name='/decompose'),
           b.submit('', f'{W - 17},8,{W - 4},21', None, '', False, 0, 1, 0, 0, 1,
                    api_name='/decompose')]
-  ra, rb = (dict(zip(('gallery', 'recomposition', 'timings', 'files', 'layer', 'status'),
-                     j.result(timeout=300))) for j in jobs)
+  ra, rb = (dict(zip(RESULT, j.result(timeout=300))) for j in jobs)
   np.testing.assert_allclose(rgba(ra['recomposition'])[..., :3], image, atol=1 / 255)
   np.testing.assert_allclose(rgba(rb['recomposition'])[..., :3], other / 255, atol=1 / 255)
   assert {os.path.basename(f).split('.')[0] for f in rb['files']} == {'other'}
@@ -285,3 +281,15 @@ def test_two_users_at_once_each_see_only_their_own(served, photo, tmp_path):
   assert names_of(removed) == ['background']
   moved = edit(a, 'object_1', dx=2)
   assert moved['status'] == '1 edit(s).' and 'object_1' in names_of(moved)
+
+
+def test_example_photos_and_a_bad_model_path(tmp_path, capsys):
+  from layerjax.app.__main__ import main, write_examples
+  paths = write_examples(tmp_path)
+  assert [p.name for p in paths] == ['astronaut.png', 'coffee.png', 'chelsea.png', 'rocket.png']
+  assert Image.open(paths[0]).size == (512, 512)  # scikit-image's astronaut
+  with pytest.raises(SystemExit) as e:
+    main(['--model', str(tmp_path / 'nowhere'), '--no-examples'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'nowhere' in err[0], err

@@ -205,7 +205,8 @@ def psd_names(captions: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_user_boxes_an_object_runs_moves_it_and_downloads_the_psd(packed, tmp_path, tmp_path_factory):
+def test_a_user_boxes_an_object_runs_moves_it_and_downloads_the_psd(packed, tmp_path,
+                                                                   tmp_path_factory):
   from psd_tools import PSDImage
 
   from layerjax.app.__main__ import build

@@ -87,12 +87,11 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
   return box
 
 
-def _number(v: float) -> str:
-  return f'{v:g}'
-
-
 @dataclasses.dataclass
 class Session:
+  """One browser tab's photo, decomposition, edits and current layer files. The prompt
+  itself lives in the page's fields (clicks write them), so typed and clicked prompts are
+  one."""
   photo: np.ndarray | None = None  # float32 [H, W, 3]
   name: str = 'photo'  # the photo's file stem: the downloads' names
   corner: tuple[float, float] | None = None  # a box's first click
@@ -144,7 +143,7 @@ class Session:
       return points, ''
     (x0, y0), self.corner = self.corner, None
     corners = (min(x0, x), min(y0, y), max(x0, x) + 1, max(y0, y) + 1)
-    return points, ','.join(_number(int(v)) for v in corners)
+    return points, ','.join(str(int(v)) for v in corners)
 
   def overlay(self, points: str = '', box: str = '') -> np.ndarray | None:
     """uint8: the photo with the points (dots) and the box (or its first corner) drawn;
@@ -215,6 +214,8 @@ class Session:
 
   def undo(self, root) -> LayeredSample:
     """The last edit taken back."""
+    if self.result is not None and not self.edits:
+      raise EditError('undo: no edit to take back')
     self.edits = self.edits[:-1]
     return self._write(self.edited(), root)
 
