@@ -252,8 +252,8 @@ def main(argv=None) -> int:
   examples = write_examples(root) if a.examples else []
   app = build(decomposer, root, examples)
   app.queue(default_concurrency_limit=1, max_size=64)
-  print(f'layerjax app on {decomposer.backend.source}: http://{a.host}:{a.port or "?"}',
-        file=sys.stderr)
+  print(f'layerjax app: model {decomposer.backend.source} (step {decomposer.backend.step}); '
+        'Ctrl-C stops it', file=sys.stderr)
   app.launch(server_name=a.host, server_port=a.port or None, max_file_size=MAX_UPLOAD,
              allowed_paths=[str(root)], footer_links=['api'], show_error=True,
              theme=gr.themes.Soft())
