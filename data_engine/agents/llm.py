@@ -30,7 +30,7 @@ from data_engine.prompts import DEFAULT_DIR, PromptStore
 from data_engine.tools.types import Caption
 
 TASKS = ('plan', 'judge', 'check_text', 'caption', 'compare', 'validate_object',
-         'write_prompts', 'critique', 'rewrite_prompt')
+         'write_prompts', 'critique', 'rewrite_prompt', 'relate')
 
 _TEXT = {'type': 'string', 'minLength': 1}
 _BOOL = {'type': 'boolean'}
@@ -64,6 +64,11 @@ _CRITERIA = ('single_object', 'single_view', 'intact', 'plain_background')
 
 def _prompts_schema(n: int) -> dict:
   return _object('write_prompts', prompts={'type': 'array', 'items': _TEXT, 'minItems': n})
+
+
+def _relate_schema(n: int) -> dict:
+  return _object('relate', reason=_TEXT, answers={'type': 'array', 'items': _TEXT,
+                                                  'minItems': n, 'maxItems': n})
 
 
 def _unit(rating: int) -> float:
@@ -199,6 +204,23 @@ class LLMAgent:
                                                               f'Number of prompts: {n}'}],
                   _prompts_schema(n))
     return [p.strip() for p in a['prompts'][:n]]
+
+  def relate(self, photo: np.ndarray, questions: list[str],
+             choices: list[list[str]]) -> list[str]:
+    """ReasonX's relative questions about one photo, in one request: the answer to each, as
+    the model wrote it (stripped; the caller checks it is one of that question's choices)."""
+    if len(questions) != len(choices):
+      raise ValueError(f'agent llm: relate got {len(questions)} questions and {len(choices)} '
+                       f'lists of choices')
+    if not questions:
+      return []
+    listed = '\n'.join(f'{i}. {q} Choices: {" | ".join(c)}'
+                       for i, (q, c) in enumerate(zip(questions, choices), 1))
+    a = self._ask('relate', [
+        self._image(photo),
+        {'type': 'text', 'text': f'Photo size: {photo.shape[1]}x{photo.shape[0]} pixels.\n'
+                                 f'Questions:\n{listed}'}], _relate_schema(len(questions)))
+    return [answer.strip() for answer in a['answers']]
 
   def critique(self, task: str, examples: list[dict]) -> str:
     a = self._ask('critique', [{'type': 'text', 'text': f'Task: {task}\nExamples:\n'
