@@ -6,7 +6,6 @@ and the OpenRaster / sample-folder layouts read by hand), bad input, and two use
 import dataclasses
 import json
 import os
-import socket
 import xml.etree.ElementTree as ET
 import zipfile
 
@@ -21,17 +20,12 @@ from gradio_client import Client, handle_file  # noqa: E402
 from layerjax.app.__main__ import build  # noqa: E402
 from layerjax.infer.decomposer import Decomposer  # noqa: E402
 from test_decompose import scene  # noqa: E402
+from train_utils import free_port  # noqa: E402
 
 H, W = 48, 80
 DISC = (4, 8, 17, 21)  # scene(1)'s disc: centre (10, 14), radius 7
 RGB_TOL = 2 / 255  # 8-bit files of layers that recompose to the photo to 1e-5
 RESULT = ('gallery', 'recomposition', 'timings', 'files', 'layer', 'status')  # what a run shows
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

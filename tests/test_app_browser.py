@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_app import free_port
 from test_decompose import scene
+from train_utils import free_port
 
 CHROMIUM = '/usr/bin/chromium'
 CHROMEDRIVER = '/usr/bin/chromedriver'

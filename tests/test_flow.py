@@ -14,7 +14,7 @@ from flax import nnx
 from layerjax import build, flow
 from layerjax.data import examples, pipeline
 from test_schema import make_sample
-from train_utils import tiny
+from train_utils import random_model, tiny
 
 B, H, W, C, K = 2, 3, 4, 2, 2
 LAM = -0.5  # the velocity's slope in x
@@ -97,13 +97,7 @@ def test_guidance_needs_uncond_entries_of_the_batch():
 
 def test_tiny_decomposer_samples_with_guidance():
   c = tiny('unused')
-  model = build.build_model(c, 0)
-  # A fresh model's zero-initialised blocks ignore the prompt and text: random weights read them.
-  # (Drawn with numpy: a JAX draw per parameter shape would compile for each.)
-  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
-  r = np.random.default_rng(1)
-  nnx.update(model, jax.tree.unflatten(tree, [
-      jnp.asarray(p + 0.05 * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
+  model = random_model(c)
   # The same weights with rematerialised blocks (the SD3 configs'): its blocks must run
   # inside the sampler's fori_loop as well.
   c.model.remat = 'full'

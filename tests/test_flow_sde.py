@@ -18,7 +18,7 @@ from layerjax import build, flow
 from layerjax.data import examples, pipeline
 from test_flow import LinearModel, LAM, B, H, W, C, K
 from test_schema import make_sample
-from train_utils import tiny
+from train_utils import random_model, tiny
 
 
 def _batch(seed):
@@ -162,12 +162,7 @@ def test_tiny_decomposer_log_probs_recomputed_and_differentiated():
   log-prob of the recorded transition under the same parameters (the recorded one) and its
   gradient in the parameters (finite, not zero)."""
   c = tiny('unused')
-  model = build.build_model(c, 0)
-  # Random weights: a fresh model's zero-initialised blocks would ignore most of their inputs.
-  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
-  r = np.random.default_rng(1)
-  nnx.update(model, jax.tree.unflatten(tree, [
-      jnp.asarray(p + 0.05 * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
+  model = random_model(c)
   text_fn = build.text_inputs(c)
   rng = np.random.default_rng(0)
   items = [pipeline.make_example(make_sample(h=32, w=32, seed=s), rng, c.data) for s in (0, 1)]

@@ -93,3 +93,20 @@ def tiny(data_dir, kind: str = 'pixels', embeddings=None, **top):
   for k, v in top.items():
     c[k] = v
   return c
+
+
+def random_model(config, seed: int = 1, std: float = 0.05):
+  """`config`'s decomposer with every parameter moved by N(0, std^2) noise: a fresh model's
+  zero-initialised blocks ignore most of their inputs (the prompt, the text). Drawn with
+  numpy: a JAX draw per parameter shape would compile for each."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from layerjax import build
+  model = build.build_model(config, 0)
+  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+  r = np.random.default_rng(seed)
+  nnx.update(model, jax.tree.unflatten(tree, [
+      jnp.asarray(p + std * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
+  return model
