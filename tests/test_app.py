@@ -251,6 +251,12 @@ def test_bad_input_gets_one_clear_message_and_the_app_goes_on(served, photo, tmp
   expect_error("layer 'background' is the background: edits name an object", edit, c,
                'background', dx=1)
   np.testing.assert_allclose(rgba(r['recomposition'])[..., :3], image, atol=1 / 255)
+  # A refused photo leaves the tab's decomposition as it was: still there to edit.
+  (tmp_path / 'big.png').write_bytes(path.read_bytes())
+  monkeypatch.setattr(decomposer, 'max_pixels', H * W - 1)
+  expect_error('big.png', load, c, tmp_path / 'big.png')
+  monkeypatch.undo()
+  assert edit(c, 'object_1', dx=1)['status'] == '1 edit(s).'
 
 
 def test_two_users_at_once_each_see_only_their_own(served, photo, tmp_path):

@@ -94,8 +94,9 @@ def build(decomposer, root: Path, examples=()):
 
   @friendly
   def on_photo(state: Session, path):
+    new = Session.load(decomposer, path)  # first: a refused photo leaves the tab as it was
     Session.forget(state.files)
-    state = Session.load(decomposer, path)
+    state = new
     canvas = state.overlay()
     editor = None if canvas is None else {'background': canvas, 'layers': [],
                                           'composite': canvas}
@@ -129,6 +130,8 @@ def build(decomposer, root: Path, examples=()):
     n = sum(l.kind == 'object' for l in sample.layers)
     return shown(state, sample, f'{len(sample.layers)} layers, {n} object(s).')
 
+  NEUTRAL = (0, 0, 1, 0, 1, 1, False)  # the edit sliders after an edit: relative, start over
+
   @friendly
   def on_edit(state: Session, layer, dx, dy, scale, hue, saturation, brightness, remove):
     if not layer:
@@ -141,8 +144,6 @@ def build(decomposer, root: Path, examples=()):
   @friendly
   def on_undo(state: Session):
     return shown(state, state.undo(root), f'{len(state.edits)} edit(s).')
-
-  NEUTRAL = (0, 0, 1, 0, 1, 1, False)  # the edit sliders after an edit: relative, start over
 
   with gr.Blocks(title='layerjax: photo to layers', delete_cache=(3600, SESSION_TTL)) as app:
     state = gr.State(Session(), time_to_live=SESSION_TTL,
