@@ -111,6 +111,7 @@ def test_per_element_log_ratio():
                                        np.ones(1, np.float32), np.ones(1, bool), elements=10)
   np.testing.assert_allclose(loss, -np.exp(0.15), rtol=1e-6)
   np.testing.assert_allclose(grad, [-np.exp(0.15) / 10], rtol=1e-6)
+  assert metrics['clip_fraction'] == 0
 
 
 def test_kl_term_is_the_gaussian_kl():

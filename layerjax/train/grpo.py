@@ -17,7 +17,8 @@ and gradient of exactly 0 (the issue's test: a constant reward, no update).
 from __future__ import annotations
 
 import math
-from typing import Hashable, NamedTuple, Sequence
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +68,10 @@ def group_advantages(rewards, group_ids: Sequence[Hashable] | None = None,
   valid = np.isfinite(flat)
   adv = np.zeros(flat.shape, np.float64)
   keep = np.zeros(flat.shape, bool)
-  counts = {'samples': flat.size, 'kept': 0, 'bad_reward': int((~valid).sum()), 'groups': 0,
-            'too_few_rewards': 0, 'equal_rewards': 0}
-  for g in np.unique(ids):
-    counts['groups'] += 1
+  groups = np.unique(ids)
+  counts = {'samples': flat.size, 'kept': 0, 'bad_reward': int((~valid).sum()),
+            'groups': groups.size, 'too_few_rewards': 0, 'equal_rewards': 0}
+  for g in groups:
     members = (ids == g) & valid
     values = flat[members]
     if values.size < 2:
