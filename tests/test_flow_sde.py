@@ -16,17 +16,9 @@ from scipy import stats
 
 from layerjax import build, flow
 from layerjax.data import examples, pipeline
-from test_flow import LinearModel, LAM, B, H, W, C, K
+from test_flow import LinearModel, LAM, B, H, W, C, K, _batch
 from test_schema import make_sample
 from train_utils import random_model, tiny
-
-
-def _batch(seed):
-  r = np.random.default_rng(seed)
-  return {'image': np.zeros((B, H, W, 3), np.float32),
-          'prompt': r.normal(size=(B, H, W, C)).astype(np.float32),
-          'context': r.normal(size=(B, 5, C)).astype(np.float32),
-          'pooled': r.normal(size=(B, C)).astype(np.float32)}
 
 
 def test_one_step_by_hand():
@@ -121,10 +113,17 @@ def test_bad_inputs():
 M, SD = 0.8, 0.5  # the data distribution N(M, SD^2)
 
 
+def gaussian_velocity(x, sigma, mean):
+  """The exact velocity of x0 ~ N(mean, SD^2) per value: x_s = (1 - s) x0 + s eps is Gaussian
+  with variance V = (1 - s)^2 SD^2 + s^2, Cov(x0, x_s) = (1 - s) SD^2, Cov(eps, x_s) = s, so
+  v(x, s) = E[eps - x0 | x_s = x] = (s - (1 - s) SD^2) / V (x - (1 - s) mean) - mean."""
+  s = sigma[:, None, None, None, None]
+  var = (1 - s) ** 2 * SD ** 2 + s ** 2
+  return (s - (1 - s) * SD ** 2) / var * (x - (1 - s) * mean) - mean
+
+
 class GaussianFlow:
-  """The exact velocity of x0 ~ N(M, SD^2) per value: x_s = (1 - s) x0 + s eps is Gaussian with
-  variance V = (1 - s)^2 SD^2 + s^2, Cov(x0, x_s) = (1 - s) SD^2, Cov(eps, x_s) = s, so
-  v(x, s) = E[eps - x0 | x_s = x] = (s - (1 - s) SD^2) / V (x - (1 - s) M) - M."""
+  """A 'model' whose velocity is `gaussian_velocity` for the mean M."""
 
   config = types.SimpleNamespace(latent_factor=1, latent_channels=4, layers=('background',),
                                  conditions=())
@@ -137,9 +136,7 @@ class GaussianFlow:
     return jnp.zeros((b, 1, 1)), jnp.zeros((b, 1))
 
   def __call__(self, x, conditions, context, pooled, sigma):
-    s = sigma[:, None, None, None, None]
-    var = (1 - s) ** 2 * SD ** 2 + s ** 2
-    return (s - (1 - s) * SD ** 2) / var * (x - (1 - s) * M) - M
+    return gaussian_velocity(x, sigma, M)
 
 
 def test_sde_keeps_the_flows_marginals():

@@ -18,7 +18,8 @@ from layerjax.data import examples, pipeline
 from layerjax.models.decomposer import TRAINABLE
 from layerjax.train import grpo
 from test_schema import make_sample
-from train_utils import tiny
+from test_flow_sde import GaussianFlow, gaussian_velocity
+from train_utils import random_model, tiny
 
 # [1, 2, 3]: mean 2, population std sqrt(2/3) (+ Flow-GRPO's 1e-4): A = -+1 / (0.8165 + 1e-4)
 A3 = 1 / (np.sqrt(2 / 3) + 1e-4)
@@ -156,11 +157,7 @@ def decomposer():
   photo drawn with guidance 2, its split params and a gradient of grpo_step_loss in them
   (one step per row: the last, the first, the middle, the first)."""
   c = tiny('unused')
-  model = build.build_model(c, 0)
-  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
-  r = np.random.default_rng(1)
-  nnx.update(model, jax.tree.unflatten(tree, [
-      jnp.asarray(p + 0.05 * r.normal(size=p.shape).astype(p.dtype)) for p in leaves]))
+  model = random_model(c)
   text_fn = build.text_inputs(c)
   item = pipeline.make_example(make_sample(h=32, w=32, seed=0), np.random.default_rng(0), c.data)
   batch = build.model_batch({k: np.stack([item[k]] * 4) for k in item}, text_fn)
@@ -218,12 +215,9 @@ def test_different_rewards_update(decomposer):
   assert np.abs(grads_ref - grads).max() > 1e-3 * np.abs(grads).max()
 
 
-SD = 0.5  # the toy flow's data std
-
-
-class ShiftFlow(nnx.Module):
-  """The exact velocity of x0 ~ N(theta, SD^2) per value (test_flow_sde's GaussianFlow with a
-  learnable mean), theta the one parameter, starting at 0."""
+class ShiftFlow(nnx.Module, GaussianFlow):
+  """test_flow_sde's GaussianFlow with a learnable mean: x0 ~ N(theta, SD^2) per value, theta
+  the one parameter, starting at 0."""
 
   config = types.SimpleNamespace(latent_factor=1, latent_channels=1, layers=('background',),
                                  conditions=())
@@ -231,17 +225,8 @@ class ShiftFlow(nnx.Module):
   def __init__(self):
     self.theta = nnx.Param(jnp.float32(0))
 
-  def conditions(self, batch):
-    return None
-
-  def encode_text(self, batch):
-    b = batch['image'].shape[0]
-    return jnp.zeros((b, 1, 1)), jnp.zeros((b, 1))
-
   def __call__(self, x, conditions, context, pooled, sigma):
-    s, m = sigma[:, None, None, None, None], self.theta[...]
-    var = (1 - s) ** 2 * SD ** 2 + s ** 2
-    return (s - (1 - s) * SD ** 2) / var * (x - (1 - s) * m) - m
+    return gaussian_velocity(x, sigma, self.theta[...])
 
 
 def test_grpo_learns_a_brighter_latent():
