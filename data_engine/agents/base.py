@@ -12,6 +12,10 @@
     prompt_versions() -> {task: version}       the system prompts answers come from ({} when
                                                  no prompt is involved), for provenance
 
+The LLM agent also answers `relate(photo, questions, choices) -> [answer]`, ReasonX's relative
+questions about a photo (`layerjax.reward.judges.AgentJudge`); the rule-based agent cannot see
+the photo, so it has no such method (the offline judge reads a synthetic scene's ground truth).
+
 Agents that work under system prompts (the LLM agent) are also `PromptOptimiser`s, which the
 self-refining loop (`data_engine.refine`) needs; the rule-based agent is not one:
     critique(task, examples) -> str            TextGrad-style loss: what is wrong with outputs
