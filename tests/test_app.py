@@ -214,6 +214,13 @@ def test_an_edit_moves_the_object_with_its_shadow_undo_and_remove(served, photo)
   np.testing.assert_allclose(read_zip(by_suffix(undone['files'])['.zip'])[1]['object_1'],
                              before['object_1'])
   expect_error('undo: no edit to take back', undo, c)
+  # Hue turned by 120 degrees: HSV's hue wheel maps (r, g, b) to (b, r, g); alpha unchanged.
+  turned = read_zip(by_suffix(edit(c, 'object_1', hue=120)['files'])['.zip'])[1]['object_1']
+  seen = before['object_1'][..., 3] > 0.05  # 8-bit colour of fainter pixels says little
+  np.testing.assert_array_equal(turned[..., 3], before['object_1'][..., 3])
+  np.testing.assert_allclose(turned[seen][:, :3], np.roll(before['object_1'][seen][:, :3], 1, -1),
+                             atol=2 / 255)
+  undo(c)
   removed = edit(c, 'object_1', remove=True)
   assert names_of(removed) == ['background'] and removed['layer']['choices'] == []
   check_downloads(removed['files'], before['background'][..., :3], ['background'])
