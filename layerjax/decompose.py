@@ -38,26 +38,24 @@ from layerjax import cli
 from layerjax.data.schema import SAMPLE_FOLDER, read_folder, sample_folders, write_folder
 from layerjax.export import destinations, formats, write
 from layerjax.fileio import Artifact, check_destination, fingerprint
+from layerjax.infer import prompts
 
 RUN_FOLDER = Artifact('decompose run', lambda p: (p / 'engine_manifest.jsonl').is_file())
 
 
-def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
+def _numbers(text: str, n: int, form: str) -> tuple[float, ...]:
   try:
-    values = tuple(float(v) for v in text.split(','))
-  except ValueError:
-    values = ()
-  if len(values) != n:
-    raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
-  return values
+    return prompts.parse_numbers(text, n, form)
+  except prompts.PromptError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _box(text: str):
-  return _numbers(text, 4, 'x0,y0,x1,y1 (pixels)')
+  return _numbers(text, 4, prompts.BOX)
 
 
 def _point(text: str):
-  return _numbers(text, 2, 'x,y (pixels)')
+  return _numbers(text, 2, prompts.POINT)
 
 
 def _layers(text: str) -> int | None:

@@ -245,7 +245,8 @@ def test_bad_input_gets_one_clear_message_and_the_app_goes_on(served, photo, tmp
   expect_error(rf'prompt box \(0, 0, 90, 20\) is outside the {W}x{H} image', decompose, c,
                box='0,0,90,20')
   expect_error(r'prompt point \(5, 60\) is outside', decompose, c, points='5,60')
-  expect_error("prompt points: '5' is not x,y", decompose, c, points='5')
+  expect_error(r"prompt points \(separated by ;\): expected x,y \(pixels\), got '5'", decompose,
+               c, points='5')
   expect_error('prompt: empty', decompose, c)
   boxes_only = dataclasses.replace(decomposer.settings, kinds=frozenset({'box'}))
   monkeypatch.setattr(decomposer, 'settings', boxes_only)

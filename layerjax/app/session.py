@@ -23,7 +23,7 @@ from layerjax.edit import Document, EditError
 from layerjax.export import FORMATS, write
 from layerjax.export.preview import picture
 from layerjax.infer.decomposer import Decomposer
-from layerjax.infer.prompts import PromptError, Query
+from layerjax.infer.prompts import BOX, POINT, PromptError, Query, parse_numbers
 
 MODES = ('point', 'box')  # what a click on the photo adds
 DOWNLOADS = ('psd', 'ora', 'pptx', 'zip')
@@ -62,16 +62,11 @@ class Edit:
 
 def parse_points(text: str) -> tuple[tuple[float, float], ...]:
   """'x,y; x,y' (pixels) -> the points."""
-  points = []
-  for part in (text or '').replace('\n', ';').split(';'):
-    if part.strip():
-      try:
-        x, y = (float(v) for v in part.split(','))
-      except ValueError:
-        raise PromptError(f'prompt points: {part.strip()!r} is not x,y (pixels; points '
-                          'separated by ;)') from None
-      points.append((x, y))
-  return tuple(points)
+  try:
+    return tuple(parse_numbers(part, 2, POINT)
+                 for part in (text or '').replace('\n', ';').split(';') if part.strip())
+  except PromptError as e:
+    raise PromptError(f'prompt points (separated by ;): {e}') from None
 
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
@@ -79,12 +74,9 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
   if not (text or '').strip():
     return None
   try:
-    box = tuple(float(v) for v in text.split(','))
-  except ValueError:
-    box = ()
-  if len(box) != 4:
-    raise PromptError(f'prompt box: {text.strip()!r} is not x0,y0,x1,y1 (pixels)')
-  return box
+    return parse_numbers(text, 4, BOX)
+  except PromptError as e:
+    raise PromptError(f'prompt box: {e}') from None
 
 
 @dataclasses.dataclass

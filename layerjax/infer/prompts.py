@@ -33,6 +33,20 @@ class Query:
                      if given)
 
 
+POINT, BOX = 'x,y (pixels)', 'x0,y0,x1,y1 (pixels)'  # how a point and a box are typed
+
+
+def parse_numbers(text: str, n: int, form: str) -> tuple[float, ...]:
+  """A typed point or box: `n` comma-separated numbers (`form` says how, e.g. `BOX`)."""
+  try:
+    values = tuple(float(v) for v in text.split(','))
+  except ValueError:
+    values = ()
+  if len(values) != n:
+    raise PromptError(f'expected {form}, got {text.strip()!r}')
+  return values
+
+
 def as_query(prompt) -> Query | None:
   """None (whole scene), a `Query`, a text, or a dict of `Query`'s fields."""
   if prompt is None or isinstance(prompt, Query):
