@@ -1,4 +1,5 @@
-"""The main job: train or evaluate a layer decomposer.
+"""The main job: train or evaluate a layer decomposer, or finetune one with judge rewards
+(a config with a `reasonx` section, `configs/reasonx.py`).
 
     python -m layerjax.main --config=configs/liwi.py:demo --workdir=out/run [--mode=train|eval]
         [--config.total_steps=100 ...] [--distributed | --coordinator_address=HOST:PORT
@@ -54,14 +55,21 @@ def main(argv) -> None:
     raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   from layerjax.train import config as train_config
-  train_config.check(config)  # before distributed initialisation, on every process alike
+  if 'reasonx' in config:  # reward finetuning: the start model's config with this file's keys
+    from layerjax.train import reasonx
+    config = reasonx.full_config(config)
+    reasonx.check(config)
+  else:
+    train_config.check(config)  # before distributed initialisation, on every process alike
   initialize_distributed()
   from layerjax.train import evaluate, trainer  # after distributed initialisation
   i = jax.process_index()
   cli.log_file(f'{_WORKDIR.value}/log{f".{i}" if i else ""}.txt')
   logging.info('process %d/%d, %d devices (%s)', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.default_backend())
-  if _MODE.value == 'train':
+  if _MODE.value == 'train' and 'reasonx' in config:
+    result = reasonx.finetune(config, _WORKDIR.value)
+  elif _MODE.value == 'train':
     result = trainer.train(config, _WORKDIR.value)
   else:
     setup, state, step = trainer.restore_for_eval(config, _WORKDIR.value)

@@ -6,7 +6,9 @@ request (an answer, a malformed answer, a slow answer past the client's timeout,
 status with headers such as Retry-After). With `reject_response_format` it answers 400 to any
 request carrying `response_format`, as servers without structured outputs do, without using
 up the script. Every request is recorded (path, headers, JSON body, arrival time) so tests can
-check what the client sent. An exhausted script answers 418, which no client retries.
+check what the client sent. An exhausted script answers 418, which no client retries, or
+hands the request to `respond` (a function of the request's body: an oracle answering from
+ground truth, `tests/oracle_judge.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import threading
 import time
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -66,7 +69,9 @@ class _Handler(BaseHTTPRequestHandler):
       reply = error(400, "response_format: unsupported parameter 'json_schema'")
     else:
       with chat.lock:
-        reply = chat.script.popleft() if chat.script else error(418, 'script exhausted')
+        reply = chat.script.popleft() if chat.script else None
+      if reply is None:
+        reply = chat.respond(body) if chat.respond else error(418, 'script exhausted')
     time.sleep(reply.delay)
     if reply.status == 200:
       payload = {'id': f'chatcmpl-{len(chat.requests)}', 'object': 'chat.completion',
@@ -92,12 +97,14 @@ class _Handler(BaseHTTPRequestHandler):
 class ChatServer:
   """`with ChatServer() as server:` ... `server.url` is the base URL ('.../v1')."""
 
-  def __init__(self, reject_response_format: bool = False):
+  def __init__(self, reject_response_format: bool = False,
+               respond: Callable[[dict], Reply] | None = None, port: int = 0):
     self.reject_response_format = reject_response_format
+    self.respond = respond  # answers a request's JSON body when the script is empty
     self.script: collections.deque[Reply] = collections.deque()
     self.requests: list[Request] = []
     self.lock = threading.Lock()
-    self._http = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+    self._http = ThreadingHTTPServer(('127.0.0.1', port), _Handler)
     self._http.daemon_threads = True  # a handler still sleeping must not block shutdown
     self._http.chat = self
     self.url = f'http://127.0.0.1:{self._http.server_address[1]}/v1'

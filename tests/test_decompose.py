@@ -17,7 +17,7 @@ from layerjax.data.schema import Layer, LayeredSample, assemble, composite, read
 from layerjax.export import ora, png
 from layerjax.infer import model as infer_model
 from layerjax.infer import postprocess as post
-from layerjax.infer.decomposer import Decomposer
+from layerjax.infer.decomposer import Decomposer, model_inputs
 from layerjax.infer.prompts import PromptError, Query
 from layerjax.infer.scene import Proposals
 from data_engine.tools.types import Detection
@@ -107,7 +107,8 @@ def test_prompts_are_rendered_as_training_renders_them(decomposer):
                             'degradations': {}, 'hflip_prob': 0.0, 'scale_range': (1., 1.)})
     example = pipeline.make_example(sample, np.random.default_rng(0), config)
     g = post.geometry((32, 32), tuple(cfg.image_size), decomposer.settings.step)
-    ours = decomposer._batch(sample.image, query, g)['prompt'][0]
+    ours = model_inputs(decomposer.config, sample.image, query, g,
+                        decomposer.backend.text_inputs)['prompt'][0]
     np.testing.assert_allclose(ours, example['prompt'], atol=1e-6)
 
 

@@ -171,7 +171,7 @@ def check_config(config) -> None:
   spec.check(config, LOADER_CONFIG, 'data')
 
 
-def _tfds_split(name: str, data_dir, split: str):
+def tfds_split(name: str, data_dir, split: str):
   """The built dataset's split; a clear error (and nothing written) when it is not there:
   `tfds.data_source` would otherwise try to build the dataset in `data_dir`."""
   root = as_path(data_dir) / name  # `gs://...` stays a URL: TFDS and ArrayRecord read it
@@ -244,7 +244,7 @@ def make_loader(config, split: str, mesh: jax.sharding.Mesh | None, *,
   size = config.global_batch_size
   rows = list(range(size)) if mesh is None else parallel.process_rows(mesh, size, process_index)
   if source is None:
-    source = _tfds_split(config.name, config.data_dir, split)
+    source = tfds_split(config.name, config.data_dir, split)
   if len(source) == 0:
     raise ValueError(f'{config.name}: split {split!r} is empty')
   ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()

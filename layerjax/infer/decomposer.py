@@ -214,7 +214,7 @@ class Decomposer:
     closest to the photo kept, its layers brought to the photo's resolution."""
     s = self.settings
     g = post.geometry(photo.shape[:2], tuple(self.config.data.image_size), s.step)
-    batch = self._batch(photo, q, g)
+    batch = model_inputs(self.config, photo, q, g, self.backend.text_inputs)
     uncond = (examples.unconditional_inputs(batch, self.backend.text_inputs(['']))
               if guidance != 1 else None)
     shape = (1, len(s.layers), g.padded[0] // s.latent_factor, g.padded[1] // s.latent_factor,
@@ -254,18 +254,21 @@ class Decomposer:
             'timings': timings}
     return Raw(background, obj, prov)
 
-  def _batch(self, photo: np.ndarray, q: Query, g: post.Geometry) -> dict:
-    """The model's inputs for one photo and query, as the loader makes them for training."""
-    hw = g.padded
-    spatial = Prompt('target', points=post.points_to_model(q.points, g),
-                     box=None if q.box is None else post.box_to_model(q.box, g),
-                     mask=None if q.mask is None else post.mask_to_model(q.mask, g))
-    d = self.config.data
-    prompt = examples.render_prompt(hw, spatial, q.kinds, d.point_sigma)
-    board = examples.checkerboard(hw, d.checkerboard_cell, np.random.default_rng(0), 0.0)
-    batch = {'image': post.to_model(photo, g)[None], 'prompt': prompt[None],
-             'checkerboard': board[None, ..., :3]}
-    return {**batch, **self.backend.text_inputs([q.text])}
+def model_inputs(config, photo: np.ndarray, q: Query, g: post.Geometry,
+                 text_inputs: Callable[[list[str]], dict]) -> dict:
+  """The model's inputs (one row) for `photo` and the checked query `q` at geometry `g`, as
+  the loader makes them for training with experiment `config`; `text_inputs`: texts -> the
+  model's text entries."""
+  hw = g.padded
+  spatial = Prompt('target', points=post.points_to_model(q.points, g),
+                   box=None if q.box is None else post.box_to_model(q.box, g),
+                   mask=None if q.mask is None else post.mask_to_model(q.mask, g))
+  d = config.data
+  prompt = examples.render_prompt(hw, spatial, q.kinds, d.point_sigma)
+  board = examples.checkerboard(hw, d.checkerboard_cell, np.random.default_rng(0), 0.0)
+  batch = {'image': post.to_model(photo, g)[None], 'prompt': prompt[None],
+           'checkerboard': board[None, ..., :3]}
+  return {**batch, **text_inputs([q.text])}
 
 
 def to_photo(layers: tuple, photo: np.ndarray, label: str = 'object',

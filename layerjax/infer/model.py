@@ -258,6 +258,18 @@ def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedMod
 
 # --- the API ------------------------------------------------------------------------------
 
+def experiment_config(path) -> ml_collections.ConfigDict:
+  """The experiment config a packed model folder or a training workdir was trained with;
+  no weights are read."""
+  if _kind(path) == 'packed':
+    return ml_collections.ConfigDict(_read_meta(Path(path))['config'])
+  config_file = as_path(path) / checkpoints.CONFIG
+  if not config_file.is_file():
+    raise ModelError(f'{config_file}: missing; the workdir does not record the config it was '
+                     'trained with')
+  return ml_collections.ConfigDict(read_json(config_file, ModelError))
+
+
 def load(path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
          dtype: str | None = None, config=None) -> LoadedModel:
   """A packed model folder or a training workdir (its latest step, or `step`), its weights

@@ -26,7 +26,7 @@ from layerjax.infer.prompts import PromptError, Query
 MAX_LAYERS = 8  # objects in whole-scene mode when the caller sets no limit
 
 
-def _box_iou(a, b) -> float:
+def box_iou(a, b) -> float:
   ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
   iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
   inter = ix * iy
@@ -62,7 +62,7 @@ class Proposals:
       box = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
       if det.score < self.threshold or box[2] <= box[0] or box[3] <= box[1]:
         continue
-      if any(_box_iou(box, k.box) > self.duplicate_iou for k in kept):
+      if any(box_iou(box, k.box) > self.duplicate_iou for k in kept):
         continue
       kept.append(dataclasses.replace(det, box=box))
     if not kept:

@@ -24,6 +24,7 @@ import collections
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, MutableMapping, Sequence
 
@@ -54,23 +55,32 @@ class GroundTruthJudge:
 
   def __init__(self, samples: Iterable[LayeredSample], thresholds: Thresholds):
     self.thresholds = thresholds
-    self.truth = {image_key(s.image): s for s in samples}
+    self.truth: dict[str, LayeredSample] = {}
     self.counts: collections.Counter = collections.Counter()
+    self._lock = threading.Lock()
+    self.add(samples)
+
+  def add(self, samples: Iterable[LayeredSample]) -> None:
+    """More scenes whose ground truth it reads (a finetuning run adds each photo's as the
+    photo stream gives it)."""
+    self.truth.update({image_key(s.image): s for s in samples})
 
   def answer(self, photo: np.ndarray, relations: Sequence[Relation],
              labels: Mapping[str, str]) -> list[str]:
     truth = self.truth.get(image_key(photo))
-    if truth is None:
-      self.counts['no_ground_truth'] += len(relations)
-      return [UNKNOWN] * len(relations)
+    counts: collections.Counter = collections.Counter()
     out = []
     for rel in relations:
       try:
-        out.append(read(truth, rel, self.thresholds))
+        out.append(UNKNOWN if truth is None else read(truth, rel, self.thresholds))
       except KeyError:
-        self.counts['no_such_object'] += 1
+        counts['no_such_object'] += 1
         out.append(UNKNOWN)
-    self.counts['answered'] += sum(a != UNKNOWN for a in out)
+    if truth is None:
+      counts['no_ground_truth'] += len(relations)
+    counts['answered'] += sum(a != UNKNOWN for a in out)
+    with self._lock:  # judging threads answer at once
+      self.counts.update(counts)
     return out
 
 
@@ -83,6 +93,7 @@ class JsonlCache(MutableMapping):
   def __init__(self, path):
     self.path = Path(path)
     self._data: dict[tuple[str, str], str] = {}
+    self._lock = threading.Lock()
     lines = self.path.read_text().split('\n') if self.path.exists() else []
     for number, line in enumerate(lines, 1):
       if not line.strip():
@@ -104,10 +115,11 @@ class JsonlCache(MutableMapping):
 
   def __setitem__(self, key: tuple[str, str], value: str) -> None:
     line = json.dumps({'image': key[0], 'question': key[1], 'answer': value})
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    with self.path.open('a') as f:
-      f.write(line + '\n')
-    self._data[key] = value
+    with self._lock:  # judging threads write at once: whole lines, one at a time
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with self.path.open('a') as f:
+        f.write(line + '\n')
+      self._data[key] = value
 
   def __delitem__(self, key: tuple[str, str]) -> None:
     raise TypeError(f'{self.path}: cache entries are never removed (the file is a log)')
@@ -153,9 +165,20 @@ class AgentJudge:
     self.agent = agent
     self.cache = {} if cache is None else cache
     self.counts: collections.Counter = collections.Counter()
+    self._lock = threading.Lock()
 
   def answer(self, photo: np.ndarray, relations: Sequence[Relation],
              labels: Mapping[str, str]) -> list[str]:
+    """Thread-safe: a trainer judges several photos at once (the counts are merged under a
+    lock; each cache write is one appended line)."""
+    counts: collections.Counter = collections.Counter()
+    try:
+      return self._answer(photo, relations, labels, counts)
+    finally:
+      with self._lock:
+        self.counts.update(counts)
+
+  def _answer(self, photo, relations, labels, counts) -> list[str]:
     key = image_key(photo)
     out = [UNKNOWN] * len(relations)
     texts = [question(rel, labels) for rel in relations]
@@ -163,9 +186,9 @@ class AgentJudge:
     for i, (rel, text) in enumerate(zip(relations, texts)):
       options = choices(rel, labels)
       if len({c.casefold() for c in options}) < len(options):
-        self.counts['same_label'] += 1
+        counts['same_label'] += 1
       elif self.cache.get((key, text)) in options:  # anything else there is asked again
-        self.counts['cached'] += 1
+        counts['cached'] += 1
         out[i] = self._canonical(rel, options, self.cache[(key, text)])
       else:
         asked.setdefault(text, []).append(i)
@@ -175,27 +198,27 @@ class AgentJudge:
     points = list(dict.fromkeys(rel.point for rel in firsts if rel.point is not None))
     marks = {p: str(k) for k, p in enumerate(points, 1)}
     sent = [question(rel, labels, marks.get(rel.point)) for rel in firsts]
-    self.counts['requests'] += 1
-    self.counts['questions'] += len(sent)
+    counts['requests'] += 1
+    counts['questions'] += len(sent)
     try:
       replies = self.agent.relate(mark_points(photo, points), sent,
                                   [list(choices(rel, labels)) for rel in firsts])
     except Drop as drop:
       log.warning('judge request of %d questions dropped: %s', len(sent), drop)
-      self.counts[drop.reason] += len(sent)
+      counts[drop.reason] += len(sent)
       return out
     if len(replies) != len(sent):
       log.warning('judge: %d answers to %d questions', len(replies), len(sent))
-      self.counts['agent_garbage'] += len(sent)
+      counts['agent_garbage'] += len(sent)
       return out
     for (text, ids), rel, reply in zip(asked.items(), firsts, replies):
       options = choices(rel, labels)
       picked = {c.casefold(): c for c in options}.get(reply.strip().rstrip('.').casefold())
       if picked is None:
-        self.counts['invalid_answer'] += 1
+        counts['invalid_answer'] += 1
         continue
       self.cache[(key, text)] = picked
-      self.counts['answered'] += 1
+      counts['answered'] += 1
       for i in ids:
         out[i] = self._canonical(relations[i], options, picked)
     return out

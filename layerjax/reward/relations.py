@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from layerjax.data.schema import LayeredSample
+from layerjax.data.schema import Layer, LayeredSample, composite
 
 KINDS = ('on_object', 'in_shadow', 'hidden_part', 'in_front', 'background_free')
 ANSWERS = ('yes', 'no')      # the answers of every relation about a point
@@ -48,13 +48,20 @@ class Thresholds:
   colour 0.05: mean absolute RGB difference (in [0, 1]) above which the background differs
     from the object at a pixel: about 13 8-bit levels, well above quantisation and
     compression noise (1-4 levels), well below the contrast of an object a viewer can see.
+  front 0.15: in a decomposition of one object (`one_object_sample`), mean absolute RGB
+    difference between the photo and the decomposition's own recomposition above which the
+    photo shows something else than the object where its alpha says it is there: a nearer
+    thing, left in the background layer, hides it. Three times `colour`, so that the colour
+    errors of a model's object (the demo model's foreground RGB L1 is 0.07) are not read as
+    occlusion.
   """
   alpha: float = 0.5
   shadow: float = 0.1
   colour: float = 0.05
+  front: float = 0.15
 
   def __post_init__(self):
-    for field in ('alpha', 'shadow', 'colour'):
+    for field in ('alpha', 'shadow', 'colour', 'front'):
       value = getattr(self, field)
       if not 0 < value < 1:
         raise ValueError(f'Thresholds.{field} must be in (0, 1), got {value!r}')
@@ -97,14 +104,16 @@ def choices(rel: Relation, labels: Mapping[str, str]) -> tuple[str, ...]:
 
 def question(rel: Relation, labels: Mapping[str, str], mark: str | None = None) -> str:
   """The question about the photo, naming objects by `labels` (object layer name -> e.g.
-  'the red mug'). The point is given by its coordinates, or as 'the point marked <mark>' when
-  the judge sees it marked in the photo. The same relation always gives the same text, so it
-  keys a cache of answers."""
+  'the red mug'). The point is given by its coordinates, and as 'the point marked <mark>' too
+  when the judge sees it marked in the photo. Without a mark, the same relation always gives
+  the same text, so it keys a cache of answers."""
   if rel.kind == 'in_front':
     a, b = (_label(labels, o) for o in rel.objects)
     return (f'Which is in front, nearer the camera (covering the other where they overlap): '
             f'{a} or {b}?')
-  where = f'the point marked {mark}' if mark is not None else f'the point {rel.point}'
+  # A ring survives the agent's resizing; the coordinates serve a judge that reads them.
+  where = (f'the point marked {mark} at {rel.point}' if mark is not None
+           else f'the point {rel.point}')
   obj = _label(labels, rel.objects[0])
   return {
       'on_object': f'Is {where} on {obj}, as the photo shows it (not on something in front '
@@ -197,6 +206,36 @@ def read(sample: LayeredSample, rel: Relation, thresholds: Thresholds) -> str:
   return 'yes' if region[0, 0] else 'no'
 
 
+FRONT = 'in_front_of_object'  # `one_object_sample`'s layer of what hides the object
+
+
+def one_object_sample(sample_id: str, photo: np.ndarray, background: np.ndarray,
+                      obj: np.ndarray, shadow: np.ndarray | None, name: str,
+                      thresholds: Thresholds) -> LayeredSample:
+  """A decomposition of one referred object (background RGB [H, W, 3], the object's and its
+  shadow's straight RGBA [H, W, 4], as the model gives them before any solve against the
+  photo) as a sample the relations read: background, shadow, the object named `name`, and
+  above it a layer `FRONT` of what hides it. A one-object model leaves whatever is in front of
+  its object in the background, so without that layer every completed (hidden) part of the
+  object would read as seen, and a correct completion would disagree with a judge who sees the
+  thing in front. The decomposition implies a hidden part where the object's alpha says it is
+  there (>= `thresholds.alpha`) and the photo differs from the decomposition's recomposition
+  by more than `thresholds.front`: there `FRONT` is opaque and shows the photo. Ask only about
+  `name` (`propose(..., objects=[name])`)."""
+  h, w = photo.shape[:2]
+  opaque = np.ones((h, w, 1), np.float32)
+  stack = [Layer('background', 'background', np.concatenate([background, opaque], -1))]
+  if shadow is not None:
+    stack.append(Layer(f'{name}_shadow', 'shadow', shadow.astype(np.float32), owner=name))
+  stack.append(Layer(name, 'object', obj.astype(np.float32)))
+  recomposed = composite([layer.rgba for layer in stack])[..., :3]
+  hidden = ((obj[..., 3] >= thresholds.alpha)
+            & (np.abs(recomposed - photo).mean(-1) > thresholds.front))
+  stack.append(Layer(FRONT, 'object', np.concatenate(
+      [photo, hidden[..., None].astype(np.float32)], -1).astype(np.float32)))
+  return LayeredSample(sample_id, photo.astype(np.float32), stack)
+
+
 # --- where to ask -------------------------------------------------------------------------
 
 def _band(mask: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
@@ -209,18 +248,21 @@ def _band(mask: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def propose(sample: LayeredSample, rng: np.random.Generator, n: int,
-            thresholds: Thresholds = Thresholds(), band: float = 2.0) -> list[Relation]:
+            thresholds: Thresholds = Thresholds(), band: float = 2.0,
+            objects: Sequence[str] | None = None) -> list[Relation]:
   """At most `n` relations whose answers are informative for `sample`, for every object:
   on_object within `band` px of its seen region's boundary, inside and outside; in_shadow
   inside its seen shadow and within `band` px outside it; hidden_part on its hidden part and
   on what covers it just outside it (within `band` px); background_free where it covers the
-  pixel; and in_front for every pair of objects. The groups take turns (one relation each, in
+  pixel; and in_front for every pair of objects (`objects`: only relations about these
+  object layers; default all). The groups take turns (one relation each, in
   a fixed order, while any is left), so a small `n` still asks a bit of everything; within a
   group points are drawn at random without repeats. The same `rng` state gives the same
   relations."""
   if n < 0:
     raise ValueError(f'propose: n={n} < 0')
-  names = [layer.name for layer in sample.layers if layer.kind == 'object']
+  names = [layer.name for layer in sample.layers if layer.kind == 'object'
+           and (objects is None or layer.name in objects)]
   full = (slice(None), slice(None))
   groups: list[list[Relation]] = []
   for name in names:

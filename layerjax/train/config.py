@@ -134,7 +134,26 @@ _MMDIT = {k: _POSITIVE for k in mmdit.MMDiTConfig.ARCH_FIELDS}
 _MMDIT.update(dual_attention_layers=spec.seq(spec.integer(lo=0)),
               qk_norm=spec.maybe(spec.string(('rms_norm',))))
 
-# Every key of `base()` (and the optional `demo`, read by `layerjax.demo`).
+# Reward finetuning (`layerjax.train.reasonx`, `configs/reasonx.py` says what each key does).
+_UNIT = spec.number(above=0, hi=1)
+REASONX = spec.section({
+    'start': spec.string(), 'photos': spec.string(), 'held_out': spec.string(),
+    'held_out_photos': _POSITIVE, 'eval_layers': spec.boolean(),
+    'photos_per_step': _POSITIVE, 'group_size': spec.integer(lo=2),
+    'sample_photos': _POSITIVE, 'sample_steps': _POSITIVE,
+    'noise_level': spec.number(above=0), 'guidance': spec.number(above=0),
+    'timesteps': _POSITIVE, 'minibatches': _POSITIVE, 'clip': spec.number(above=0, hi=0.99),
+    'kl': spec.number(lo=0), 'relations': _POSITIVE, 'band': spec.number(above=0),
+    'thresholds': spec.mapping(_UNIT, ('alpha', 'shadow', 'colour', 'front')),
+    'detector': spec.anything(), 'relation_weight': spec.number(lo=0),
+    'judge': spec.section({'kind': spec.string(('ground_truth', 'agent')),
+                           'agent': spec.anything(), 'workers': _POSITIVE,
+                           'cache': spec.string()}),
+    'preference': spec.section({'weight': spec.number(lo=0), 'agent': spec.anything(),
+                                'pairs': spec.integer(lo=0)}),
+})
+
+# Every key of `base()` (and the optional `demo`, read by `layerjax.demo`, and `reasonx`).
 SPEC = spec.section({
     'seed': spec.integer(), 'total_steps': _POSITIVE, 'log_every': _POSITIVE,
     'eval_every': spec.integer(lo=0), 'checkpoint_every': _POSITIVE,
@@ -181,7 +200,8 @@ SPEC = spec.section({
                                              evaluators.REGISTRY), _check_evaluators)}),
     'demo': spec.section({'scenes': _POSITIVE, 'size': _POSITIVE,
                           'workers': spec.integer(lo=0)}),
-}, optional=('demo',))
+    'reasonx': REASONX,
+}, optional=('demo', 'reasonx'))
 
 
 def check(config) -> None:

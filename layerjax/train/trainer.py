@@ -287,10 +287,51 @@ def train(config, workdir, *, mesh=None) -> dict:
   if config.eval_every:
     make_loader(evaluate.eval_data_config(config, mesh), config.eval.split, mesh)
   with _workdir_lock(workdir):
-    return _train(config, workdir, loader, mesh)
+    return run(config, workdir, mesh, lambda: Supervised(config, mesh, loader))
 
 
-def _train(config, workdir, loader, mesh) -> dict:
+class Supervised:
+  """The loop's program for training on layered data: the jitted `make_step` on the
+  loader's batches. A program (see `run`) has `setup`, the checkpointed `iterator`,
+  `step(state, step) -> (state, metrics)` (metrics with 'loss' and 'finite', arrays that may
+  still be computing), `flops` (of one step, or None), `examples` (per step), `evaluate(state,
+  step, workdir, writer) -> dict`, `eval_line(result) -> str`, `before_save(step)` and
+  `eval_at_start` (evaluate a fresh run's starting state too) and `log_keys`."""
+
+  eval_at_start = False
+  log_keys = ()  # metrics besides the loss on the terminal's progress line
+
+  def __init__(self, config, mesh, loader):
+    self.config = config
+    self.setup = _place(config, mesh)  # `train` checked the config
+    self.text_fn = build.text_inputs(config)
+    self.iterator = iter(loader)
+    self.step_fn = make_step(self.setup)
+    self.evaluation = evaluate.Evaluation(self.setup, config) if config.eval_every else None
+    self.flops = None
+    self.examples = config.data.global_batch_size
+
+  def step(self, state, step: int):
+    batch = parallel.global_batch(build.model_batch(next(self.iterator), self.text_fn),
+                                  self.setup.mesh)
+    if self.flops is None:
+      self.flops = _flops(self.step_fn, state, self.setup.frozen, batch)
+    return self.step_fn(state, self.setup.frozen, batch)
+
+  def evaluate(self, state, step: int, workdir, writer) -> dict:
+    return self.evaluation.run(state, self.config.eval.split, workdir, step, writer)
+
+  def eval_line(self, result: dict) -> str:
+    return f'eval on {self.config.eval.split}: {_eval_line(result)}'
+
+  def before_save(self, step: int) -> None:
+    pass
+
+
+def run(config, workdir, mesh, make_program: Callable[[], Any]) -> dict:
+  """The training loop around a program (`Supervised`'s docstring): restore, step, log,
+  evaluate, checkpoint (with the program's data iterator), stop on SIGTERM or a non-finite
+  step. The program is made after the workdir is prepared and before the restore."""
   total = config.total_steps
   ckpt = Checkpoints(workdir / 'checkpoints', config.keep_checkpoints, config.async_checkpoints)
   start = ckpt.latest()
@@ -302,24 +343,18 @@ def _train(config, workdir, loader, mesh) -> dict:
   if jax.process_index() == 0:  # what `layerjax.infer.model` rebuilds the model from
     with atomic_file(workdir / CONFIG) as tmp:
       tmp.write_text(json.dumps(config.to_dict(), indent=2) + '\n')
-  setup = _place(config, mesh)  # `train` checked the config
-  text_fn = build.text_inputs(config)
-  iterator = iter(loader)
+  program = make_program()
+  setup = program.setup
   state = setup.state
   if start is not None:
-    state = ckpt.restore(start, state, iterator)
+    state = ckpt.restore(start, state, program.iterator)
     logging.info('resumed from step %d', start)
   start = int(state['step'])
   writer = create_writer(workdir / 'tensorboard', enabled=jax.process_index() == 0)
+  result: dict = {}
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-  step_fn = make_step(setup)
-  evaluation = evaluate.Evaluation(setup, config) if config.eval_every else None
-  result: dict = {}
   pending = None  # (step, metrics) of the last dispatched step, checked one step late
-
-  def next_batch():
-    return parallel.global_batch(build.model_batch(next(iterator), text_fn), setup.mesh)
 
   def check(pending):
     step, metrics = pending
@@ -332,16 +367,16 @@ def _train(config, workdir, loader, mesh) -> dict:
                           f'{workdir / "checkpoints"}')
     return metrics
 
-  flops = None
   t_log, steps_since = time.perf_counter(), 0
   # Closed however the loop ends (a NaN stop included): in-flight saves finish.
   with jax.set_mesh(setup.mesh), _Preemption() as preempt, contextlib.closing(ckpt), \
       contextlib.closing(writer):
+    if start == 0 and program.eval_at_start and config.eval_every:
+      result['eval'] = program.evaluate(state, 0, workdir, writer)
+      logging.info('at step 0, %s', program.eval_line(result['eval']))
+      t_log = time.perf_counter()
     for step in range(start, total):
-      batch = next_batch()
-      if flops is None:
-        flops = _flops(step_fn, state, setup.frozen, batch)
-      state, metrics = step_fn(state, setup.frozen, batch)
+      state, metrics = program.step(state, step)
       if pending is not None:
         check(pending)
       pending = (step, metrics)
@@ -360,22 +395,23 @@ def _train(config, workdir, loader, mesh) -> dict:
         dt = time.perf_counter() - t_log
         rate = steps_since / dt
         scalars = {k: float(v) for k, v in logged.items() if k != 'finite'}
-        scalars.update({'steps_per_s': rate,
-                        'examples_per_s': rate * config.data.global_batch_size,
-                        'tflops_per_s': (flops or 0) * rate / 1e12})
+        scalars.update({'steps_per_s': rate, 'examples_per_s': rate * program.examples,
+                        'tflops_per_s': (program.flops or 0) * rate / 1e12})
         writer.write_scalars(done, scalars)
-        logging.info('step %d/%d  loss %.4f  %.2f steps/s  %.1f examples/s  %.3f TFLOP/s  '
-                     'ETA %s', done, total, scalars['loss'], rate, scalars['examples_per_s'],
-                     scalars['tflops_per_s'], _format_eta((total - done) / rate))
+        extra = ''.join(f'  {k} {scalars[k]:.4f}' for k in program.log_keys)
+        logging.info('step %d/%d  loss %.4f%s  %.2f steps/s  %.1f examples/s  %.3f TFLOP/s  '
+                     'ETA %s', done, total, scalars['loss'], extra, rate,
+                     scalars['examples_per_s'], scalars['tflops_per_s'],
+                     _format_eta((total - done) / rate))
         result['train'] = scalars
         t_log, steps_since = time.perf_counter(), 0
       if run_eval:
-        result['eval'] = evaluation.run(state, config.eval.split, workdir, done, writer)
-        logging.info('eval on %s at step %d: %s', config.eval.split, done,
-                     _eval_line(result['eval']))
+        result['eval'] = program.evaluate(state, done, workdir, writer)
+        logging.info('at step %d, %s', done, program.eval_line(result['eval']))
         t_log, steps_since = time.perf_counter(), 0
       if save:
-        ckpt.save(done, state, iterator, wait=stop)
+        program.before_save(done)
+        ckpt.save(done, state, program.iterator, wait=stop)
       if stop:
         logging.warning('SIGTERM: saved step %d, exiting', done)
         result['preempted_at'] = done
