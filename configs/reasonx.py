@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
       relations=8,               # relations proposed per decomposition (union per photo)
       band=2.0,                  # px from a predicted boundary where on_object points are drawn
       thresholds=dict(alpha=0.5, shadow=0.1, colour=0.05, front=0.15),
+      prompts='detector',        # or 'dataset': a TFDS source's own prompt boxes
       detector='saliency_boxes',  # engine detector proposing the prompts
       relation_weight=1.0,
       judge=dict(kind='ground_truth', agent={}, workers=4, cache=''),

@@ -9,7 +9,8 @@ finetuning decomposes.
 dataset (`data.name` in `data.data_dir`), whose scenes also carry their ground truth (for the
 offline judge; a model never sees it). Each visit of a photo runs the detector
 (`infer.scene.Proposals`: the engine's offline saliency boxes by default) and picks one of its
-boxes at random as the prompt. On a scene with ground truth the box is matched to the scene's
+boxes at random as the prompt (or, for a TFDS source, one of the scene's own prompt boxes,
+`reasonx.prompts='dataset'`). On a scene with ground truth the box is matched to the scene's
 object whose prompt box it overlaps most (IoU >= `MATCH_IOU`), so the judge knows which object
 the prompt refers to.
 
@@ -85,7 +86,7 @@ class _Visit:
   (in the process that ran it: with workers, each keeps its own)."""
 
   def __init__(self, spec: str, proposals):
-    self.spec, self.proposals = spec, proposals
+    self.spec, self.proposals = spec, proposals  # proposals None: the dataset's own boxes
     self.counts: collections.Counter = collections.Counter()
 
   def __call__(self, record, rng: np.random.Generator) -> Photo | None:
@@ -95,39 +96,50 @@ class _Visit:
       truth = from_example(record)
       key, image = f'{self.spec[len(TFDS):]}/{truth.id}', truth.image
     else:
-      key = record
+      key = str(Path(record).relative_to(self.spec))  # `list_photos` gives paths under it
       try:
-        image = images.load_image(Path(self.spec) / record, alpha='composite')
+        image = images.load_image(record, alpha='composite')
       except images.ImageError:
         self.counts['unreadable'] += 1
         return None
-    found, _ = self.proposals(image)
-    if not found:
+    if self.proposals is None:
+      boxes = [(p.box, p.target, '') for p in truth.prompts if p.box is not None]
+    else:
+      boxes = [(d.box, None, d.label) for d in self.proposals(image)[0]]
+    if not boxes:
       self.counts['no_prompt'] += 1
       return None
-    det = found[rng.integers(len(found))]
-    target = 'object' if truth is None else referent(truth, det.box)
+    box, target, detected = boxes[rng.integers(len(boxes))]
+    if target is None:
+      target = 'object' if truth is None else referent(truth, box)
     if target is None:
       self.counts['no_referent'] += 1
       return None
     label = label_of(truth.layer(target)) if truth is not None else ''
-    label = label or (f'the {det.label}' if det.label else 'the object')
-    return Photo(key, image, tuple(int(v) for v in det.box), target, label, truth)
+    label = label or (f'the {detected}' if detected else 'the object')
+    return Photo(key, image, tuple(int(v) for v in box), target, label, truth)
 
 
 def photo_stream(spec: str, config, seed: int, proposals=None, process_index: int = 0,
-                 process_count: int = 1) -> tuple[grain.IterDataset, _Visit]:
-  """(the photos of `spec`, shuffled and repeated forever, each visit with its own prompt;
-  this process's share of them), and the visit function whose `counts` say what was skipped.
-  `proposals`: an `infer.scene.Proposals` (default: the engine's offline detector)."""
+                 process_count: int = 1, prefetch: int = 0) -> tuple[grain.IterDataset, _Visit]:
+  """(the photos of `spec`, shuffled and repeated forever, each visit with its own prompt
+  or None; this process's share of them), and the visit function whose `counts` say what was
+  skipped. `proposals`: an `infer.scene.Proposals` (default: the engine's offline detector).
+  `prefetch`: visits one background thread prepares ahead (0: none, each visit when asked
+  for; Grain's default, 16 threads 500 visits ahead, would run the detector on hundreds of
+  photos a step never reaches)."""
   check_spec(spec, config)
   if spec.startswith(TFDS):
     source = tfds_split(config.data.name, config.data.data_dir, spec[len(TFDS):])
   else:
     from data_engine import jobs
     source = jobs.list_photos(Path(spec))
+  if proposals == 'dataset' and not spec.startswith(TFDS):
+    raise ValueError(f'reasonx photos: {spec}: a folder has no prompts of its own; use the '
+                     'detector')
   proposals = Proposals() if proposals is None else proposals
-  visit = _Visit(spec, proposals)
+  visit = _Visit(spec, None if proposals == 'dataset' else proposals)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count].random_map(visit, seed=seed)
-  return ds.to_iter_dataset(), visit
+  options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+  return ds.to_iter_dataset(options, allow_nones=True), visit

@@ -125,6 +125,11 @@ def check(config) -> None:
     raise train_config.spec.ConfigError(
         f'{name}judge.kind=ground_truth reads the scenes\' ground truth: photos must be '
         f'{photo_source.TFDS}SPLIT, got {r.photos!r}')
+  if r.prompts == 'dataset' and not all(
+      r[k].startswith(photo_source.TFDS) for k in ('photos', 'held_out') if r[k]):
+    raise train_config.spec.ConfigError(
+        f'{name}prompts=dataset takes the scenes\' own boxes: photos and held_out must be '
+        f'{photo_source.TFDS}SPLIT')
   relations.Thresholds(**dict(r.thresholds))
   for key in ('photos', 'held_out'):
     if r[key]:
@@ -145,8 +150,27 @@ def make_judge(config, workdir):
   else:
     logging.warning('%s: the judge cache is kept in memory (a JSON-lines file needs a local '
                     'path: set reasonx.judge.cache)', workdir)
-  return judges.AgentJudge(core.create('agent', j.agent.to_dict() if hasattr(j.agent, 'to_dict')
-                                       else j.agent), cache)
+  return judges.AgentJudge(core.create('agent', _spec(j.agent)), cache)
+
+
+def _spec(x):
+  return x.to_dict() if hasattr(x, 'to_dict') else x
+
+
+def make_preference(config):
+  """The pairwise-preference reward, None at weight 0; its pair count checked against the
+  group size here, before the run."""
+  p = config.reasonx.preference
+  if not p.weight:
+    return None
+  from data_engine import core
+  from layerjax.reward.preference import PreferenceReward
+  reward = PreferenceReward(core.create('agent', _spec(p.agent)), p.pairs or None)
+  try:
+    reward.comparisons(config.reasonx.group_size)
+  except ValueError as e:
+    raise train_config.spec.ConfigError(f'reasonx.preference.pairs: {e}') from None
+  return reward
 
 
 def finetune(config, workdir, *, mesh=None) -> dict:
@@ -164,10 +188,12 @@ def finetune(config, workdir, *, mesh=None) -> dict:
         f'reasonx.sample_photos x group_size = {sample_rows} rows is not divisible by the '
         f'data-parallel size {n} of mesh {dict(mesh.shape)}')
   judge = make_judge(config, workdir)
+  preference = make_preference(config)
   if config.eval_every and r.eval_layers:
     make_loader(evaluate.eval_data_config(config, mesh), config.eval.split, mesh)
   with trainer._workdir_lock(workdir):
-    return trainer.run(config, workdir, mesh, lambda: GRPO(config, mesh, workdir, judge))
+    return trainer.run(config, workdir, mesh,
+                       lambda: GRPO(config, mesh, workdir, judge, preference))
 
 
 def _geometry(size, model_size, step) -> post.Geometry:
@@ -183,7 +209,7 @@ class GRPO:
   eval_at_start = True
   log_keys = ('reward',)
 
-  def __init__(self, config, mesh, workdir, judge):
+  def __init__(self, config, mesh, workdir, judge, preference):
     self.config, self.workdir = config, as_path(workdir)
     r = self.r = config.reasonx
     self.setup = setup = trainer._place(config, mesh)
@@ -202,21 +228,15 @@ class GRPO:
     self.settings = infer_decomposer.Settings.of(config, infer_model.config_json(
         loaded.model.config))
     del loaded
-    proposals = Proposals(detector=r.detector.to_dict() if hasattr(r.detector, 'to_dict')
-                          else r.detector)
+    proposals = ('dataset' if r.prompts == 'dataset' else
+                 Proposals(detector=_spec(r.detector)))
     stream, self.visit = photo_source.photo_stream(
-        r.photos, config, config.seed, proposals, jax.process_index(), jax.process_count())
+        r.photos, config, config.seed, proposals, jax.process_index(), jax.process_count(),
+        prefetch=r.photos_per_step)
     self.iterator = iter(stream)
     self.judge = judge
     self.relation_reward = RelationReward(judge, self.thresholds, r.relations, r.band)
-    self.preference = None
-    if r.preference.weight:
-      from data_engine import core
-      from layerjax.reward.preference import PreferenceReward
-      agent = r.preference.agent
-      self.preference = PreferenceReward(
-          core.create('agent', agent.to_dict() if hasattr(agent, 'to_dict') else agent),
-          r.preference.pairs or None)
+    self.preference = preference
     self.held_out = self._held_out(proposals) if r.held_out else []
     if r.judge.kind == 'ground_truth':  # the offline judge reads the scenes' ground truth
       judge.add(p.truth for p in self.held_out)
@@ -238,8 +258,9 @@ class GRPO:
     r = self.r
     stream, _ = photo_source.photo_stream(r.held_out, self.config, self.config.eval.seed,
                                           proposals)
-    out, seen = [], 0
-    for photo in stream:
+    out, seen, it = [], 0, iter(stream)
+    while True:
+      photo = next(it)
       seen += 1
       if photo is not None and photo.key not in {p.key for p in out}:
         out.append(photo)
