@@ -39,14 +39,15 @@ def base() -> ml_collections.ConfigDict:
   # The finetuned weights themselves: a short run of small steps needs no average, and the
   # reference the KL term holds them to is the start's EMA (what `reasonx.start` loads).
   c.ema_decay = 0.0
+  c.eval = dict(split='test')  # the layer metrics on scenes finetuning never sees
   # A constant learning rate (final_lr_fraction 1: the cosine's end is its start).
-  c.optimizer = dict(lr=3e-5, warmup_steps=0, decay_steps=c.total_steps, final_lr_fraction=1.0,
+  c.optimizer = dict(lr=1e-4, warmup_steps=0, decay_steps=c.total_steps, final_lr_fraction=1.0,
                      clip_norm=1.0, weight_decay=0.0)
   c.reasonx = dict(
       start='out/demo/model',
       photos='tfds:validation',  # a folder of photos, or tfds:SPLIT of the start's dataset
       held_out='tfds:test',      # where the held-out reward is measured ('' for none)
-      held_out_photos=32,
+      held_out_photos=64,
       eval_layers=True,          # the layer metrics on eval.split at each evaluation
       photos_per_step=8,
       group_size=4,              # decompositions per photo (GRPO's group)
@@ -56,7 +57,7 @@ def base() -> ml_collections.ConfigDict:
       guidance=1.0,
       timesteps=5,               # of the sampler's steps, how many each update trains on
       minibatches=2,             # optimizer steps per batch of samples (the later off-policy)
-      clip=0.2,                  # PPO's ratio clip (the ratio is per latent value)
+      clip=1e-4,                 # PPO's ratio clip; the ratio is per latent value (Flow-GRPO's)
       kl=0.04,                   # weight of the KL to the starting model (Flow-GRPO's 0.04)
       relations=8,               # relations proposed per decomposition (union per photo)
       band=2.0,                  # px from a predicted boundary where on_object points are drawn

@@ -2,7 +2,8 @@
 the ground truth of synthetic scenes, over real HTTP (`chat_server.ChatServer`).
 
 It sees what a real judge would: the marked photo (a PNG in the request) and the questions'
-text. It finds the scene by the photo (the nearest ground-truth image, the rings aside),
+text. It finds the scene by the photo (among the scenes with the objects the questions name,
+the nearest ground-truth image by the median pixel difference, the rings aside),
 the object by its label, each point by the coordinates the question gives, and answers with
 `relations.read`. So the endpoint path of `layerjax.train.reasonx` (agent, prompt, JSON schema,
 parsing, cache) runs end to end and its rewards can be compared with the offline judge's.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import re
 import sys
 import time
@@ -57,13 +57,18 @@ def relate_oracle(samples, thresholds: Thresholds = Thresholds(), garbage: float
     url = user[0]['image_url']['url'].split(',', 1)[1]
     with Image.open(io.BytesIO(base64.b64decode(url))) as im:
       photo = np.asarray(im.convert('RGB'), np.float32) / 255
-    same = [s for s in scenes if s.image.shape == photo.shape]
-    truth = min(same, key=lambda s: np.abs(s.image - photo).mean())
+    lines = [line for line in user[1]['text'].split('\n') if re.match(r'\d+\. ', line)]
+    # The scene: one whose objects carry every label asked about, the nearest by the median
+    # pixel difference (the rings cover much of a small photo, never most of its pixels).
+    asked = {m.group(1 if kind == 'background_free' else 3) for line in lines
+             for kind, pattern in _KINDS for m in [pattern.search(line)] if m}
+    same = [s for s in scenes if s.image.shape == photo.shape
+            and asked <= {label_of(l) for l in s.layers if l.kind == 'object'}] or [
+                s for s in scenes if s.image.shape == photo.shape]
+    truth = min(same, key=lambda s: np.median(np.abs(s.image - photo).mean(-1)))
     names = {label_of(l): l.name for l in truth.layers if l.kind == 'object'}
     answers = []
-    for line in user[1]['text'].split('\n'):
-      if not re.match(r'\d+\. ', line):
-        continue
+    for line in lines:
       front = _FRONT.search(line)
       if front:
         a, b = (names.get(t) for t in front.groups())

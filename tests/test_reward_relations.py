@@ -124,7 +124,8 @@ def test_questions_and_choices():
       'Is the point (2, 5) on the red mug, as the photo shows it (not on something in front '
       'of it)?')
   assert question(rel('in_shadow', 2, 5), LABELS, mark='3') == (
-      'Is the point marked 3 at (2, 5) in the shadow that the red mug casts, as the photo shows it?')
+      'Is the point marked 3 at (2, 5) in the shadow that the red mug casts, as the photo '
+      'shows it?')
   pair = rel('in_front', objects=('object_1', 'object_2'))
   assert question(pair, LABELS) == ('Which is in front, nearer the camera (covering the other '
                                     'where they overlap): the red mug or the green book?')
@@ -286,12 +287,12 @@ def test_agent_judge_answers_marks_and_caches(server, tmp_path):
   image, text = _sent(request)
   assert text == (
       'Photo size: 8x8 pixels.\nQuestions:\n'
-      '1. Is the point marked 1 at (2, 2) on the red mug, as the photo shows it (not on something in '
-      'front of it)? Choices: yes | no\n'
-      '2. Is the point marked 2 at (1, 5) in the shadow that the red mug casts, as the photo shows it? '
-      'Choices: yes | no\n'
-      '3. Is the point marked 3 at (3, 3) on a part of the red mug that is hidden behind something in '
-      'front of it? Choices: yes | no\n'
+      '1. Is the point marked 1 at (2, 2) on the red mug, as the photo shows it (not on '
+      'something in front of it)? Choices: yes | no\n'
+      '2. Is the point marked 2 at (1, 5) in the shadow that the red mug casts, as the photo '
+      'shows it? Choices: yes | no\n'
+      '3. Is the point marked 3 at (3, 3) on a part of the red mug that is hidden behind '
+      'something in front of it? Choices: yes | no\n'
       '4. Which is in front, nearer the camera (covering the other where they overlap): the '
       'red mug or the green book? Choices: the red mug | the green book')
   assert np.abs(image - photo).max() > 0.5  # the marks are drawn

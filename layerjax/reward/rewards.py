@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from layerjax.data.schema import LayeredSample
-from layerjax.reward.relations import Thresholds, agreement, propose, read
+from layerjax.reward.relations import Relation, Thresholds, agreement, propose, read
 
 
 class RelationReward:
@@ -26,16 +26,22 @@ class RelationReward:
     self.judge, self.thresholds = judge, thresholds
     self.per_sample, self.band = per_sample, band
 
-  def __call__(self, image: np.ndarray, target: str, label: str,
-               samples: Sequence[LayeredSample],
-               rng: np.random.Generator) -> tuple[list[float | None], dict]:
-    """Rewards of `samples` (decompositions of `image` whose object `target` the judge knows
-    as `label`), each in [0, 1] or None when the judge answered none of the questions; and
-    the audit: each question's relation, the judge's answer and each sample's."""
-    asked = list(dict.fromkeys(
+  def propose(self, target: str, samples: Sequence[LayeredSample],
+              rng: np.random.Generator) -> list[Relation]:
+    """The questions about `target` informative for any of `samples`, each once."""
+    return list(dict.fromkeys(
         rel for sample in samples
         for rel in propose(sample, rng, self.per_sample, self.thresholds, self.band,
                            objects=[target])))
+
+  def __call__(self, image: np.ndarray, target: str, label: str,
+               samples: Sequence[LayeredSample], rng: np.random.Generator,
+               asked: Sequence[Relation] | None = None) -> tuple[list[float | None], dict]:
+    """Rewards of `samples` (decompositions of `image` whose object `target` the judge knows
+    as `label`), each in [0, 1] or None when the judge answered none of the questions; and
+    the audit: each question's relation, the judge's answer and each sample's. `asked`: these
+    questions instead of `propose`'s."""
+    asked = self.propose(target, samples, rng) if asked is None else list(asked)
     judged = self.judge.answer(image, asked, {target: label}) if asked else []
     implied = [[read(sample, rel, self.thresholds) for rel in asked] for sample in samples]
     rewards = [agreement(mine, judged) if asked else None for mine in implied]

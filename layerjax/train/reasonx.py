@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import json
 import time
 from typing import Any
@@ -238,6 +237,7 @@ class GRPO:
     self.relation_reward = RelationReward(judge, self.thresholds, r.relations, r.band)
     self.preference = preference
     self.held_out = self._held_out(proposals) if r.held_out else []
+    self.held_out_questions = None  # `_held_out_reward`'s, proposed at its first call
     if r.judge.kind == 'ground_truth':  # the offline judge reads the scenes' ground truth
       judge.add(p.truth for p in self.held_out)
     self.pool = concurrent.futures.ThreadPoolExecutor(r.judge.workers)
@@ -473,6 +473,11 @@ class GRPO:
                'time/update_s': t_done - t_judged}
     if not flat.size:  # no reward at all this step: the loop must not read it as a NaN loss
       metrics['reward'] = 0.0
+    # Why samples, groups, photos and judge answers were dropped, counted since this process
+    # started (a resumed run counts again from 0).
+    for prefix, counter in (('groups', self.counts), ('photos', self.visit.counts),
+                            ('judge', self.judge.counts)):
+      metrics.update({f'count/{prefix}/{k}': v for k, v in counter.items()})
     self._record(step, photos, results, adv, keep)
     return state, metrics
 
@@ -506,11 +511,10 @@ class GRPO:
       result.update(self.evaluation.run(state, self.config.eval.split, workdir, step, writer))
     return result
 
-  def _held_out_reward(self, state, step: int, workdir, writer) -> dict:
-    """The mean relation reward of the held-out photos decomposed as users decompose them
-    (the deterministic sampler, `eval.seed`), each asked with its own fixed relation seed."""
-    params = state['ema'] if self.config.eval.use_ema else state['params']
-    rewards, per_photo = [], []
+  def _decompose_held_out(self, params) -> list[list]:
+    """Each held-out photo's decomposition (a one-item list of samples) by `params`, as users
+    decompose (the deterministic sampler, `eval.seed`)."""
+    out = []
     chunk = self.r.sample_photos * self.r.group_size
     for start in range(0, len(self.held_out), chunk):
       photos = self.held_out[start:start + chunk]
@@ -521,15 +525,31 @@ class GRPO:
           params, self.setup.frozen, self._global(batch), uncond and self._global(uncond),
           jax.random.PRNGKey(self.config.eval.seed)), len(photos))
       for i, (photo, geometry) in enumerate(zip(photos, geometries)):
-        if start + i >= len(self.held_out):
-          break
-        samples = self._samples(photo, geometry, decoded, range(i, i + 1), f'held_out/{i}')
-        (reward,), _ = self.relation_reward(photo.image, photo.target, photo.label, samples,
-                                            np.random.default_rng((self.config.eval.seed,
-                                                                   start + i)))
-        per_photo.append({'photo': photo.key, 'reward': reward})
-        if reward is not None:
-          rewards.append(reward)
+        if start + i < len(self.held_out):
+          out.append(self._samples(photo, geometry, decoded, range(i, i + 1),
+                                   f'held_out/{start + i}'))
+    return out
+
+  def _held_out_reward(self, state, step: int, workdir, writer) -> dict:
+    """The mean relation reward of the held-out photos decomposed as users decompose them.
+    Every evaluation asks the same questions: those the start model's decompositions make
+    informative (proposed once, with a fixed seed per photo), so that the reward of two
+    checkpoints differs by their answers, not by what each was asked."""
+    if self.held_out_questions is None:
+      self.held_out_questions = [
+          self.relation_reward.propose(photo.target, samples,
+                                       np.random.default_rng((self.config.eval.seed, i)))
+          for i, (photo, samples) in enumerate(zip(
+              self.held_out, self._decompose_held_out(self.reference)))]
+    params = state['ema'] if self.config.eval.use_ema else state['params']
+    rewards, per_photo = [], []
+    for photo, samples, asked in zip(self.held_out, self._decompose_held_out(params),
+                                     self.held_out_questions):
+      (reward,), _ = self.relation_reward(photo.image, photo.target, photo.label, samples,
+                                          None, asked)
+      per_photo.append({'photo': photo.key, 'reward': reward, 'questions': len(asked)})
+      if reward is not None:
+        rewards.append(reward)
     result = {'held_out/reward': float(np.mean(rewards)) if rewards else float('nan'),
               'held_out/photos_rewarded': len(rewards)}
     if jax.process_index() == 0:
