@@ -354,11 +354,7 @@ class GRPO:
         zeros = jax.tree.map(jnp.zeros_like, state['params'])
         grads, metrics = jax.lax.scan(at_step, zeros, idx_m)
         metrics = jax.tree.map(jnp.mean, metrics)
-        updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-        params = optax.apply_updates(state['params'], updates)
-        n = state['step'].astype(jnp.float32)
-        decay = jnp.minimum(cfg.ema_decay, (1 + n) / (10 + n))
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state['ema'], params)
+        params, ema, opt_state = trainer.apply_gradients(state, grads, tx, cfg.ema_decay)
         metrics['grad_norm'] = optax.global_norm(grads)
         # Nothing kept (every group dropped): no step at all, as AdamW would move the
         # parameters on a zero gradient (its decoupled weight decay, its moments).

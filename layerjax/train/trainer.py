@@ -161,6 +161,18 @@ def _shardings_for(part: nnx.State, shardings: nnx.State):
                             [flat[path] for path, _ in nnx.to_flat_state(part)])
 
 
+def apply_gradients(state: dict, grads, tx: optax.GradientTransformation,
+                    ema_decay: float) -> tuple[Any, Any, Any]:
+  """One optimizer step of `state`'s params and their EMA (its decay warmed up over the first
+  steps): (params, ema, opt_state)."""
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  n = state['step'].astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1 + n) / (10 + n))
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state['ema'], params)
+  return params, ema, opt_state
+
+
 def make_step(setup: Setup) -> Callable:
   cfg = setup.config
   graphdef, tx = setup.graphdef, setup.tx
@@ -172,11 +184,7 @@ def make_step(setup: Setup) -> Callable:
       return objectives.loss_fn(nnx.merge(graphdef, params, frozen), batch, rng, cfg.loss)
 
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    n = state['step'].astype(jnp.float32)
-    decay = jnp.minimum(cfg.ema_decay, (1 + n) / (10 + n))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state['ema'], params)
+    params, ema, opt_state = apply_gradients(state, grads, tx, cfg.ema_decay)
     metrics['grad_norm'] = optax.global_norm(grads)
     finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
     new = {'step': state['step'] + 1, 'params': params, 'ema': ema, 'opt_state': opt_state,
