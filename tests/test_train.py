@@ -194,7 +194,7 @@ def test_only_the_train_loader_drops_conditions(tmp_path, data_dir, monkeypatch)
     seen[split] = data.get('cond_dropout')
     return make_loader(data, split, mesh, **kw)
   monkeypatch.setattr(trainer, 'make_loader', recording)
-  monkeypatch.setattr(trainer, '_train', lambda *a: {})  # the loaders are all this checks
+  monkeypatch.setattr(trainer, 'run', lambda *a: {})  # the loaders are all this checks
   c = tiny(data_dir, eval_every=2)
   c.loss.cond_dropout = 0.5
   trainer.train(c, tmp_path / 'run')

@@ -314,7 +314,7 @@ class Supervised:
     self.setup = _place(config, mesh)  # `train` checked the config
     self.text_fn = build.text_inputs(config)
     self.iterator = iter(loader)
-    self.step_fn = make_step(self.setup)
+    self.step_fn = None  # made at the first step: a bad checkpoint is found before compiling
     self.evaluation = evaluate.Evaluation(self.setup, config) if config.eval_every else None
     self.flops = None
     self.examples = config.data.global_batch_size
@@ -322,7 +322,8 @@ class Supervised:
   def step(self, state, step: int):
     batch = parallel.global_batch(build.model_batch(next(self.iterator), self.text_fn),
                                   self.setup.mesh)
-    if self.flops is None:
+    if self.step_fn is None:
+      self.step_fn = make_step(self.setup)
       self.flops = _flops(self.step_fn, state, self.setup.frozen, batch)
     return self.step_fn(state, self.setup.frozen, batch)
 
