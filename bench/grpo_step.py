@@ -55,9 +55,9 @@ def run(args, judge_kind: str, url: str | None) -> dict:
   judge = reasonx.make_judge(config, workdir)
   if judge_kind == 'agent':
     judge.cache = {}  # every question asked: the requests are what is measured
+  program = reasonx.GRPO(config, mesh, workdir, judge, None)  # as `trainer.run` makes it
+  state = program.setup.state
   with jax.set_mesh(mesh):
-    program = reasonx.GRPO(config, mesh, workdir, judge, None)
-    state = program.setup.state
     t = time.perf_counter()
     state, _ = program.step(state, 0)
     first = time.perf_counter() - t
