@@ -180,6 +180,9 @@ def finetune(config, workdir, *, mesh=None) -> dict:
   check(config)
   mesh = trainer.check_config(config, mesh)
   r = config.reasonx
+  if jax.process_count() > 1:  # the row bookkeeping below is this process's rows only
+    raise train_config.spec.ConfigError(
+        f'reasonx: runs on one process ({jax.process_count()} here); its devices may be many')
   sample_rows = r.sample_photos * r.group_size
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if sample_rows % n:
@@ -418,7 +421,7 @@ class GRPO:
     if r.judge.kind == 'ground_truth':
       self.judge.add(p.truth for p in photos)
     rng = jax.random.fold_in(state['rng'], step)
-    key_sample, key_steps = jax.random.split(rng)
+    key_sample = jax.random.split(rng)[0]
     seed = int(jax.random.randint(jax.random.fold_in(rng, 1), (), 0, 2**31 - 1))
     calls = r.photos_per_step // r.sample_photos
     inputs, outputs, futures = [], [], []
@@ -433,7 +436,7 @@ class GRPO:
     for c, ((batch, _, geometries), (decoded, _)) in enumerate(zip(inputs, outputs)):
       decoded = self._to_rows(decoded, len(batch['image']))
       t_sampled = time.perf_counter()
-      for i, (geometry) in enumerate(geometries):
+      for i, geometry in enumerate(geometries):
         photo = photos[c * r.sample_photos + i]
         samples = self._samples(photo, geometry, decoded, range(i * g, (i + 1) * g),
                                 f'{step}/{photo.key}')
@@ -454,7 +457,6 @@ class GRPO:
     host = np.random.default_rng((seed, 2))
     order = host.permutation(n)
     index = np.stack([host.permutation(r.sample_steps)[:r.timesteps] for _ in range(n)], 1)
-    del key_steps  # the steps' noise was drawn from key_sample's halves in the sampler
     state, metrics = self.update_fn(
         state, self.setup.frozen, self.reference, self._global(batch),
         uncond and self._global(uncond), traj, jnp.asarray(order), jnp.asarray(index),
