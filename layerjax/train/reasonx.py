@@ -38,7 +38,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from layerjax import build, flow, parallel
 from layerjax.data import examples
@@ -379,11 +378,10 @@ class GRPO:
 
   # --- a step ---------------------------------------------------------------------------------
 
-  def _to_rows(self, tree, n: int):
-    """This process's rows of the global outputs `tree` (n rows), as numpy."""
-    full = jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-    rows = parallel.process_rows(self.setup.mesh, n)
-    return jax.tree.map(lambda x: x[rows], full)
+  @staticmethod
+  def _host(tree):
+    """Outputs as numpy (one process holds every row: `finetune` refuses several)."""
+    return jax.tree.map(np.asarray, tree)
 
   def _global(self, local: dict) -> dict:
     return parallel.global_batch(local, self.setup.mesh)
@@ -434,7 +432,7 @@ class GRPO:
                                     jax.random.fold_in(key_sample, c)))
     t_sampled = None
     for c, ((batch, _, geometries), (decoded, _)) in enumerate(zip(inputs, outputs)):
-      decoded = self._to_rows(decoded, len(batch['image']))
+      decoded = self._host(decoded)
       t_sampled = time.perf_counter()
       for i, geometry in enumerate(geometries):
         photo = photos[c * r.sample_photos + i]
@@ -489,12 +487,10 @@ class GRPO:
           'kept': [bool(x) for x in k], **audit}, default=_plain))
 
   def before_save(self, step: int) -> None:
-    """The audit of the steps since the last save, as one file: `audit/steps_A-B.jsonl`
-    (per process: `.p<i>` before the suffix on processes other than 0)."""
+    """The audit of the steps since the last save, as one file: `audit/steps_A-B.jsonl`."""
     if not self.audit:
       return
-    i = jax.process_index()
-    name = f'steps_{self.audit_from:08d}-{step:08d}{f".p{i}" if i else ""}.jsonl'
+    name = f'steps_{self.audit_from:08d}-{step:08d}.jsonl'
     with atomic_file(self.workdir / 'audit' / name) as tmp:
       tmp.write_text('\n'.join(self.audit) + '\n')
     self.audit, self.audit_from = [], None
@@ -519,9 +515,9 @@ class GRPO:
       photos = photos + photos[:1] * (chunk - len(photos))  # one compiled shape
       batch, geometries = self._inputs(photos, 1)
       uncond = self.uncond if self.r.guidance != 1 else None
-      decoded = self._to_rows(self.deterministic_fn(
+      decoded = self._host(self.deterministic_fn(
           params, self.setup.frozen, self._global(batch), uncond and self._global(uncond),
-          jax.random.PRNGKey(self.config.eval.seed)), len(photos))
+          jax.random.PRNGKey(self.config.eval.seed)))
       for i, (photo, geometry) in enumerate(zip(photos, geometries)):
         if start + i < len(self.held_out):
           out.append(self._samples(photo, geometry, decoded, range(i, i + 1),
