@@ -232,7 +232,7 @@ class Decomposer:
       out = {k: np.asarray(v[0, :sh, :sw], np.float32) for k, v in decoded.items()}
       timings['sampling'] += t2 - t
       timings['decoding'] += time.perf_counter() - t2
-      layers = _layers(out, image)
+      layers = model_layers(out, image)
       err = float(np.abs(_recompose(*layers) - image).mean())
       scores.append(err)
       if best is None or err < scores[best[0]]:
@@ -273,7 +273,7 @@ def model_inputs(config, photo: np.ndarray, q: Query, g: post.Geometry,
 
 def to_photo(layers: tuple, photo: np.ndarray, label: str = 'object',
              referring: tuple[str, ...] = ()) -> tuple[np.ndarray, post.Extracted]:
-  """One sample's layers (`_layers`: background, object colour and alpha, shadow RGBA or
+  """One sample's layers (`model_layers`: background, object colour and alpha, shadow RGBA or
   None, at the model's resolution over the photo's region) at `photo`'s resolution, as
   `post.exact_layers` takes them: (background, the object). Alpha below `ALPHA_MIN` and
   shadow opacity below `SHADOW_MIN` become 0; alpha is upsampled guided by the photo."""
@@ -304,11 +304,11 @@ def exact(decoded: dict, photo: np.ndarray) -> list[Layer]:
   thresholded (`to_photo`) and solved exactly against `photo` (`post.exact_layers`):
   background, the object's shadow if it casts one, the object."""
   photo = np.asarray(photo, np.float32)
-  background, obj = to_photo(_layers(decoded, photo), photo)
+  background, obj = to_photo(model_layers(decoded, photo), photo)
   return post.exact_layers(photo, background, [obj])[0]
 
 
-def _layers(out: dict, image: np.ndarray) -> tuple:
+def model_layers(out: dict, image: np.ndarray) -> tuple:
   """(background RGB, object colour, object alpha, shadow RGBA or None) from the decoded
   layers; a model without a background layer leaves the photo as it is behind the object."""
   fg = out['foreground']

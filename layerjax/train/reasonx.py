@@ -392,8 +392,9 @@ class GRPO:
     sh, sw = geometry.scaled
     out = []
     for j in rows:
-      layers = infer_decomposer._layers({k: v[j, :sh, :sw] for k, v in decoded.items()},
-                                        post.to_model(photo.image, geometry)[:sh, :sw])
+      layers = infer_decomposer.model_layers(
+          {k: v[j, :sh, :sw] for k, v in decoded.items()},
+          post.to_model(photo.image, geometry)[:sh, :sw])
       background, obj = infer_decomposer.to_photo(layers, photo.image)
       rgba = np.concatenate([obj.colour, obj.alpha[..., None]], -1)
       out.append(relations.one_object_sample(f'{tag}/{j}', photo.image, background, rgba,
