@@ -18,9 +18,11 @@ Variants:
             before and during finetuning. Minutes on a CPU.
 Keys: start, data_dir (where the start's dataset is, if not where it was trained), photos
   (a folder, or tfds:SPLIT of the start's dataset), held_out, steps,
-  judge=URL (an OpenAI-compatible endpoint: the llm agent answers instead of the ground
-  truth), judge_model (the model name it serves), judge_key_env (the environment variable
-  holding its API key), preference (the weight of the pairwise-preference reward).
+  judge=URL or FOLDER (the llm agent answers instead of the ground truth: through an
+  OpenAI-compatible endpoint at URL, or a local vision-language model folder run by
+  transformers), judge_model (the model name the endpoint serves), judge_key_env (the
+  environment variable holding its API key), preference (the weight of the
+  pairwise-preference reward).
 """
 
 import ml_collections
@@ -88,9 +90,11 @@ def get_config(arg=None):
     c.total_steps = a.steps
   if a.judge:
     r.judge.kind = 'agent'
-    r.judge.agent = {'name': 'llm', 'backend': {
-        'name': 'openai', 'base_url': a.judge, 'model': a.judge_model,
-        'api_key_env': a.judge_key_env}}
+    endpoint = a.judge.startswith(('http://', 'https://'))
+    backend = ({'name': 'openai', 'base_url': a.judge, 'model': a.judge_model,
+                'api_key_env': a.judge_key_env} if endpoint else
+               {'name': 'transformers', 'path': a.judge})
+    r.judge.agent = {'name': 'llm', 'backend': backend}
   if a.preference >= 0:
     r.preference.weight = a.preference
   return c

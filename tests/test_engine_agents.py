@@ -579,52 +579,6 @@ def test_agent_uses_pinned_prompt_versions(server, tmp_path):
 
 # --- local VLM ----------------------------------------------------------------------------
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-@pytest.fixture(scope='module')
-def tiny_vlm(tmp_path_factory):
-  """A random LLaVA (tiny CLIP vision tower + tiny Llama) with a byte-level BPE tokenizer
-  trained here, saved with save_pretrained."""
-  import torch
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                            LlavaForConditionalGeneration, LlavaProcessor,
-                            PreTrainedTokenizerFast)
-  bpe = Tokenizer(models.BPE())
-  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  bpe.decoder = decoders.ByteLevel()
-  bpe.train_from_iterator(['{"reason": "ok", "agrees": true} the layer shows a red box'],
-                          trainers.BpeTrainer(vocab_size=300, special_tokens=[
-                              '<s>', '</s>', '<pad>', '<image>'],
-                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<s>', eos_token='</s>',
-                                      pad_token='<pad>',
-                                      extra_special_tokens={'image_token': '<image>'})
-  processor = LlavaProcessor(
-      image_processor=CLIPImageProcessor(size={'shortest_edge': 16},
-                                         crop_size={'height': 16, 'width': 16}),
-      tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy='full',
-      num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-  config = LlavaConfig(
-      vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, image_size=16, patch_size=4),
-      text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                              max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-                              pad_token_id=2),
-      image_token_id=tokenizer.convert_tokens_to_ids('<image>'),
-      vision_feature_select_strategy='full', vision_feature_layer=-1)
-  torch.manual_seed(0)
-  path = tmp_path_factory.mktemp('tiny_llava')
-  LlavaForConditionalGeneration(config).save_pretrained(path)
-  processor.save_pretrained(path)
-  return path
-
-
 def _vlm_messages() -> list[dict]:
   rgba = _layer_rgba(_disk(16, 16, 7))
   return [{'role': 'system', 'content': 'You check texts.'},

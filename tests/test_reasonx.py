@@ -31,9 +31,9 @@ from layerjax.train import reasonx
 KEY_ENV = 'LAYERJAX_TEST_JUDGE_KEY'
 
 
-def config_for(start, data_dir, **top):
-  """configs/reasonx.py:demo shrunk to the tiny model: 2 photos x 2 decompositions a step."""
-  c = load_config_file('reasonx', 'demo')
+def config_for(start, data_dir, arg='demo', **top):
+  """configs/reasonx.py:`arg` shrunk to the tiny model: 2 photos x 2 decompositions a step."""
+  c = load_config_file('reasonx', arg)
   c.reasonx.start = str(start)
   c.data = {'data_dir': str(data_dir)}
   c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 2, 1, 2, 1
@@ -55,7 +55,7 @@ def scenes(data_dir, split):
 
 
 def audit_lines(workdir):
-  return [json.loads(line) for f in sorted((workdir / 'audit').iterdir())
+  return [json.loads(line) for f in sorted((workdir / 'audit').glob('steps_*.jsonl'))
           for line in f.read_text().splitlines()]
 
 
@@ -143,15 +143,18 @@ def test_constant_reward_makes_no_update(start, tmp_path, monkeypatch):
 
 
 def test_resume_is_exact(finetuned, start, tmp_path):
-  """One step, stopped, resumed to the second: the same weights and audit as two steps
-  straight."""
+  """One step, stopped, resumed to the second: the same weights, audit and counts of
+  dropped groups as two steps straight."""
   config = config_for(*start, total_steps=1)
   reasonx.finetune(config, tmp_path)
-  reasonx.finetune(config_for(*start, total_steps=2), tmp_path)
+  resumed = reasonx.finetune(config_for(*start, total_steps=2), tmp_path)
   straight = finetuned[1]
   for a, b in zip(weights(straight, 2), weights(tmp_path, 2)):
     np.testing.assert_array_equal(a, b)
   assert audit_lines(tmp_path) == audit_lines(straight)
+  groups = lambda result: {k: v for k, v in result['train'].items()
+                           if k.startswith(('count/groups/', 'count/photos/'))}
+  assert groups(resumed) == groups(finetuned[2]) and groups(resumed)['count/groups/groups'] == 4
 
 
 def test_judge_behind_an_endpoint(start, tmp_path, monkeypatch):
@@ -180,6 +183,27 @@ def test_judge_behind_an_endpoint(start, tmp_path, monkeypatch):
   cached = (tmp_path / 'judge_cache.jsonl').read_text().splitlines()
   assert len(cached) == len({(q['kind'], tuple(q['point'])) for q in second['relations']})
   assert result['train']['reward'] == pytest.approx(np.mean(second['rewards']))
+
+
+def test_judge_on_a_local_vlm(start, tiny_vlm, tmp_path):
+  """`judge=FOLDER`: the llm agent asks a local vision-language model (transformers). This
+  one is random, so its replies are garbage: every group is dropped with the reason counted,
+  no step moves a weight, and the run ends normally."""
+  config = config_for(*start, arg=f'demo,judge={tiny_vlm}', total_steps=1, eval_every=0)
+  backend = config.reasonx.judge.agent.backend
+  assert (backend.name, backend.path) == ('transformers', str(tiny_vlm))
+  backend.max_new_tokens = 16
+  result = reasonx.finetune(config, tmp_path)
+  lines = audit_lines(tmp_path)
+  assert [line['rewards'] for line in lines] == [[None, None]] * 2
+  assert all(q['judge'] == 'unknown' for line in lines for q in line['relations'])
+  counts = {k: v for k, v in result['train'].items() if k.startswith('count/')}
+  assert counts['count/judge/requests'] == 2 and counts['count/groups/too_few_rewards'] == 2
+  assert counts['count/judge/questions'] == (counts.get('count/judge/agent_garbage', 0)
+                                             + counts.get('count/judge/invalid_answer', 0)
+                                             + counts.get('count/judge/agent_bad_output', 0))
+  for a, b in zip(weights(start[0]), weights(tmp_path, 1)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -226,14 +250,13 @@ def test_photo_folder_skips_what_it_cannot_use(tmp_path):
   Image.fromarray((photo * 255).astype(np.uint8)).save(tmp_path / 'a.png')
   Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / 'blank.png')
   (tmp_path / 'broken.png').write_bytes(b'not a png')
-  stream, visit = photos.photo_stream(str(tmp_path), None, seed=0)
-  it = iter(stream)
+  it = iter(photos.photo_stream(str(tmp_path), None, seed=0))
   got = [next(it) for _ in range(3)]
-  found = [p for p in got if p is not None]
+  found = [p for p in got if not isinstance(p, str)]
   assert len(found) == 1 and found[0].key == 'a.png' and found[0].truth is None
   x0, y0, x1, y1 = found[0].box
   assert x0 <= 10 and y0 <= 8 and x1 >= 24 and y1 >= 20  # it covers the object
-  assert dict(visit.counts) == {'unreadable': 1, 'no_prompt': 1}
+  assert sorted(p for p in got if isinstance(p, str)) == ['no_prompt', 'unreadable']
 
 
 def test_referent_is_the_object_the_box_overlaps():

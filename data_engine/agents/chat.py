@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from typing import Any, Protocol
 
@@ -326,7 +327,8 @@ class OpenAIChat:
 class TransformersVLM:
   """A local image-text-to-text model folder (config.json, processor files, safetensors).
   `dtype` 'auto': bfloat16 on CUDA, float32 on CPU; `timeout`: seconds of decoding before the
-  answer counts as not given (Drop 'agent_timeout'); None waits for ever."""
+  answer counts as not given (Drop 'agent_timeout'); None waits for ever. Callers on several
+  threads (ReasonX judges photos concurrently) take turns: one model, one generate at a time."""
 
   def __init__(self, path: str, device: str = 'auto', max_new_tokens: int = 512,
                dtype: str = 'auto', timeout: float | None = 300.0):
@@ -341,6 +343,7 @@ class TransformersVLM:
     device = str(target)
     self._torch, self.device, self.max_new_tokens = torch, device, max_new_tokens
     self.timeout = timeout
+    self._lock = threading.Lock()
     try:
       self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
       self.model = AutoModelForImageTextToText.from_pretrained(
@@ -354,6 +357,10 @@ class TransformersVLM:
         _processor_messages(with_schema(messages, schema)), add_generation_prompt=True,
         tokenize=True, return_dict=True, return_tensors='pt')
     inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts only the float inputs
+    with self._lock:
+      return self._generate(inputs)
+
+  def _generate(self, inputs) -> str:
     start = time.monotonic()
     try:
       with self._torch.inference_mode():

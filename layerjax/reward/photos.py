@@ -2,7 +2,7 @@
 finetuning decomposes.
 
     stream = photo_stream(spec, config, seed)   # a checkpointable Grain iterable
-    for photo in stream: ...                     # a `Photo`, or None (counted, see below)
+    for photo in stream: ...                     # a `Photo`, or why it was skipped (a str)
 
 `spec` names the source: a local folder of photos ('out/photos': every image file under it,
 `data_engine.jobs.list_photos`), or 'tfds:SPLIT', a split of the experiment's layered TFDS
@@ -14,14 +14,14 @@ boxes at random as the prompt (or, for a TFDS source, one of the scene's own pro
 object whose prompt box it overlaps most (IoU >= `MATCH_IOU`), so the judge knows which object
 the prompt refers to.
 
-A visit yields None, and the reason is counted, when the photo cannot be read ('unreadable'),
+A visit yields the reason instead of a `Photo` when the photo cannot be read ('unreadable'),
 the detector finds nothing ('no_prompt') or the box matches no object of the ground truth
-('no_referent'): such photos are skipped, never stop a run.
+('no_referent'): the consumer counts and skips it (so a count follows the iterator's
+checkpointed position, not what a prefetching thread read ahead); it never stops a run.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from pathlib import Path
 
@@ -82,14 +82,12 @@ def check_spec(spec: str, config) -> None:
 
 
 class _Visit:
-  """Grain's random map: a record -> a `Photo` or None. `counts` says why photos were skipped
-  (in the process that ran it: with workers, each keeps its own)."""
+  """Grain's random map: a record -> a `Photo`, or the reason it is skipped."""
 
   def __init__(self, spec: str, proposals):
     self.spec, self.proposals = spec, proposals  # proposals None: the dataset's own boxes
-    self.counts: collections.Counter = collections.Counter()
 
-  def __call__(self, record, rng: np.random.Generator) -> Photo | None:
+  def __call__(self, record, rng: np.random.Generator) -> Photo | str:
     truth = None
     if self.spec.startswith(TFDS):
       from layerjax.data.tfds_builder import from_example
@@ -100,31 +98,27 @@ class _Visit:
       try:
         image = images.load_image(record, alpha='composite')
       except images.ImageError:
-        self.counts['unreadable'] += 1
-        return None
+        return 'unreadable'
     if self.proposals is None:
       boxes = [(p.box, p.target, '') for p in truth.prompts if p.box is not None]
     else:
       boxes = [(d.box, None, d.label) for d in self.proposals(image)[0]]
     if not boxes:
-      self.counts['no_prompt'] += 1
-      return None
+      return 'no_prompt'
     box, target, detected = boxes[rng.integers(len(boxes))]
     if target is None:
       target = 'object' if truth is None else referent(truth, box)
     if target is None:
-      self.counts['no_referent'] += 1
-      return None
+      return 'no_referent'
     label = label_of(truth.layer(target)) if truth is not None else ''
     label = label or (f'the {detected}' if detected else 'the object')
     return Photo(key, image, tuple(int(v) for v in box), target, label, truth)
 
 
 def photo_stream(spec: str, config, seed: int, proposals=None, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 0) -> tuple[grain.IterDataset, _Visit]:
-  """(the photos of `spec`, shuffled and repeated forever, each visit with its own prompt
-  or None; this process's share of them), and the visit function whose `counts` say what was
-  skipped. `proposals`: an `infer.scene.Proposals` (default: the engine's offline detector).
+                 process_count: int = 1, prefetch: int = 0) -> grain.IterDataset:
+  """The photos of `spec`, shuffled and repeated forever, each visit with its own prompt
+  or the reason it has none (this process's share of them). `proposals`: an `infer.scene.Proposals` (default: the engine's offline detector).
   `prefetch`: visits one background thread prepares ahead (0: none, each visit when asked
   for; Grain's default, 16 threads 500 visits ahead, would run the detector on hundreds of
   photos a step never reaches)."""
@@ -142,4 +136,4 @@ def photo_stream(spec: str, config, seed: int, proposals=None, process_index: in
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count].random_map(visit, seed=seed)
   options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
-  return ds.to_iter_dataset(options, allow_nones=True), visit
+  return ds.to_iter_dataset(options)

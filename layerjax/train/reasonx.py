@@ -231,10 +231,9 @@ class GRPO:
     del loaded
     proposals = ('dataset' if r.prompts == 'dataset' else
                  Proposals(detector=_spec(r.detector)))
-    stream, self.visit = photo_source.photo_stream(
+    self.iterator = iter(photo_source.photo_stream(
         r.photos, config, config.seed, proposals, jax.process_index(), jax.process_count(),
-        prefetch=r.photos_per_step)
-    self.iterator = iter(stream)
+        prefetch=r.photos_per_step))
     self.judge = judge
     self.relation_reward = RelationReward(judge, self.thresholds, r.relations, r.band)
     self.preference = preference
@@ -247,7 +246,9 @@ class GRPO:
                        if config.eval_every and r.eval_layers else None)
     self.examples = r.photos_per_step * r.group_size
     self.flops = None
-    self.counts: collections.Counter = collections.Counter()
+    self.counts: collections.Counter = collections.Counter()  # groups dropped, and why
+    self.skipped: collections.Counter = collections.Counter()  # photos skipped, and why
+    self.counted_from: int | None = None  # the step the counts were restored at
     self.audit: list[str] = []
     self.audit_from = None
     self._jit()
@@ -258,13 +259,13 @@ class GRPO:
     """The first `held_out_photos` photos of the held-out source with a prompt (the same
     every run: its own seed, not the training stream's)."""
     r = self.r
-    stream, _ = photo_source.photo_stream(r.held_out, self.config, self.config.eval.seed,
-                                          proposals)
-    out, seen, it = [], 0, iter(stream)
+    it = iter(photo_source.photo_stream(r.held_out, self.config, self.config.eval.seed,
+                                        proposals))
+    out, seen = [], 0
     while True:
       photo = next(it)
       seen += 1
-      if photo is not None and photo.key not in {p.key for p in out}:
+      if not isinstance(photo, str) and photo.key not in {p.key for p in out}:
         out.append(photo)
       if len(out) == r.held_out_photos or seen >= 4 * r.held_out_photos:
         break
@@ -274,18 +275,20 @@ class GRPO:
     return out
 
   def _next_photos(self, n: int) -> list[photo_source.Photo]:
-    """The next `n` photos with a prompt; photos without one are skipped (`visit.counts`).
+    """The next `n` photos with a prompt; photos without one are skipped (`skipped`).
     A source none of whose photos gets one in `n` passes' worth of tries stops the run
     (that is a detector that finds nothing, not a bad photo)."""
     out, tries = [], 0
     while len(out) < n:
       photo = next(self.iterator)
       tries += 1
-      if photo is not None:
+      if isinstance(photo, str):
+        self.skipped[photo] += 1
+        if tries > 100 * n and not out:
+          raise ValueError(f'reasonx.photos: {self.r.photos}: no prompt proposed for {tries} '
+                           f'photos in a row ({dict(self.skipped)})')
+      else:
         out.append(photo)
-      elif tries > 100 * n and not out:
-        raise ValueError(f'reasonx.photos: {self.r.photos}: no prompt proposed for {tries} '
-                         f'photos in a row ({dict(self.visit.counts)})')
     return out
 
   def _inputs(self, photos: list[photo_source.Photo], repeat: int):
@@ -412,9 +415,18 @@ class GRPO:
       audit['preference'] = records
     return combine(parts), audit
 
+  def _counters(self) -> dict[str, collections.Counter]:
+    return {'groups': self.counts, 'photos': self.skipped, 'judge': self.judge.counts}
+
   def step(self, state, step: int):
     r = self.r
     g = r.group_size
+    if self.counted_from is None:  # a resumed run counts on from its checkpoint's counts
+      self.counted_from = step
+      saved = self.workdir / 'audit' / f'counts_{step:08d}.json'
+      if step and saved.exists():
+        for prefix, counts in json.loads(saved.read_text()).items():
+          self._counters()[prefix].update(counts)
     t0 = time.perf_counter()
     photos = self._next_photos(r.photos_per_step)
     if r.judge.kind == 'ground_truth':
@@ -470,10 +482,9 @@ class GRPO:
                'time/update_s': t_done - t_judged}
     if not flat.size:  # no reward at all this step: the loop must not read it as a NaN loss
       metrics['reward'] = 0.0
-    # Why samples, groups, photos and judge answers were dropped, counted since this process
-    # started (a resumed run counts again from 0).
-    for prefix, counter in (('groups', self.counts), ('photos', self.visit.counts),
-                            ('judge', self.judge.counts)):
+    # Why samples, groups, photos and judge answers were dropped, counted since the run began
+    # (saved with each checkpoint).
+    for prefix, counter in self._counters().items():
       metrics.update({f'count/{prefix}/{k}': v for k, v in counter.items()})
     self._record(step, photos, results, adv, keep)
     return state, metrics
@@ -488,7 +499,10 @@ class GRPO:
           'kept': [bool(x) for x in k], **audit}, default=_plain))
 
   def before_save(self, step: int) -> None:
-    """The audit of the steps since the last save, as one file: `audit/steps_A-B.jsonl`."""
+    """The audit of the steps since the last save, as one file: `audit/steps_A-B.jsonl`, and
+    the counts so far: `audit/counts_B.json`."""
+    with atomic_file(self.workdir / 'audit' / f'counts_{step:08d}.json') as tmp:
+      tmp.write_text(json.dumps({k: dict(c) for k, c in self._counters().items()}) + '\n')
     if not self.audit:
       return
     name = f'steps_{self.audit_from:08d}-{step:08d}.jsonl'
