@@ -73,10 +73,15 @@ def start(trained_workdirs):
   return workdir, config.data.data_dir
 
 
+# The relation reward (weight 1) mixed with the rule-based agent's pairwise preference.
+WITH_PREFERENCE = 'demo,preference=0.5'
+
+
 @pytest.fixture(scope='module')
 def finetuned(start, tmp_path_factory):
-  """Two steps of finetuning with the offline judge: (config, workdir, result)."""
-  config = config_for(*start)
+  """Two steps of finetuning with the offline judge and the preference reward: (config,
+  workdir, result)."""
+  config = config_for(*start, WITH_PREFERENCE)
   workdir = tmp_path_factory.mktemp('reasonx') / 'run'
   return config, workdir, reasonx.finetune(config, workdir)
 
@@ -101,9 +106,12 @@ def test_short_run_end_to_end(finetuned, start):
       rel = Relation(q['kind'], (line['target'],), tuple(q['point']))
       assert q['judge'] == read(scene, rel, thresholds)
       asked += 1
-    for i, reward in enumerate(line['rewards']):  # each reward: its share of agreements
+    (pair,) = line['preference']  # a group of 2: one comparison, both orders
+    assert (pair['a'], pair['b']) == (0, 1) and len(pair['orders']) == 2
+    won = {'a': (1.0, 0.0), 'b': (0.0, 1.0), 'tie': (0.5, 0.5)}[pair['winner']]
+    for i, reward in enumerate(line['rewards']):  # share of agreements, and preference / 2
       agree = [q['samples'][i] == q['judge'] for q in line['relations']]
-      assert reward == pytest.approx(sum(agree) / len(agree))
+      assert reward == pytest.approx((sum(agree) / len(agree) + 0.5 * won[i]) / 1.5)
     r = np.asarray(line['rewards'])
     if r.max() > r.min():  # a group of 2: advantages +-|d| / 2 / (|d| / 2 + 1e-4)
       d = abs(r[0] - r[1]) / 2
@@ -145,15 +153,16 @@ def test_constant_reward_makes_no_update(start, tmp_path, monkeypatch):
 def test_resume_is_exact(finetuned, start, tmp_path):
   """One step, stopped, resumed to the second: the same weights, audit and counts of
   dropped groups as two steps straight."""
-  config = config_for(*start, total_steps=1)
+  config = config_for(*start, WITH_PREFERENCE, total_steps=1)
   reasonx.finetune(config, tmp_path)
-  resumed = reasonx.finetune(config_for(*start, total_steps=2), tmp_path)
+  resumed = reasonx.finetune(config_for(*start, WITH_PREFERENCE, total_steps=2), tmp_path)
   straight = finetuned[1]
   for a, b in zip(weights(straight, 2), weights(tmp_path, 2)):
     np.testing.assert_array_equal(a, b)
   assert audit_lines(tmp_path) == audit_lines(straight)
   groups = lambda result: {k: v for k, v in result['train'].items()
-                           if k.startswith(('count/groups/', 'count/photos/'))}
+                           if k.startswith(('count/groups/', 'count/photos/',
+                                            'count/preference/'))}
   assert groups(resumed) == groups(finetuned[2]) and groups(resumed)['count/groups/groups'] == 4
 
 
@@ -274,7 +283,7 @@ def test_referent_is_the_object_the_box_overlaps():
   assert photos.referent(truth, (0, 0, 16, 16)) is None  # IoU 100 / 256 at most
 
 
-def test_one_object_sample_reads_what_hides_the_object():
+def test_with_front_reads_what_hides_the_object():
   """The model's object spans columns 2..5; the photo shows it only in columns 2..3 (a red
   post covers columns 4..5): there the decomposition implies a hidden part."""
   photo = np.full((4, 8, 3), 0.5, np.float32)
@@ -284,7 +293,8 @@ def test_one_object_sample_reads_what_hides_the_object():
   obj[:, 2:6] = (0, 0, 1, 1)
   background = np.full((4, 8, 3), 0.5, np.float32)
   background[:, 4:6] = (1, 0, 0)
-  sample = relations.one_object_sample('s', photo, background, obj, None, 'mug', Thresholds())
+  sample = relations.with_front(relations.one_object_sample('s', photo, background, obj, None,
+                                                             'mug'), 'mug', Thresholds())
   answers = {x: (read(sample, Relation('on_object', ('mug',), (x, 1)), Thresholds()),
                  read(sample, Relation('hidden_part', ('mug',), (x, 1)), Thresholds()))
              for x in (1, 2, 3, 4, 5, 6)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,6 +54,7 @@ class PreferenceReward:
     self.agent = agent
     self.pairs = pairs
     self.counts: collections.Counter = collections.Counter()
+    self._lock = threading.Lock()  # a trainer rewards several photos at once
 
   def comparisons(self, group: int) -> int:
     """The number of pairs compared in a group of `group` samples; ValueError if none can be
@@ -96,19 +98,27 @@ class PreferenceReward:
         raise ValueError(f'PreferenceReward: sample {n} ({s.id!r}) is '
                          f'{s.image.shape[0]}x{s.image.shape[1]}, the photo '
                          f'{photo.shape[0]}x{photo.shape[1]}')
+    counts: collections.Counter = collections.Counter()
+    try:
+      return self._rewards(photo, samples, rng, counts)
+    finally:
+      with self._lock:
+        self.counts.update(counts)
+
+  def _rewards(self, photo, samples, rng, counts) -> tuple[list[float | None], list[dict]]:
     pairs = self._draw(len(samples), rng)
     outcomes: list[list[int]] = [[] for _ in samples]
     records = []
     for i, j in pairs:
-      self.counts['comparisons'] += 1
+      counts['comparisons'] += 1
       try:
         verdict = compare_pair(self.agent, photo, samples[i], samples[j])
       except Drop as drop:
         log.warning('preference of samples %d and %d dropped: %s', i, j, drop)
-        self.counts[drop.reason] += 1
+        counts[drop.reason] += 1
         records.append({'a': i, 'b': j, 'dropped': drop.reason, 'detail': drop.detail})
         continue
-      self.counts['ties' if verdict['winner'] == 'tie' else 'wins'] += 1
+      counts['ties' if verdict['winner'] == 'tie' else 'wins'] += 1
       outcome_a, outcome_b = _OUTCOME[verdict['winner']]
       outcomes[i].append(outcome_a)
       outcomes[j].append(outcome_b)
@@ -116,5 +126,5 @@ class PreferenceReward:
                                          ('winner', 'reason', 'scores', 'orders')}})
     rewards = [(float(np.mean(o)) + 1) / 2 if o else None for o in outcomes]
     if None in rewards:
-      self.counts['no_reward'] += rewards.count(None)
+      counts['no_reward'] += rewards.count(None)
     return rewards, records

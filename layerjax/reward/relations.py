@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from layerjax.data.schema import Layer, LayeredSample, composite
+from layerjax.data.schema import Layer, LayeredSample, composite, visible_masks
 
 KINDS = ('on_object', 'in_shadow', 'hidden_part', 'in_front', 'background_free')
 ANSWERS = ('yes', 'no')      # the answers of every relation about a point
@@ -48,7 +48,7 @@ class Thresholds:
   colour 0.05: mean absolute RGB difference (in [0, 1]) above which the background differs
     from the object at a pixel: about 13 8-bit levels, well above quantisation and
     compression noise (1-4 levels), well below the contrast of an object a viewer can see.
-  front 0.15: in a decomposition of one object (`one_object_sample`), mean absolute RGB
+  front 0.15: in a decomposition of one object (`with_front`), mean absolute RGB
     difference between the photo and the decomposition's own recomposition above which the
     photo shows something else than the object where its alpha says it is there: a nearer
     thing, left in the background layer, hides it. Three times `colour`, so that the colour
@@ -206,34 +206,45 @@ def read(sample: LayeredSample, rel: Relation, thresholds: Thresholds) -> str:
   return 'yes' if region[0, 0] else 'no'
 
 
-FRONT = 'in_front_of_object'  # `one_object_sample`'s layer of what hides the object
+FRONT = 'in_front_of_object'  # `with_front`'s layer of what hides the object
 
 
 def one_object_sample(sample_id: str, photo: np.ndarray, background: np.ndarray,
-                      obj: np.ndarray, shadow: np.ndarray | None, name: str,
-                      thresholds: Thresholds) -> LayeredSample:
+                      obj: np.ndarray, shadow: np.ndarray | None, name: str) -> LayeredSample:
   """A decomposition of one referred object (background RGB [H, W, 3], the object's and its
   shadow's straight RGBA [H, W, 4], as the model gives them before any solve against the
-  photo) as a sample the relations read: background, shadow, the object named `name`, and
-  above it a layer `FRONT` of what hides it. A one-object model leaves whatever is in front of
-  its object in the background, so without that layer every completed (hidden) part of the
-  object would read as seen, and a correct completion would disagree with a judge who sees the
-  thing in front. The decomposition implies a hidden part where the object's alpha says it is
-  there (>= `thresholds.alpha`) and the photo differs from the decomposition's recomposition
-  by more than `thresholds.front`: there `FRONT` is opaque and shows the photo. Ask only about
-  `name` (`propose(..., objects=[name])`)."""
+  photo) as a sample: background, shadow and the object named `name`, visible masks filled in
+  (what the pairwise preference's agents read). The relations read it through `with_front`."""
   h, w = photo.shape[:2]
-  opaque = np.ones((h, w, 1), np.float32)
-  stack = [Layer('background', 'background', np.concatenate([background, opaque], -1))]
+  layers = [Layer('background', 'background',
+                  np.concatenate([background, np.ones((h, w, 1), np.float32)], -1))]
   if shadow is not None:
-    stack.append(Layer(f'{name}_shadow', 'shadow', shadow.astype(np.float32), owner=name))
-  stack.append(Layer(name, 'object', obj.astype(np.float32)))
-  recomposed = composite([layer.rgba for layer in stack])[..., :3]
+    layers.append(Layer(f'{name}_shadow', 'shadow', shadow.astype(np.float32), owner=name))
+  layers.append(Layer(name, 'object', obj.astype(np.float32)))
+  return LayeredSample(sample_id, photo.astype(np.float32), _with_visible(layers))
+
+
+def with_front(sample: LayeredSample, name: str, thresholds: Thresholds) -> LayeredSample:
+  """`sample`, a decomposition of the one object `name` (`one_object_sample`), with a layer
+  `FRONT` of what hides it on top: what the relations read. A one-object model leaves
+  whatever is in front of its object in the background, so without that layer every
+  completed (hidden) part of the object would read as seen, and a correct completion would
+  disagree with a judge who sees the thing in front. The decomposition implies a hidden part
+  where the object's alpha says it is there (>= `thresholds.alpha`) and the photo differs
+  from the decomposition's recomposition by more than `thresholds.front`: there `FRONT` is
+  opaque and shows the photo. Ask only about `name` (`propose(..., objects=[name])`)."""
+  obj = sample.layer(name).rgba
+  recomposed = composite([layer.rgba for layer in sample.layers])[..., :3]
   hidden = ((obj[..., 3] >= thresholds.alpha)
-            & (np.abs(recomposed - photo).mean(-1) > thresholds.front))
-  stack.append(Layer(FRONT, 'object', np.concatenate(
-      [photo, hidden[..., None].astype(np.float32)], -1).astype(np.float32)))
-  return LayeredSample(sample_id, photo.astype(np.float32), stack)
+            & (np.abs(recomposed - sample.image).mean(-1) > thresholds.front))
+  front = Layer(FRONT, 'object', np.concatenate(
+      [sample.image, hidden[..., None].astype(np.float32)], -1).astype(np.float32))
+  return dataclasses.replace(sample, layers=_with_visible(list(sample.layers) + [front]))
+
+
+def _with_visible(layers: list[Layer]) -> list[Layer]:
+  return [dataclasses.replace(layer, visible_mask=mask)
+          for layer, mask in zip(layers, visible_masks(layers))]
 
 
 # --- where to ask -------------------------------------------------------------------------

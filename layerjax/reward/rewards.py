@@ -14,13 +14,15 @@ from typing import Sequence
 import numpy as np
 
 from layerjax.data.schema import LayeredSample
-from layerjax.reward.relations import Relation, Thresholds, agreement, propose, read
+from layerjax.reward.relations import (Relation, Thresholds, agreement, propose, read,
+                                        with_front)
 
 
 class RelationReward:
   """`judge`: anything with `answer(photo, relations, labels) -> answers` (`judges`);
   `per_sample`: relations proposed from each decomposition (`propose`'s n), `band` its
-  boundary band."""
+  boundary band. Samples are decompositions of one object (`relations.one_object_sample`),
+  read through `relations.with_front`."""
 
   def __init__(self, judge, thresholds: Thresholds, per_sample: int, band: float):
     self.judge, self.thresholds = judge, thresholds
@@ -29,6 +31,12 @@ class RelationReward:
   def propose(self, target: str, samples: Sequence[LayeredSample],
               rng: np.random.Generator) -> list[Relation]:
     """The questions about `target` informative for any of `samples`, each once."""
+    return self._propose(target, self._readable(target, samples), rng)
+
+  def _readable(self, target: str, samples: Sequence[LayeredSample]) -> list[LayeredSample]:
+    return [with_front(sample, target, self.thresholds) for sample in samples]
+
+  def _propose(self, target, samples, rng) -> list[Relation]:
     return list(dict.fromkeys(
         rel for sample in samples
         for rel in propose(sample, rng, self.per_sample, self.thresholds, self.band,
@@ -41,7 +49,8 @@ class RelationReward:
     as `label`), each in [0, 1] or None when the judge answered none of the questions; and
     the audit: each question's relation, the judge's answer and each sample's. `asked`: these
     questions instead of `propose`'s."""
-    asked = self.propose(target, samples, rng) if asked is None else list(asked)
+    samples = self._readable(target, samples)
+    asked = self._propose(target, samples, rng) if asked is None else list(asked)
     judged = self.judge.answer(image, asked, {target: label}) if asked else []
     implied = [[read(sample, rel, self.thresholds) for rel in asked] for sample in samples]
     rewards = [agreement(mine, judged) if asked else None for mine in implied]

@@ -391,7 +391,7 @@ class GRPO:
 
   def _samples(self, photo, geometry, decoded: dict, rows: range, tag: str):
     """The decompositions of `photo` in `rows` of `decoded` (the model's layers at its size),
-    at the photo's resolution as one-object samples the relations read."""
+    at the photo's resolution as one-object samples (`relations.one_object_sample`)."""
     sh, sw = geometry.scaled
     out = []
     for j in rows:
@@ -401,7 +401,7 @@ class GRPO:
       background, obj = infer_decomposer.to_photo(layers, photo.image)
       rgba = np.concatenate([obj.colour, obj.alpha[..., None]], -1)
       out.append(relations.one_object_sample(f'{tag}/{j}', photo.image, background, rgba,
-                                             obj.shadow, photo.target, self.thresholds))
+                                             obj.shadow, photo.target))
     return out
 
   def _reward(self, photo, samples, seed: tuple[int, ...]):
@@ -416,7 +416,10 @@ class GRPO:
     return combine(parts), audit
 
   def _counters(self) -> dict[str, collections.Counter]:
-    return {'groups': self.counts, 'photos': self.skipped, 'judge': self.judge.counts}
+    out = {'groups': self.counts, 'photos': self.skipped, 'judge': self.judge.counts}
+    if self.preference is not None:
+      out['preference'] = self.preference.counts
+    return out
 
   def step(self, state, step: int):
     r = self.r
@@ -482,8 +485,8 @@ class GRPO:
                'time/update_s': t_done - t_judged}
     if not flat.size:  # no reward at all this step: the loop must not read it as a NaN loss
       metrics['reward'] = 0.0
-    # Why samples, groups, photos and judge answers were dropped, counted since the run began
-    # (saved with each checkpoint).
+    # Why groups, photos, judge answers and preference comparisons were dropped, counted
+    # since the run began (saved with each checkpoint).
     for prefix, counter in self._counters().items():
       metrics.update({f'count/{prefix}/{k}': v for k, v in counter.items()})
     self._record(step, photos, results, adv, keep)
