@@ -118,9 +118,10 @@ class _Visit:
 def photo_stream(spec: str, config, seed: int, proposals=None, process_index: int = 0,
                  process_count: int = 1, prefetch: int = 0) -> grain.IterDataset:
   """The photos of `spec`, shuffled and repeated forever, each visit with its own prompt
-  or the reason it has none (this process's share of them). `proposals`: an `infer.scene.Proposals` (default: the engine's offline detector).
-  `prefetch`: visits one background thread prepares ahead (0: none, each visit when asked
-  for; Grain's default, 16 threads 500 visits ahead, would run the detector on hundreds of
+  or the reason it has none (this process's share of them). `proposals`: an
+  `infer.scene.Proposals` (default: the engine's offline detector). `prefetch`: visits one
+  background thread prepares ahead (0: none, each visit when asked for; Grain's default,
+  16 threads 500 visits ahead, would run the detector on hundreds of
   photos a step never reaches)."""
   check_spec(spec, config)
   if spec.startswith(TFDS):
