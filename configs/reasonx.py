@@ -41,7 +41,11 @@ def base() -> ml_collections.ConfigDict:
   # The finetuned weights themselves: a short run of small steps needs no average, and the
   # reference the KL term holds them to is the start's EMA (what `reasonx.start` loads).
   c.ema_decay = 0.0
-  c.eval = dict(split='test')  # the layer metrics on scenes finetuning never sees
+  # The layer metrics on scenes finetuning never sees; unset: the start's (named, so that a
+  # flag such as --config.eval.seed=1 may set it).
+  unset = ml_collections.config_dict.placeholder
+  c.eval = dict(split='test', seed=unset(int), num_batches=unset(int),
+                batch_per_device=unset(int), sample_steps=unset(int), use_ema=unset(bool))
   # A constant learning rate (final_lr_fraction 1: the cosine's end is its start).
   c.optimizer = dict(lr=1e-4, warmup_steps=0, decay_steps=c.total_steps, final_lr_fraction=1.0,
                      clip_norm=1.0, weight_decay=0.0)

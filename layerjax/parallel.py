@@ -7,13 +7,14 @@ is replicated rather than padded, so any config runs on any mesh shape.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -198,6 +199,58 @@ def process_rows(mesh: Mesh, batch_size: int, process: int | None = None,
                      f'rows of the batch (process: rows {layout}); order the mesh devices so '
                      'that each process holds whole data-parallel slices (e.g. jax.make_mesh)')
   return sorted(held[jax.process_index() if process is None else process])
+
+
+def process_shard(mesh: Mesh, batch_size: int, process: int | None = None,
+                  rules=DEFAULT_RULES) -> tuple[int, int, bool]:
+  """(shard, shards, first): `process`'s rows of a global batch (`process_rows`) as one of the
+  batch's distinct row sets, numbered in row order, and whether it is the lowest-numbered
+  process holding them. Processes whose devices differ only along non-batch axes share a
+  shard: they read the same data, and one of them writes what the shard produces."""
+  process = jax.process_index() if process is None else process
+  held = {p: tuple(process_rows(mesh, batch_size, p, rules))
+          for p in sorted({d.process_index for d in mesh.devices.flat})}
+  shards = sorted(set(held.values()))
+  mine = held[process]
+  return shards.index(mine), len(shards), min(p for p, r in held.items() if r == mine) == process
+
+
+def local_rows(x: jax.Array, mesh: Mesh, rules=DEFAULT_RULES) -> np.ndarray:
+  """This process's rows (`process_rows`, ascending) of a global array whose leading axis is
+  the batch, read from its own devices' shards however `x` is laid out: `global_batch`'s
+  inverse. A row part of which only other processes hold is an error."""
+  rows = process_rows(mesh, x.shape[0], rules=rules)
+  if x.is_fully_addressable:
+    return np.asarray(x)[rows]
+  position = np.full(x.shape[0], -1)
+  position[rows] = np.arange(len(rows))
+  out = np.empty((len(rows),) + x.shape[1:], x.dtype)
+  filled = np.zeros(out.shape, bool)
+  for shard in x.addressable_shards:
+    index = shard.index
+    source = np.arange(x.shape[0])[index[0]]
+    wanted = position[source] >= 0
+    if wanted.any():
+      target = (position[source[wanted]],) + tuple(index[1:])
+      out[target] = np.asarray(shard.data)[wanted]
+      filled[target] = True
+  if not filled.all():
+    raise ValueError(f'local_rows: an array {x.shape} laid out as {x.sharding} leaves part of '
+                     f'this process\'s rows {rows} on other processes')
+  return out
+
+
+def process_allgather_json(value: Any) -> list:
+  """`value` (anything `json` writes) from every process, in process order; [value] on one.
+  Every process must call it (a collective)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.int32)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(rows[p, :n].astype(np.uint8).tobytes()) for p, n in enumerate(sizes)]
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:

@@ -2,10 +2,7 @@
 exactly the batches one process would, stop together when one of them is preempted, resume
 exactly, and refuse to start unless they run the same code and config."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -14,7 +11,7 @@ import pytest
 
 from layerjax import parallel
 from layerjax.train import agreement, trainer
-from train_utils import ROOT, free_port, load_config_file, make_dataset
+from train_utils import ROOT, finish, launch_main, load_config_file, make_dataset
 
 # The demo config, shrunk: one transformer block, 32 px, a batch of 4.
 SETTINGS = {'data.image_size': (32, 32), 'data.global_batch_size': 4, 'data.num_workers': 0,
@@ -34,32 +31,12 @@ def demo_config(data_dir, **settings):
 
 
 def launch(workdir, data_dir, devices: int, flags=((), ()), **settings) -> list:
-  """Starts `layerjax.main` as two processes with `devices` CPU devices each, with the
-  config `SETTINGS` and `settings`, and `flags[i]` for process i; returns (process, log file)
-  pairs."""
-  port = free_port()
+  """`train_utils.launch_main` with the liwi demo config, `SETTINGS` and `settings`, as two
+  processes with `devices` CPU devices each, `flags[i]` for process i."""
   settings = {**SETTINGS, 'data.data_dir': data_dir, **settings}
-  command = [sys.executable, '-m', 'layerjax.main', f'--config={ROOT}/configs/liwi.py:demo',
-             f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in settings.items()],
-             f'--coordinator_address=localhost:{port}', '--num_processes=2']
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  out = []
-  for i in range(2):
-    log = workdir.parent / f'{workdir.name}.{i}.log'
-    with open(log, 'a') as f:
-      out.append((subprocess.Popen(command + [f'--process_id={i}', *flags[i]], cwd=ROOT,
-                                   env=env, stdout=f, stderr=subprocess.STDOUT), log))
-  return out
-
-
-def finish(procs, codes=(0,)) -> list[str]:
-  """Waits for both processes; their logs (each ending with its exit code checked)."""
-  logs = []
-  for proc, log in procs:
-    proc.wait(timeout=600)
-    logs.append(log.read_text())
-    assert proc.returncode in codes, logs[-1][-3000:]
-  return logs
+  return launch_main([f'--config={ROOT}/configs/liwi.py:demo',
+                      *[f'--config.{k}={v}' for k, v in settings.items()]],
+                     workdir, 2, devices, flags)
 
 
 def losses(log: str, total: int) -> list[str]:

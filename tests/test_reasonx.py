@@ -15,7 +15,7 @@ from flax import nnx
 
 from chat_server import ChatServer, answer
 from oracle_judge import relate_oracle
-from train_utils import ROOT, load_config_file
+from train_utils import ROOT, finish, launch_main, load_config_file
 
 from layerjax.data.pipeline import tfds_split
 from layerjax.data.schema import Layer, LayeredSample, Prompt
@@ -213,6 +213,80 @@ def test_judge_on_a_local_vlm(start, tiny_vlm, tmp_path):
                                              + counts.get('count/judge/agent_bad_output', 0))
   for a, b in zip(weights(start[0]), weights(tmp_path, 1)):
     np.testing.assert_array_equal(a, b)
+
+
+def shard_files(workdir, pattern):
+  """What each shard of a run wrote under `audit/` (`pattern` e.g. 'steps_*'), as
+  {file name without its shard: [JSON of each shard's file]}."""
+  out = {}
+  for f in sorted((workdir / 'audit').glob(pattern)):
+    name = f.name.replace('.shard0', '').replace('.shard1', '')
+    lines = [json.loads(line) for line in f.read_text().splitlines()]
+    out.setdefault(name, []).append(lines if f.suffix == '.jsonl' else lines[0])
+  return out
+
+
+@pytest.mark.slow
+def test_two_processes_finetune_as_one(start, tmp_path):
+  """Two processes with a CPU device each, and one process with two, finetune 2 steps from
+  the same command line: the same photos, judge answers, rewards, advantages, held-out
+  reward, counts and weights. Each process samples, judges and audits the groups of its own
+  rows; the updates see both processes' rows in the one-process order."""
+  workdir, data_dir = start
+  args = [f'--config={ROOT}/configs/reasonx.py:{WITH_PREFERENCE},start={workdir},'
+          f'data_dir={data_dir},photos=tfds:train,held_out=tfds:train,steps=2',
+          *[f'--config.{k}={v}' for k, v in {
+              'log_every': 1, 'eval_every': 2, 'checkpoint_every': 1,
+              'eval.split': 'validation', 'eval.num_batches': 1, 'eval.batch_per_device': 2,
+              'eval.sample_steps': 2, 'reasonx.held_out_photos': 3,  # 2 rows a process
+              'reasonx.photos_per_step': 4, 'reasonx.group_size': 2,
+              'reasonx.sample_photos': 2, 'reasonx.sample_steps': 3, 'reasonx.timesteps': 2,
+              'reasonx.minibatches': 2, 'reasonx.relations': 4, 'reasonx.judge.workers': 2,
+              'reasonx.prompts': 'dataset'}.items()]]
+  runs = {'one': (1, 2), 'two': (2, 1)}  # processes, devices each
+  procs = {name: launch_main(args, tmp_path / name, *shape) for name, shape in runs.items()}
+  logs = {name: finish(p) for name, p in procs.items()}
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  for log in logs['two']:
+    assert 'step 2/2' in log, log[-3000:]
+
+  # Each shard audits its own photos: together, what one process audits.
+  steps = {n: [line for lines in shards for line in lines]
+           for n, shards in shard_files(two, 'steps_*').items()}
+  assert len(steps) == 2 and all(len(shards) == 2 for shards in
+                                 shard_files(two, 'steps_*').values())
+  key = lambda line: (line['step'], line['photo'])
+  ones = {n: sorted(lines[0], key=key) for n, lines in shard_files(one, 'steps_*').items()}
+  assert sorted(ones) == sorted(steps)
+  for name, lines in steps.items():
+    lines = sorted(lines, key=key)
+    assert [key(a) for a in lines] == [key(b) for b in ones[name]]
+    for a, b in zip(lines, ones[name]):
+      assert (a['box'], a['target'], a['kept']) == (b['box'], b['target'], b['kept'])
+      assert [q['judge'] for q in a['relations']] == [q['judge'] for q in b['relations']]
+      np.testing.assert_allclose(a['rewards'], b['rewards'], atol=1e-6)
+      np.testing.assert_allclose(a['advantages'], b['advantages'], atol=1e-4)
+  # The counts, summed over the shards, and the held-out reward of every photo.
+  for name, shards in shard_files(two, 'counts_*').items():
+    summed = {}
+    for counts in shards:
+      for prefix, c in counts.items():
+        into = summed.setdefault(prefix, {})
+        for k, v in c.items():
+          into[k] = into.get(k, 0) + v
+    assert summed == shard_files(one, 'counts_*')[name][0]
+  assert summed['groups']['groups'] == 8
+  for step in (0, 2):
+    a, b = (json.loads((w / 'eval' / f'held_out_{step}.json').read_text()) for w in (one, two))
+    assert [p['photo'] for p in a['photos']] == [p['photo'] for p in b['photos']]
+    assert len(a['photos']) == 3 and a['held_out/photos_rewarded'] == 3
+    assert a['held_out/reward'] == pytest.approx(b['held_out/reward'], abs=1e-6)
+    a, b = (json.loads((w / 'eval' / f'validation_{step}.json').read_text()) for w in (one, two))
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+  for a, b in zip(weights(one, 2), weights(two, 2), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  moved = max(np.abs(a - b).max() for a, b in zip(weights(workdir), weights(two, 2)))
+  assert moved > 1e-5  # the steps did update the weights
 
 
 @pytest.mark.parametrize('change, message', [

@@ -1,7 +1,10 @@
 """Tiny experiment configs and datasets for the training tests (built from configs/liwi.py)."""
 
 import importlib.util
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,36 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def launch_main(args: list[str], workdir: Path, processes: int, devices: int,
+                flags=None) -> list:
+  """Starts `python -m layerjax.main --workdir=WORKDIR ARGS` as `processes` local processes
+  (joined by `jax.distributed` when several) with `devices` CPU devices each, `flags[i]` added
+  for process i; returns (process, log file) pairs, the logs beside the workdir."""
+  command = [sys.executable, '-m', 'layerjax.main', f'--workdir={workdir}', *args]
+  if processes > 1:
+    command += [f'--coordinator_address=localhost:{free_port()}', f'--num_processes={processes}']
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  out = []
+  for i in range(processes):
+    log = workdir.parent / f'{workdir.name}.{i}.log'
+    own = [f'--process_id={i}'] if processes > 1 else []
+    with open(log, 'a') as f:
+      out.append((subprocess.Popen(command + own + list(flags[i] if flags else ()), cwd=ROOT,
+                                   env=env, stdout=f, stderr=subprocess.STDOUT), log))
+  return out
+
+
+def finish(procs, codes=(0,)) -> list[str]:
+  """Waits for `launch_main`'s processes; their logs (each ending with its exit code
+  checked)."""
+  logs = []
+  for proc, log in procs:
+    proc.wait(timeout=600)
+    logs.append(log.read_text())
+    assert proc.returncode in codes, logs[-1][-3000:]
+  return logs
 
 
 def load_config_file(name: str, arg: str | None = None):

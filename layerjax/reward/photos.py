@@ -115,10 +115,11 @@ class _Visit:
     return Photo(key, image, tuple(int(v) for v in box), target, label, truth)
 
 
-def photo_stream(spec: str, config, seed: int, proposals=None, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 0) -> grain.IterDataset:
+def photo_stream(spec: str, config, seed: int, proposals=None, shard: int = 0,
+                 shards: int = 1, prefetch: int = 0) -> grain.IterDataset:
   """The photos of `spec`, shuffled and repeated forever, each visit with its own prompt
-  or the reason it has none (this process's share of them). `proposals`: an
+  or the reason it has none: every `shards`-th visit from `shard` (a process's share; a
+  visit's prompt follows its place in the whole stream, whatever the share). `proposals`: an
   `infer.scene.Proposals` (default: the engine's offline detector). `prefetch`: visits one
   background thread prepares ahead (0: none, each visit when asked for; Grain's default,
   16 threads 500 visits ahead, would run the detector on hundreds of
@@ -135,6 +136,6 @@ def photo_stream(spec: str, config, seed: int, proposals=None, process_index: in
   proposals = Proposals() if proposals is None else proposals
   visit = _Visit(spec, None if proposals == 'dataset' else proposals)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count].random_map(visit, seed=seed)
+  ds = ds.random_map(visit, seed=seed)[shard::shards]  # lazy: only this share is visited
   options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
   return ds.to_iter_dataset(options)

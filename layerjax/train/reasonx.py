@@ -21,6 +21,14 @@ photos with the deterministic sampler users decompose with, and the layer metric
 start's dataset (`eval.split`). The audit, one JSON line per photo and step (its prompt, the
 judge's answers, every decomposition's answers, rewards, advantages, what was dropped), is
 written under `audit/` at each checkpoint, so it always matches the saved state.
+
+On several processes each samples, judges and audits the groups of its own rows of every
+sampling call (`process_photos`), from its shard of the photo stream, whose prompts follow a
+photo's place in the whole stream; the update takes every process's rows in the order one
+process would; rewards and counts are summed over shards each step, the held-out photos
+split by rows and their rewards gathered. So two processes finetune as one does on the same
+mesh, and every decision that changes control flow (the non-finite stop, a source without
+prompts) is taken on every process alike.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import collections
 import concurrent.futures
 import json
 import time
-from typing import Any
+from pathlib import Path  # the judge cache: a local file
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +73,8 @@ OWN = ('seed', 'total_steps', 'log_every', 'eval_every', 'checkpoint_every',
 
 def full_config(config) -> ml_collections.ConfigDict:
   """The start model's recorded experiment config (`reasonx.start`, read without its weights),
-  its keys in `OWN` replaced by `config`'s (sections key by key). `data.global_batch_size`
+  its keys in `OWN` replaced by `config`'s (sections key by key; a None leaves the start's
+  value, so that a config file can name a key a flag may set). `data.global_batch_size`
   becomes the rows of one update (photos x group / minibatches), which the mesh is fitted to."""
   own = config.to_dict()
   unknown = sorted(set(own) - set(OWN))
@@ -75,11 +85,19 @@ def full_config(config) -> ml_collections.ConfigDict:
   start = infer_model.experiment_config(config.reasonx.start).to_dict()
   start.pop('demo', None)
   # A model trained before a key existed gets its default (what the trainer would use now).
+  own = {k: v if k == 'reasonx' else _set(v) for k, v in own.items() if v is not None}
   merged = _merge(_merge(train_config.base().to_dict(), start), own, replace=('reasonx',))
   merged = ml_collections.ConfigDict(merged)
   r = merged.reasonx
   merged.data.global_batch_size = max(1, r.photos_per_step * r.group_size // r.minibatches)
   return merged
+
+
+def _set(value):
+  """`value` without the None entries of its sections."""
+  if isinstance(value, dict):
+    return {k: _set(v) for k, v in value.items() if v is not None}
+  return value
 
 
 def _merge(base: dict, top: dict, replace=()) -> dict:
@@ -144,6 +162,9 @@ def make_judge(config, workdir):
   cache: Any = {}
   path = j.cache or (None if is_url(str(workdir)) else str(as_path(workdir) / 'judge_cache.jsonl'))
   if path:
+    if jax.process_count() > 1:  # each process appends its own answers
+      path = Path(path)
+      path = path.with_name(f'{path.stem}.process{jax.process_index()}{path.suffix}')
     cache = judges.JsonlCache(path)
   else:
     logging.warning('%s: the judge cache is kept in memory (a JSON-lines file needs a local '
@@ -179,15 +200,13 @@ def finetune(config, workdir, *, mesh=None) -> dict:
   check(config)
   mesh = trainer.check_config(config, mesh)
   r = config.reasonx
-  if jax.process_count() > 1:  # the row bookkeeping below is this process's rows only
-    raise train_config.spec.ConfigError(
-        f'reasonx: runs on one process ({jax.process_count()} here); its devices may be many')
   sample_rows = r.sample_photos * r.group_size
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if sample_rows % n:
     raise train_config.spec.ConfigError(
         f'reasonx.sample_photos x group_size = {sample_rows} rows is not divisible by the '
         f'data-parallel size {n} of mesh {dict(mesh.shape)}')
+  process_photos(mesh, r.sample_photos, r.group_size)
   judge = make_judge(config, workdir)
   preference = make_preference(config)
   if config.eval_every and r.eval_layers:
@@ -195,6 +214,31 @@ def finetune(config, workdir, *, mesh=None) -> dict:
   with trainer._workdir_lock(workdir):
     return trainer.run(config, workdir, mesh,
                        lambda: GRPO(config, mesh, workdir, judge, preference))
+
+
+def process_photos(mesh, photos: int, group: int) -> list[int]:
+  """The photos of a sampling call of `photos` photos x `group` rows each that this process
+  holds (their numbers in the call, ascending): each process samples, judges and audits whole
+  groups. A mesh that splits a group across processes is a config error."""
+  rows = parallel.process_rows(mesh, photos * group)
+  starts = rows[::group]
+  if len(rows) % group or rows != [s + i for s in starts for i in range(group)] or any(
+      s % group for s in starts):
+    raise train_config.spec.ConfigError(
+        f'reasonx.group_size={group}: mesh {dict(mesh.shape)} gives process '
+        f'{jax.process_index()} the rows {rows} of a sampling call\'s {photos * group}, which '
+        f'split a group across processes: make sample_photos x group_size / data-parallel '
+        f'size a multiple of group_size')
+  return [s // group for s in starts]
+
+
+class _Call(NamedTuple):
+  """One sampling call's rows for the update: global arrays, rows in the call's order."""
+  batch: dict
+  uncond: dict | None
+  traj: flow.Trajectory
+  advantages: jax.Array
+  keep: jax.Array
 
 
 def _geometry(size, model_size, step) -> post.Geometry:
@@ -231,14 +275,21 @@ class GRPO:
     del loaded
     proposals = ('dataset' if r.prompts == 'dataset' else
                  Proposals(detector=_spec(r.detector)))
+    # Several processes: each samples, judges and audits the groups of its rows of every
+    # sampling call (its photos' numbers in the call), from its shard of the photos; the
+    # first process of a shard writes its audit.
+    self.call_photos = process_photos(mesh, r.sample_photos, r.group_size)
+    self.shard, self.shards, self.writes = parallel.process_shard(
+        mesh, r.sample_photos * r.group_size)
+    self.suffix = f'.shard{self.shard}' if self.shards > 1 else ''
     self.iterator = iter(photo_source.photo_stream(
-        r.photos, config, config.seed, proposals, jax.process_index(), jax.process_count(),
+        r.photos, config, config.seed, proposals, self.shard, self.shards,
         prefetch=r.photos_per_step))
     self.judge = judge
     self.relation_reward = RelationReward(judge, self.thresholds, r.relations, r.band)
     self.preference = preference
     self.held_out = self._held_out(proposals) if r.held_out else []
-    self.held_out_questions = None  # `_held_out_reward`'s, proposed at its first call
+    self.held_out_questions = None  # `_held_out_reward`'s, per photo, from its first call
     if r.judge.kind == 'ground_truth':  # the offline judge reads the scenes' ground truth
       judge.add(p.truth for p in self.held_out)
     self.pool = concurrent.futures.ThreadPoolExecutor(r.judge.workers)
@@ -277,18 +328,22 @@ class GRPO:
   def _next_photos(self, n: int) -> list[photo_source.Photo]:
     """The next `n` photos with a prompt; photos without one are skipped (`skipped`).
     A source none of whose photos gets one in `n` passes' worth of tries stops the run
-    (that is a detector that finds nothing, not a bad photo)."""
-    out, tries = [], 0
+    (that is a detector that finds nothing, not a bad photo), on every process at once."""
+    out, tries, error = [], 0, ''
     while len(out) < n:
       photo = next(self.iterator)
       tries += 1
       if isinstance(photo, str):
         self.skipped[photo] += 1
         if tries > 100 * n and not out:
-          raise ValueError(f'reasonx.photos: {self.r.photos}: no prompt proposed for {tries} '
-                           f'photos in a row ({dict(self.skipped)})')
+          error = (f'reasonx.photos: {self.r.photos}: no prompt proposed for {tries} photos '
+                   f'in a row ({dict(self.skipped)})')
+          break
       else:
         out.append(photo)
+    errors = [e for e in parallel.process_allgather_json(error) if e]
+    if errors:
+      raise ValueError(errors[0])
     return out
 
   def _inputs(self, photos: list[photo_source.Photo], repeat: int):
@@ -329,9 +384,16 @@ class GRPO:
     tx = self.setup.tx
     m, t = r.minibatches, r.timesteps
 
-    def update(state, frozen, reference, batch, uncond, traj, order, index, adv, keep):
+    def update(state, frozen, reference, calls, order, index):
       """`minibatches` optimizer steps on the rows in `order` [N] (shuffled), each on the
-      steps `index` [T, N] of every row, gradients averaged over the T steps."""
+      steps `index` [T, N] of every row, gradients averaged over the T steps. `calls`: the
+      sampling calls' `_Call`s, whose rows, in order, are the N."""
+      batch, uncond, adv, keep = (
+          jax.tree.map(lambda *xs: jnp.concatenate(xs), *[getattr(c, k) for c in calls])
+          for k in ('batch', 'uncond', 'advantages', 'keep'))
+      traj = flow.Trajectory(jnp.concatenate([c.traj.states for c in calls], 1),
+                             jnp.concatenate([c.traj.log_probs for c in calls], 1),
+                             calls[0].traj.levels)
       split = lambda x: jnp.take(x, order, axis=0).reshape((m, -1) + x.shape[1:])
       rows = jax.tree.map(split, (batch, uncond, adv, keep))
       idx = jnp.take(index, order, axis=1).reshape(t, m, -1).transpose(1, 0, 2)
@@ -381,10 +443,9 @@ class GRPO:
 
   # --- a step ---------------------------------------------------------------------------------
 
-  @staticmethod
-  def _host(tree):
-    """Outputs as numpy (one process holds every row: `finetune` refuses several)."""
-    return jax.tree.map(np.asarray, tree)
+  def _host(self, tree):
+    """This process's rows of global outputs, as numpy."""
+    return jax.tree.map(lambda x: parallel.local_rows(x, self.setup.mesh), tree)
 
   def _global(self, local: dict) -> dict:
     return parallel.global_batch(local, self.setup.mesh)
@@ -415,6 +476,11 @@ class GRPO:
       audit['preference'] = records
     return combine(parts), audit
 
+  def _replicated(self, x: np.ndarray) -> jax.Array:
+    """A host array every process has alike, as one global array."""
+    return jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(self.setup.mesh, jax.sharding.PartitionSpec()), x)
+
   def _counters(self) -> dict[str, collections.Counter]:
     out = {'groups': self.counts, 'photos': self.skipped, 'judge': self.judge.counts}
     if self.preference is not None:
@@ -426,69 +492,79 @@ class GRPO:
     g = r.group_size
     if self.counted_from is None:  # a resumed run counts on from its checkpoint's counts
       self.counted_from = step
-      saved = self.workdir / 'audit' / f'counts_{step:08d}.json'
+      saved = self.workdir / 'audit' / f'counts_{step:08d}{self.suffix}.json'
       if step and saved.exists():
         for prefix, counts in json.loads(saved.read_text()).items():
           self._counters()[prefix].update(counts)
     t0 = time.perf_counter()
-    photos = self._next_photos(r.photos_per_step)
+    calls = r.photos_per_step // r.sample_photos
+    k = len(self.call_photos)  # this process's photos in each call
+    photos = self._next_photos(calls * k)
     if r.judge.kind == 'ground_truth':
       self.judge.add(p.truth for p in photos)
     rng = jax.random.fold_in(state['rng'], step)
     key_sample = jax.random.split(rng)[0]
     seed = int(jax.random.randint(jax.random.fold_in(rng, 1), (), 0, 2**31 - 1))
-    calls = r.photos_per_step // r.sample_photos
     inputs, outputs, futures = [], [], []
     for c in range(calls):  # dispatched at once: the device samples while the host judges
-      batch, geometries = self._inputs(photos[c * r.sample_photos:(c + 1) * r.sample_photos], g)
+      batch, geometries = self._inputs(photos[c * k:(c + 1) * k], g)
       uncond = self.uncond if r.guidance != 1 else None
+      batch, uncond = self._global(batch), uncond and self._global(uncond)
       inputs.append((batch, uncond, geometries))
-      outputs.append(self.sample_fn(state['params'], self.setup.frozen, self._global(batch),
-                                    uncond and self._global(uncond),
+      outputs.append(self.sample_fn(state['params'], self.setup.frozen, batch, uncond,
                                     jax.random.fold_in(key_sample, c)))
     t_sampled = None
-    for c, ((batch, _, geometries), (decoded, _)) in enumerate(zip(inputs, outputs)):
+    for c, ((_, _, geometries), (decoded, _)) in enumerate(zip(inputs, outputs)):
       decoded = self._host(decoded)
       t_sampled = time.perf_counter()
       for i, geometry in enumerate(geometries):
-        photo = photos[c * r.sample_photos + i]
+        photo = photos[c * k + i]
         samples = self._samples(photo, geometry, decoded, range(i * g, (i + 1) * g),
                                 f'{step}/{photo.key}')
+        # The judge's draws follow the photo's number in the step, whatever the processes.
         futures.append(self.pool.submit(self._reward, photo, samples,
-                                        (seed, c * r.sample_photos + i)))
+                                        (seed, c * r.sample_photos + self.call_photos[i])))
     results = [f.result() for f in futures]
     t_judged = time.perf_counter()
     rewards = [rw for rw, _ in results]
     adv, keep, counts = grpo.group_advantages(
         np.asarray([[np.nan if v is None else v for v in rw] for rw in rewards], np.float64))
     self.counts.update(counts)
-    traj = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1) if xs[0].ndim > 1 else xs[0],
-                        *[tr for _, tr in outputs])
-    batch = {k: np.concatenate([b[k] for b, _, _ in inputs]) for k in inputs[0][0]}
-    uncond = (None if r.guidance == 1 else
-              {k: np.concatenate([u[k] for _, u, _ in inputs]) for k in inputs[0][1]})
-    n = len(batch['image'])
+    sampled = [_Call(batch, uncond, traj, **self._global({
+        'advantages': adv[c * k:(c + 1) * k].reshape(-1),
+        'keep': keep[c * k:(c + 1) * k].reshape(-1)}))
+            for c, ((batch, uncond, _), (_, traj)) in enumerate(zip(inputs, outputs))]
+    n = r.photos_per_step * g
     host = np.random.default_rng((seed, 2))
     order = host.permutation(n)
     index = np.stack([host.permutation(r.sample_steps)[:r.timesteps] for _ in range(n)], 1)
-    state, metrics = self.update_fn(
-        state, self.setup.frozen, self.reference, self._global(batch),
-        uncond and self._global(uncond), traj, jnp.asarray(order), jnp.asarray(index),
-        self._global({'a': adv.reshape(-1)})['a'], self._global({'k': keep.reshape(-1)})['k'])
+    state, metrics = self.update_fn(state, self.setup.frozen, self.reference, sampled,
+                                    self._replicated(order), self._replicated(index))
     jax.block_until_ready(metrics)
     t_done = time.perf_counter()
     flat = np.asarray([v for rw in rewards for v in rw if v is not None and np.isfinite(v)])
-    metrics = {**metrics, 'reward': float(flat.mean()) if flat.size else float('nan'),
-               'reward_groups_kept': counts['groups'] - counts['too_few_rewards']
-               - counts['equal_rewards'], 'samples_kept': counts['kept'],
+    # The step's rewards and counts over every shard; why groups, photos, judge answers and
+    # preference comparisons were dropped, counted since the run began (saved with each
+    # checkpoint).
+    shards = {s['shard']: s for s in parallel.process_allgather_json({
+        'shard': self.shard, 'reward': [float(flat.sum()), int(flat.size)], 'step': counts,
+        'since': {prefix: dict(c) for prefix, c in self._counters().items()}})}.values()
+    total = collections.Counter()
+    since: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for s in shards:
+      total.update(s['step'])
+      for prefix, c in s['since'].items():
+        since[prefix].update(c)
+    summed, rewarded = (sum(s['reward'][i] for s in shards) for i in (0, 1))
+    metrics = {**metrics,
+               # no reward at all this step: 0, which the loop must not read as a NaN loss
+               'reward': summed / rewarded if rewarded else 0.0,
+               'reward_groups_kept': total['groups'] - total['too_few_rewards']
+               - total['equal_rewards'], 'samples_kept': total['kept'],
                'time/sampling_s': t_sampled - t0, 'time/judging_wait_s': t_judged - t_sampled,
                'time/update_s': t_done - t_judged}
-    if not flat.size:  # no reward at all this step: the loop must not read it as a NaN loss
-      metrics['reward'] = 0.0
-    # Why groups, photos, judge answers and preference comparisons were dropped, counted
-    # since the run began (saved with each checkpoint).
-    for prefix, counter in self._counters().items():
-      metrics.update({f'count/{prefix}/{k}': v for k, v in counter.items()})
+    for prefix, counter in since.items():
+      metrics.update({f'count/{prefix}/{k_}': v for k_, v in counter.items()})
     self._record(step, photos, results, adv, keep)
     return state, metrics
 
@@ -503,15 +579,18 @@ class GRPO:
 
   def before_save(self, step: int) -> None:
     """The audit of the steps since the last save, as one file: `audit/steps_A-B.jsonl`, and
-    the counts so far: `audit/counts_B.json`."""
-    with atomic_file(self.workdir / 'audit' / f'counts_{step:08d}.json') as tmp:
-      tmp.write_text(json.dumps({k: dict(c) for k, c in self._counters().items()}) + '\n')
-    if not self.audit:
-      return
-    name = f'steps_{self.audit_from:08d}-{step:08d}.jsonl'
-    with atomic_file(self.workdir / 'audit' / name) as tmp:
-      tmp.write_text('\n'.join(self.audit) + '\n')
+    the counts so far: `audit/counts_B.json` (on several shards, one of each per shard:
+    `steps_A-B.shardI.jsonl`, `counts_B.shardI.json`)."""
+    audit, first = self.audit, self.audit_from
     self.audit, self.audit_from = [], None
+    if not self.writes:
+      return
+    with atomic_file(self.workdir / 'audit' / f'counts_{step:08d}{self.suffix}.json') as tmp:
+      tmp.write_text(json.dumps({k: dict(c) for k, c in self._counters().items()}) + '\n')
+    if audit:
+      with atomic_file(self.workdir / 'audit' /
+                       f'steps_{first:08d}-{step:08d}{self.suffix}.jsonl') as tmp:
+        tmp.write_text('\n'.join(audit) + '\n')
 
   # --- evaluation -----------------------------------------------------------------------------
 
@@ -523,50 +602,55 @@ class GRPO:
       result.update(self.evaluation.run(state, self.config.eval.split, workdir, step, writer))
     return result
 
-  def _decompose_held_out(self, params) -> list[list]:
-    """Each held-out photo's decomposition (a one-item list of samples) by `params`, as users
-    decompose (the deterministic sampler, `eval.seed`)."""
-    out = []
-    chunk = self.r.sample_photos * self.r.group_size
-    for start in range(0, len(self.held_out), chunk):
-      photos = self.held_out[start:start + chunk]
-      photos = photos + photos[:1] * (chunk - len(photos))  # one compiled shape
+  def _decompose_held_out(self, params) -> dict[int, list]:
+    """The decompositions (a one-item list of samples) of the held-out photos in this
+    process's rows, by number, by `params`, as users decompose (the deterministic sampler,
+    `eval.seed`); each photo in the row one process would give it."""
+    chunk = self.r.sample_photos * self.r.group_size  # photos (a row each) per call
+    rows = parallel.process_rows(self.setup.mesh, chunk)
+    padded = self.held_out + self.held_out[:1] * (-len(self.held_out) % chunk)  # one shape
+    out = {}
+    for start in range(0, len(padded), chunk):
+      numbers = [start + j for j in rows]
+      photos = [padded[n] for n in numbers]
       batch, geometries = self._inputs(photos, 1)
       uncond = self.uncond if self.r.guidance != 1 else None
       decoded = self._host(self.deterministic_fn(
           params, self.setup.frozen, self._global(batch), uncond and self._global(uncond),
           jax.random.PRNGKey(self.config.eval.seed)))
-      for i, (photo, geometry) in enumerate(zip(photos, geometries)):
-        if start + i < len(self.held_out):
-          out.append(self._samples(photo, geometry, decoded, range(i, i + 1),
-                                   f'held_out/{start + i}'))
+      for i, (n, photo, geometry) in enumerate(zip(numbers, photos, geometries)):
+        if n < len(self.held_out):
+          out[n] = self._samples(photo, geometry, decoded, range(i, i + 1), f'held_out/{n}')
     return out
 
   def _held_out_reward(self, state, step: int, workdir, writer) -> dict:
     """The mean relation reward of the held-out photos decomposed as users decompose them.
     Every evaluation asks the same questions: those the start model's decompositions make
     informative (proposed once, with a fixed seed per photo), so that the reward of two
-    checkpoints differs by their answers, not by what each was asked."""
+    checkpoints differs by their answers, not by what each was asked. Each process rewards
+    the photos in its rows; all of them get every photo's reward."""
     if self.held_out_questions is None:
-      self.held_out_questions = [
-          self.relation_reward.propose(photo.target, samples,
-                                       np.random.default_rng((self.config.eval.seed, i)))
-          for i, (photo, samples) in enumerate(zip(
-              self.held_out, self._decompose_held_out(self.reference)))]
+      self.held_out_questions = {
+          n: self.relation_reward.propose(self.held_out[n].target, samples,
+                                          np.random.default_rng((self.config.eval.seed, n)))
+          for n, samples in self._decompose_held_out(self.reference).items()}
     params = state['ema'] if self.config.eval.use_ema else state['params']
-    rewards, per_photo = [], []
-    for photo, samples, asked in zip(self.held_out, self._decompose_held_out(params),
-                                     self.held_out_questions):
+    mine = []
+    for n, samples in self._decompose_held_out(params).items():
+      photo, asked = self.held_out[n], self.held_out_questions[n]
       (reward,), _ = self.relation_reward(photo.image, photo.target, photo.label, samples,
                                           None, asked)
-      per_photo.append({'photo': photo.key, 'reward': reward, 'questions': len(asked)})
-      if reward is not None:
-        rewards.append(reward)
+      mine.append({'number': n, 'photo': photo.key, 'questions': len(asked),
+                   'reward': None if reward is None else float(reward)})
+    per_photo = sorted({p['number']: p for ps in parallel.process_allgather_json(mine)
+                        for p in ps}.values(), key=lambda p: p['number'])
+    rewards = [p['reward'] for p in per_photo if p['reward'] is not None]
     result = {'held_out/reward': float(np.mean(rewards)) if rewards else float('nan'),
               'held_out/photos_rewarded': len(rewards)}
     if jax.process_index() == 0:
+      photos = [{k: v for k, v in p.items() if k != 'number'} for p in per_photo]
       with atomic_file(as_path(workdir) / 'eval' / f'held_out_{step}.json') as tmp:
-        tmp.write_text(json.dumps({**result, 'photos': per_photo}, indent=2) + '\n')
+        tmp.write_text(json.dumps({**result, 'photos': photos}, indent=2) + '\n')
       writer.write_scalars(step, result)
     return result
 
