@@ -21,7 +21,8 @@ import pytest
 from layerjax import fileio
 from layerjax.data import tfds_builder
 from layerjax.train import trainer
-from train_utils import ROOT, free_port, load_config_file, make_dataset, tiny
+from train_utils import (ROOT, free_port, load_config_file, make_dataset,
+                         persistent_compile_cache, tiny)
 
 BUCKET = 'layerjax-test'
 
@@ -227,14 +228,8 @@ def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool) -
 @pytest.fixture
 def compile_cache(tmp_path):
   """JAX's persistent compilation cache for one test: its runs compile the same programs."""
-  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-          'jax_persistent_cache_min_entry_size_bytes')
-  saved = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path / 'jax_cache'), 0, 0)):
-    jax.config.update(k, v)
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
+  with persistent_compile_cache(tmp_path / 'jax_cache'):
+    yield
 
 
 def test_train_on_gcs_stops_and_resumes_exactly(gcs, tmp_path, compile_cache):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from chat_server import ChatServer, answer
 from oracle_judge import relate_oracle
-from train_utils import ROOT, finish, launch_main, load_config_file
+from train_utils import ROOT, finish, launch_main, load_config_file, persistent_compile_cache
 
 from layerjax.data.pipeline import tfds_split
 from layerjax.data.schema import Layer, LayeredSample, Prompt
@@ -64,6 +64,13 @@ def weights(path, step=None) -> list[np.ndarray]:
   reasonx configs keep no average)."""
   model = infer_model.load(path, step=step).model
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, TRAINABLE))]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """The module's finetuning runs compile the same sampler and update: once."""
+  with persistent_compile_cache(tmp_path_factory.mktemp('jax_cache')):
+    yield
 
 
 @pytest.fixture(scope='module')

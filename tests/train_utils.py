@@ -1,5 +1,6 @@
 """Tiny experiment configs and datasets for the training tests (built from configs/liwi.py)."""
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -53,6 +55,22 @@ def finish(procs, codes=(0,)) -> list[str]:
     logs.append(log.read_text())
     assert proc.returncode in codes, logs[-1][-3000:]
   return logs
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(folder: Path):
+  """JAX's persistent compilation cache in `folder`, every program kept, while the context
+  is open: runs in one process that compile the same programs compile them once."""
+  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+          'jax_persistent_cache_min_entry_size_bytes')
+  saved = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (str(folder), 0, 0)):
+    jax.config.update(k, v)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)
 
 
 def load_config_file(name: str, arg: str | None = None):
