@@ -219,17 +219,20 @@ def finetune(config, workdir, *, mesh=None) -> dict:
 def process_photos(mesh, photos: int, group: int) -> list[int]:
   """The photos of a sampling call of `photos` photos x `group` rows each that this process
   holds (their numbers in the call, ascending): each process samples, judges and audits whole
-  groups. A mesh that splits a group across processes is a config error."""
-  rows = parallel.process_rows(mesh, photos * group)
-  starts = rows[::group]
-  if len(rows) % group or rows != [s + i for s in starts for i in range(group)] or any(
-      s % group for s in starts):
-    raise train_config.spec.ConfigError(
-        f'reasonx.group_size={group}: mesh {dict(mesh.shape)} gives process '
-        f'{jax.process_index()} the rows {rows} of a sampling call\'s {photos * group}, which '
-        f'split a group across processes: make sample_photos x group_size / data-parallel '
-        f'size a multiple of group_size')
-  return [s // group for s in starts]
+  groups. A mesh that splits a group across processes is a config error, found alike on every
+  process (each checks them all)."""
+  held = {}
+  for p in sorted({d.process_index for d in mesh.devices.flat}):
+    rows = parallel.process_rows(mesh, photos * group, p)
+    starts = rows[::group]
+    if rows != [s + i for s in starts for i in range(group)] or any(s % group for s in starts):
+      raise train_config.spec.ConfigError(
+          f'reasonx.group_size={group}: mesh {dict(mesh.shape)} gives process {p} the rows '
+          f'{rows} of a sampling call\'s {photos * group}, which split a group across '
+          f'processes: make sample_photos x group_size / data-parallel size a multiple of '
+          f'group_size')
+    held[p] = [s // group for s in starts]
+  return held[jax.process_index()]
 
 
 class _Call(NamedTuple):
