@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import save_file
 
 from layerjax.data import schema
@@ -66,11 +67,14 @@ def persistent_compile_cache(folder: Path):
   saved = {k: getattr(jax.config, k) for k in keys}
   for k, v in zip(keys, (str(folder), 0, 0)):
     jax.config.update(k, v)
+  # JAX decides whether to use the cache at a process's first compile and keeps to it.
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     for k, v in saved.items():
       jax.config.update(k, v)
+    compilation_cache.reset_cache()
 
 
 def load_config_file(name: str, arg: str | None = None):
