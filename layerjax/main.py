@@ -6,7 +6,8 @@
         --num_processes=N --process_id=I]
 
 The workdir holds `checkpoints/` (Orbax; a rerun resumes), `tensorboard/`, `eval/*.json`
-and `samples/*.png`. `--distributed` initialises multi-host JAX from the environment (Cloud
+and `samples/*.png`; `--mode=eval` with other `eval` keys than the run's writes beside the
+run's evaluation (`eval/test_900.seed=3.json`), not over it. `--distributed` initialises multi-host JAX from the environment (Cloud
 TPU pods, Slurm); the explicit coordinator flags serve several processes on one machine.
 The config is checked before anything else; an error is one line on stderr (exit 2 for a
 bad flag or config), with the traceback at `-v 1`. The terminal shows progress and results;
@@ -73,8 +74,9 @@ def main(argv) -> None:
     result = trainer.train(config, _WORKDIR.value)
   else:
     setup, state, step = trainer.restore_for_eval(config, _WORKDIR.value)
-    result = evaluate.Evaluation(setup, config).run(state, _SPLIT.value or config.eval.split,
-                                                    _WORKDIR.value, step)
+    result = evaluate.Evaluation(setup, config).run(
+        state, _SPLIT.value or config.eval.split, _WORKDIR.value, step,
+        name_suffix=evaluate.name_suffix(config, _WORKDIR.value))
     print(evaluate.table(result))
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, default=float))

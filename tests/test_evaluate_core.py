@@ -294,6 +294,21 @@ def test_unreadable_ground_truth_is_listed(tmp_path):
 # --- the trainer's evaluation --------------------------------------------------------------
 
 
+def test_eval_files_are_named_by_the_keys_that_differ_from_the_run(tmp_path):
+  """`--mode=eval` names its files after the `eval` keys it changes from the run's recorded
+  config, so it never writes over the run's own evaluation at that step."""
+  c = load_config_file('liwi', 'demo')
+  assert evaluate.name_suffix(c, tmp_path) == ''  # nothing recorded: the plain name
+  (tmp_path / 'config.json').write_text(json.dumps(c.to_dict()))
+  assert evaluate.name_suffix(c, tmp_path) == ''  # the run's own evaluation, repeated
+  c.eval.split = 'test'  # in the name already
+  assert evaluate.name_suffix(c, tmp_path) == ''
+  c.eval.seed, c.eval.num_batches = 3, 5
+  assert evaluate.name_suffix(c, tmp_path) == '.num_batches=5,seed=3'
+  c.eval.evaluators = {'layers': {}, 'perceptual': {}}
+  assert evaluate.name_suffix(c, tmp_path) == '.evaluators,num_batches=5,seed=3'
+
+
 @pytest.mark.slow
 def test_evaluation_compiles_once_and_repeats(tmp_path, monkeypatch):
   """A second evaluation does not trace the sampler again (counted by a Python side effect,
@@ -308,9 +323,13 @@ def test_evaluation_compiles_once_and_repeats(tmp_path, monkeypatch):
   setup = trainer.create(c)
   ev = evaluate.Evaluation(setup, c)
   first = ev.run(setup.state, 'validation', tmp_path / 'run', 1)
-  second = ev.run(setup.state, 'validation', tmp_path / 'run', 2)
+  second = ev.run(setup.state, 'validation', tmp_path / 'run', 1, name_suffix='.seed=3')
   assert len(traces) == 1 and ev.decompose._cache_size() == 1
   assert first == second
+  assert {p.name for p in (tmp_path / 'run' / 'eval').iterdir()} == {
+      'validation_1.json', 'validation_1.seed=3.json'}  # beside the first, not over it
+  assert {p.name for p in (tmp_path / 'run' / 'samples').iterdir()} == {
+      'validation_1.png', 'validation_1.seed=3.png'}
   assert first['examples'] == 8 and first['trivial/layers/background/alpha_iou'] == 1
   # The decomposer's layers (`exact`) recompose to the input, whatever the model's do.
   assert first['exact/layers/recompose_l1'] < 1e-5 < first['model/layers/recompose_l1']

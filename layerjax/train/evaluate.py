@@ -9,7 +9,9 @@ training run, so only the first evaluation compiles.
 Examples are drawn deterministically (`config.eval.seed`) with the eval prompt kinds and no
 degradation, flip or zoom. Writes `eval/<split>_<step>.json` and a sample grid
 `samples/<split>_<step>.png` (input | prompt | background | foreground | shadow |
-recomposition, the layers over a checkerboard: `export.preview.sheet`) into the workdir.
+recomposition, the layers over a checkerboard: `export.preview.sheet`) into the workdir;
+`--mode=eval` with other `eval` keys than the run recorded names them after those keys
+(`test_900.seed=3.json`, `suffix`), so it never writes over the run's own evaluation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from layerjax import build, flow, parallel
-from layerjax.fileio import as_path, atomic_file
+from layerjax.checkpoints import CONFIG
+from layerjax.fileio import as_path, atomic_file, read_json
 from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import Layer, LayeredSample, Prompt
 from layerjax.evaluate import baselines, evaluators, outputs
@@ -136,9 +139,11 @@ class Evaluation:
     self.text_fn = build.text_inputs(config)
     self.loaders = {}
 
-  def run(self, state: dict, split: str, workdir, step: int, writer=None) -> dict:
+  def run(self, state: dict, split: str, workdir, step: int, writer=None,
+          name_suffix: str = '') -> dict:
     """Evaluates `state` (its EMA parameters if `eval.use_ema`) on `split`; returns the
-    flat scores (`outputs.flatten`) and `examples`."""
+    flat scores (`outputs.flatten`) and `examples`. The files are named
+    `<split>_<step><name_suffix>`."""
     ev, mesh = self.config.eval, self.setup.mesh
     params = state['ema'] if ev.use_ema else state['params']
     if split not in self.loaders:
@@ -173,15 +178,33 @@ class Evaluation:
     notes = {f'{s}/{n}': r.notes for s, by in results.items() for n, r in by.items() if r.notes}
     if jax.process_index() == 0:
       workdir = as_path(workdir)
-      with atomic_file(workdir / 'eval' / f'{split}_{step}.json') as tmp:
+      name = f'{split}_{step}{name_suffix}'
+      with atomic_file(workdir / 'eval' / f'{name}.json') as tmp:
         tmp.write_text(json.dumps({**result, **({'notes': notes} if notes else {})},
                                   indent=2, default=str) + '\n')
-      with atomic_file(workdir / 'samples' / f'{split}_{step}.png') as tmp:
+      with atomic_file(workdir / 'samples' / f'{name}.png') as tmp:
         Image.fromarray(picture).save(tmp, format='PNG')
       if writer is not None:
         writer.write_scalars(step, {f'{split}/{k}': v for k, v in result.items()})
         writer.write_images(step, {f'{split}/samples': picture})
     return result
+
+
+def name_suffix(config, workdir) -> str:
+  """'' when `config.eval` is the `eval` the run in `workdir` recorded (its config.json),
+  since the evaluation then repeats the run's own, or when it recorded none; otherwise '.'
+  and the keys that differ, e.g. '.num_batches=8,seed=3' (a key with a non-scalar value by
+  name only), so an evaluation at another seed or size is kept beside the run's, not written
+  over it. The split is in the name already."""
+  recorded = as_path(workdir) / CONFIG
+  if not recorded.is_file():
+    return ''
+  ours, theirs = config.eval.to_dict(), read_json(recorded).get('eval', {})
+  scalar = lambda v: isinstance(v, (str, int, float, bool)) or v is None
+  keys = sorted(k for k in ours.keys() | theirs.keys()
+                if k != 'split' and ours.get(k) != theirs.get(k))
+  return ''.join(['.', ','.join(f'{k}={ours.get(k)}' if scalar(ours.get(k)) else k
+                                for k in keys)]) if keys else ''
 
 
 def table(result: dict) -> str:
