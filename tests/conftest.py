@@ -3,8 +3,12 @@ parity against a float64 reference."""
 
 import os
 
-# Eight fake CPU devices for the sharding tests; must be set before JAX initialises.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Eight fake CPU devices for the sharding tests; must be set before JAX initialises. LLVM at
+# -O0: the tests' programs are compiled once and run a few steps, and compiling is most of
+# their time (the tiny model's train step: 22 s at -O3, 14 s at -O0; test_train and
+# test_mmdit: 209 -> 165 s). Without fast-math the level does not change what is computed.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_backend_optimization_level=0')
 # gcsfs (2026) reads this at import: otherwise it asks a gRPC control plane, which no local
 # GCS server serves, about every bucket (a minute's timeout each). See tests/test_gcs.py.
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
@@ -117,6 +121,7 @@ def trained_workdirs(tmp_path_factory):
   """kind ('pixels' or 'vae', `train_utils.tiny`) -> (config, its workdir after 2 training
   steps), each trained once per session, when first asked for: what the inference tests
   load, pack and decompose with. Every prompt kind is trained."""
+  import jax
   from train_utils import make_dataset, tiny, write_embeddings
   from layerjax.train import trainer
   root = tmp_path_factory.mktemp('trained')
@@ -128,7 +133,9 @@ def trained_workdirs(tmp_path_factory):
     if kind not in made:
       c = tiny(data, kind, embeddings=emb, total_steps=2, checkpoint_every=2)
       c.data.prompt_probs = {'box': 0.4, 'point+text': 0.3, 'mask': 0.3}
-      trainer.train(c, root / kind)
+      # One device: over the session's 8, Orbax's save slices every array per replica, each
+      # slice compiled eagerly (53 -> 34 s for this training).
+      trainer.train(c, root / kind, mesh=trainer.config_mesh(c, jax.devices()[:1]))
       made[kind] = c, root / kind
     return made[kind]
   get.embeddings = emb

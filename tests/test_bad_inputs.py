@@ -33,7 +33,7 @@ from layerjax.models import mmdit
 from layerjax.train import config as train_config
 from layerjax.train import trainer
 from test_importers_cli import crello_file
-from train_utils import ROOT, load_config_file, make_dataset, tiny
+from train_utils import ROOT, devices_env, load_config_file, make_dataset, tiny
 
 ConfigError = config_spec.ConfigError
 
@@ -396,7 +396,7 @@ def test_nan_stop_numbers_steps_as_the_log_and_exits_cleanly(tmp_path, data_dir)
        '--config.checkpoint_every=1', '--config.eval_every=0',
        '--config.model.mmdit.num_layers=1'],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+      env=devices_env(1))
   assert proc.returncode == 1, proc.stderr[-3000:]
   lines = proc.stderr.splitlines()
   logged = [int(l.split('step ')[1].split('/')[0]) for l in lines if '] step ' in l]

@@ -180,17 +180,19 @@ def _main_to_step_2(data_dir: str, workdir: str) -> None:
   assert json.loads(proc.stdout[proc.stdout.index('{'):])['step'] == 2
 
 
-def _state(workdir, config):
-  _, state, step = trainer.restore_for_eval(config, workdir)
+def _state(workdir, config, mesh):
+  _, state, step = trainer.restore_for_eval(config, workdir, mesh)
   return step, jax.tree.map(np.asarray, {k: state[k] for k in ('params', 'ema', 'opt_state')})
 
 
-def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool) -> None:
+def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool,
+                         mesh=None) -> None:
   """A run on `gs://` (workdir and data) trains to step 2 (`to_step_2`) and stops; a second
   run resumes there to step 4 and ends where an uninterrupted local run ends, bit for bit;
   checkpoints, TensorBoard events and (if the first run `evaluated` at step 2) evaluation
   JSON and samples are in the bucket. (Evaluation reads the state and writes files only: the
-  later runs leave it out, as its compilation is most of a run's time.)"""
+  later runs leave it out, as its compilation is most of a run's time.) The later runs use
+  `mesh` (None: the config's, over every device)."""
   local = make_dataset(tmp_path / 'data')  # as `make_dataset`, with `build` to gs://
   folders = sorted((tmp_path / 'data' / 'src').iterdir())
   top = f'gs://{BUCKET}/{tmp_path.name}'  # a bucket per test, in effect
@@ -199,10 +201,11 @@ def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool) -
   assert not tfds_builder.build(sources, data_dir)['up_to_date']
   assert tfds_builder.build(sources, data_dir)['up_to_date']  # its stamp, read from gs://
   to_step_2(data_dir, workdir)
-  assert trainer.train(config_at(data_dir, 4), workdir)['step'] == 4  # resumes from step 2
-  trainer.train(config_at(str(local), 4), tmp_path / 'straight')
-  (s1, a), (s2, b) = _state(tmp_path / 'straight', config_at(str(local), 4)), \
-      _state(workdir, config_at(data_dir, 4))
+  train = lambda config, workdir: trainer.train(config, workdir, mesh=mesh)
+  assert train(config_at(data_dir, 4), workdir)['step'] == 4  # resumes from step 2
+  train(config_at(str(local), 4), tmp_path / 'straight')
+  (s1, a), (s2, b) = _state(tmp_path / 'straight', config_at(str(local), 4), mesh), \
+      _state(workdir, config_at(data_dir, 4), mesh)
   assert s1 == s2 == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -220,7 +223,7 @@ def _stop_resume_exactly(gcs, tmp_path, config_at, to_step_2, evaluated: bool) -
   assert len(events) == 2  # one file per run, each uploaded whole at close
   recorded = json.loads(objects[f'{run}train_result.json'])
   assert recorded['step'] == 4
-  assert trainer.train(config_at(data_dir, 4), workdir) == recorded  # finished: read back
+  assert train(config_at(data_dir, 4), workdir) == recorded  # finished: read back
   assert '.lock' not in names
   assert not (ROOT / 'gs:').exists() and not (tmp_path / 'gs:').exists()
 
@@ -233,9 +236,14 @@ def compile_cache(tmp_path):
 
 
 def test_train_on_gcs_stops_and_resumes_exactly(gcs, tmp_path, compile_cache):
+  # One device: over the 8 fake ones, Orbax's saves slice every array per replica, eagerly,
+  # and those slices' compilations took 29 of the test's 123 s.
+  c = _tiny('', 2)
+  mesh = trainer.config_mesh(c, jax.devices()[:1])
   _stop_resume_exactly(gcs, tmp_path, _tiny,
-                       lambda data_dir, workdir: trainer.train(_tiny(data_dir, 2), workdir),
-                       evaluated=False)
+                       lambda data_dir, workdir: trainer.train(_tiny(data_dir, 2), workdir,
+                                                               mesh=mesh),
+                       evaluated=False, mesh=mesh)
 
 
 @pytest.mark.slow

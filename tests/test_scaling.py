@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 
 from layerjax import parallel
 from layerjax.train import trainer
-from train_utils import ROOT, tiny
+from train_utils import ROOT, devices_env, tiny
 
 
 @pytest.mark.parametrize('shape,devices,batch,dcn,want', [
@@ -91,8 +90,7 @@ _CONFIGS = [('liwi', 'sd3_medium'), ('liwi', 'sd35_medium'), ('liwi', 'sd35_larg
 def test_sd3_configs_pass_their_checks_on_1_to_256_devices(tmp_path):
   embeddings = tmp_path / 'emb.safetensors'
   embeddings.write_bytes(b'')  # the config checks look for the file only
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=256',
-         'JAX_PLATFORMS': 'cpu'}
+  env = {**devices_env(256), 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', _PROBE, str(ROOT), json.dumps(_CONFIGS),
                            str(embeddings)], capture_output=True, text=True, env=env,
                           timeout=300)

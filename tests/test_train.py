@@ -2,7 +2,6 @@
 preemption, NaN handling and bad-input errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from layerjax import build
 from layerjax.models.shared import TextEmbeddings
 from layerjax.train import evaluate, trainer
 from layerjax.train import config as train_config
-from train_utils import ROOT, load_config_file, make_dataset, tiny, write_embeddings
+from train_utils import ROOT, devices_env, load_config_file, make_dataset, tiny, write_embeddings
 
 
 @pytest.fixture(scope='module')
@@ -317,7 +316,7 @@ def test_sigterm_saves_and_exits(tmp_path, data_dir):
          '--config.data.num_workers=0', '--config.total_steps=100000',
          '--config.checkpoint_every=100000', '--config.eval_every=0', '--config.log_every=1',
          '--config.model.mmdit.num_layers=1']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = devices_env(1)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   seen = []

@@ -1,7 +1,6 @@
 """Data, FSDP and tensor parallelism give the same training signal as one device (several
 processes: `test_multiprocess.py`)."""
 
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from layerjax import build, parallel
 from layerjax.models import common
 from layerjax.data.pipeline import make_loader
 from layerjax.train import objectives, trainer
-from train_utils import ROOT, load_config_file, make_dataset, tiny
+from train_utils import ROOT, devices_env, load_config_file, make_dataset, tiny
 
 
 @pytest.fixture(scope='module')
@@ -144,7 +143,7 @@ def test_sd3_shaped_step_on_fake_devices(tmp_path, data_dir, variant):
              '--config.data.num_workers=0', '--config.total_steps=2', '--config.log_every=1',
              '--config.checkpoint_every=2', '--config.eval_every=0', '--config.mesh=(1, 2, 1)',
              '--config.model.mmdit.num_layers=1', '--config.model.mmdit.dual_attention_layers=()']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = devices_env(2)
   run = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=1800)
   assert run.returncode == 0, run.stdout[-3000:]

@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def devices_env(devices: int) -> dict:
+  """`os.environ` for a subprocess with `devices` CPU devices, the session's other XLA flags
+  (conftest's) kept."""
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  return {**os.environ,
+          'XLA_FLAGS': f'{flags.strip()} --xla_force_host_platform_device_count={devices}'.strip()}
+
+
 def launch_main(args: list[str], workdir: Path, processes: int, devices: int,
                 flags=None) -> list:
   """Starts `python -m layerjax.main --workdir=WORKDIR ARGS` as `processes` local processes
@@ -36,7 +45,7 @@ def launch_main(args: list[str], workdir: Path, processes: int, devices: int,
   command = [sys.executable, '-m', 'layerjax.main', f'--workdir={workdir}', *args]
   if processes > 1:
     command += [f'--coordinator_address=localhost:{free_port()}', f'--num_processes={processes}']
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  env = devices_env(devices)
   out = []
   for i in range(processes):
     log = workdir.parent / f'{workdir.name}.{i}.log'
