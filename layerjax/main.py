@@ -7,8 +7,9 @@
 
 The workdir holds `checkpoints/` (Orbax; a rerun resumes), `tensorboard/`, `eval/*.json`
 and `samples/*.png`; `--mode=eval` with other `eval` keys than the run's writes beside the
-run's evaluation (`eval/test_900.seed=3.json`), not over it. `--distributed` initialises multi-host JAX from the environment (Cloud
-TPU pods, Slurm); the explicit coordinator flags serve several processes on one machine.
+run's evaluation (`eval/test_900.seed=3.json`), not over it. `--distributed` initialises
+multi-host JAX from the environment (Cloud TPU pods, Slurm); the explicit coordinator flags
+serve several processes on one machine.
 The config is checked before anything else; an error is one line on stderr (exit 2 for a
 bad flag or config), with the traceback at `-v 1`. The terminal shows progress and results;
 every log line, the libraries' included, goes to `log.txt` in a local workdir (process i > 0:
