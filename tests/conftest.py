@@ -121,8 +121,7 @@ def trained_workdirs(tmp_path_factory):
   """kind ('pixels' or 'vae', `train_utils.tiny`) -> (config, its workdir after 2 training
   steps), each trained once per session, when first asked for: what the inference tests
   load, pack and decompose with. Every prompt kind is trained."""
-  import jax
-  from train_utils import make_dataset, tiny, write_embeddings
+  from train_utils import make_dataset, one_device, tiny, write_embeddings
   from layerjax.train import trainer
   root = tmp_path_factory.mktemp('trained')
   data = make_dataset(root / 'data')
@@ -133,9 +132,7 @@ def trained_workdirs(tmp_path_factory):
     if kind not in made:
       c = tiny(data, kind, embeddings=emb, total_steps=2, checkpoint_every=2)
       c.data.prompt_probs = {'box': 0.4, 'point+text': 0.3, 'mask': 0.3}
-      # One device: over the session's 8, Orbax's save slices every array per replica, each
-      # slice compiled eagerly (53 -> 34 s for this training).
-      trainer.train(c, root / kind, mesh=trainer.config_mesh(c, jax.devices()[:1]))
+      trainer.train(c, root / kind, mesh=one_device(c))  # 53 -> 34 s on one device
       made[kind] = c, root / kind
     return made[kind]
   get.embeddings = emb

@@ -21,7 +21,7 @@ import pytest
 from layerjax import fileio
 from layerjax.data import tfds_builder
 from layerjax.train import trainer
-from train_utils import (ROOT, free_port, load_config_file, make_dataset,
+from train_utils import (ROOT, free_port, load_config_file, make_dataset, one_device,
                          persistent_compile_cache, tiny)
 
 BUCKET = 'layerjax-test'
@@ -236,10 +236,7 @@ def compile_cache(tmp_path):
 
 
 def test_train_on_gcs_stops_and_resumes_exactly(gcs, tmp_path, compile_cache):
-  # One device: over the 8 fake ones, Orbax's saves slice every array per replica, eagerly,
-  # and those slices' compilations took 29 of the test's 123 s.
-  c = _tiny('', 2)
-  mesh = trainer.config_mesh(c, jax.devices()[:1])
+  mesh = one_device(_tiny('', 2))
   _stop_resume_exactly(gcs, tmp_path, _tiny,
                        lambda data_dir, workdir: trainer.train(_tiny(data_dir, 2), workdir,
                                                                mesh=mesh),

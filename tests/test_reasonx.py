@@ -15,7 +15,8 @@ from flax import nnx
 
 from chat_server import ChatServer, answer
 from oracle_judge import relate_oracle
-from train_utils import ROOT, finish, launch_main, load_config_file, persistent_compile_cache
+from train_utils import (ROOT, finish, launch_main, load_config_file, one_device,
+                         persistent_compile_cache)
 
 from layerjax.data.pipeline import tfds_split
 from layerjax.data.schema import Layer, LayeredSample, Prompt
@@ -26,7 +27,7 @@ from layerjax.models.decomposer import TRAINABLE
 from layerjax.reward import photos, relations
 from layerjax.reward.relations import Relation, Thresholds, read
 from layerjax.reward.rewards import RelationReward
-from layerjax.train import reasonx, trainer
+from layerjax.train import reasonx
 
 KEY_ENV = 'LAYERJAX_TEST_JUDGE_KEY'
 
@@ -50,9 +51,8 @@ def config_for(start, data_dir, arg='demo', **top):
 
 
 def finetune(config, workdir) -> dict:
-  """`reasonx.finetune` on one device: over the session's 8 fake ones, Orbax's saves slice
-  every array per replica, each slice compiled eagerly (the end-to-end run: 50 -> ~30 s)."""
-  return reasonx.finetune(config, workdir, mesh=trainer.config_mesh(config, jax.devices()[:1]))
+  """`reasonx.finetune` on one device (`one_device`; the end-to-end run: 50 -> ~30 s)."""
+  return reasonx.finetune(config, workdir, mesh=one_device(config))
 
 
 def scenes(data_dir, split):

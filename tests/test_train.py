@@ -23,7 +23,8 @@ from layerjax import build
 from layerjax.models.shared import TextEmbeddings
 from layerjax.train import evaluate, trainer
 from layerjax.train import config as train_config
-from train_utils import ROOT, devices_env, load_config_file, make_dataset, tiny, write_embeddings
+from train_utils import (ROOT, devices_env, load_config_file, make_dataset, one_device, tiny,
+                         write_embeddings)
 
 
 @pytest.fixture(scope='module')
@@ -155,7 +156,7 @@ def test_loss_falls(tmp_path, data_dir):
       return lambda *a, **k: None
 
   trainer.create_writer = lambda *a, **k: Recorder()
-  mesh = trainer.config_mesh(c, jax.devices()[:1])  # 8 fake devices only slow it down
+  mesh = one_device(c)
   try:
     trainer.train(c, tmp_path / 'run', mesh=mesh)
   finally:
@@ -216,7 +217,7 @@ def test_training_with_cond_dropout(tmp_path, data_dir, monkeypatch):
     return example
   monkeypatch.setattr(pipeline, 'make_example', recording)
   # One device: compiling for the 8 fake ones would take most of the test's time.
-  result = trainer.train(c, tmp_path / 'run', mesh=trainer.config_mesh(c, jax.devices()[:1]))
+  result = trainer.train(c, tmp_path / 'run', mesh=one_device(c))
   assert result['step'] == 2 and np.isfinite(result['train']['loss'])
   assert '' in kinds and len(set(kinds)) > 1, kinds
 

@@ -29,6 +29,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def one_device(config) -> jax.sharding.Mesh:
+  """`config`'s mesh on the first device alone. For an in-process run that needs no
+  sharding: over the session's 8 fake devices, Orbax's saves slice every array per replica,
+  each slice shape compiled eagerly (29 of test_gcs's stop/resume test's 123 s), and the
+  steps run slower."""
+  from layerjax.train import trainer
+  return trainer.config_mesh(config, jax.devices()[:1])
+
+
 def devices_env(devices: int) -> dict:
   """`os.environ` for a subprocess with `devices` CPU devices, the session's other XLA flags
   (conftest's) kept."""

@@ -11,7 +11,7 @@ degradation, flip or zoom. Writes `eval/<split>_<step>.json` and a sample grid
 `samples/<split>_<step>.png` (input | prompt | background | foreground | shadow |
 recomposition, the layers over a checkerboard: `export.preview.sheet`) into the workdir;
 `--mode=eval` with other `eval` keys than the run recorded names them after those keys
-(`test_900.seed=3.json`, `suffix`), so it never writes over the run's own evaluation.
+(`test_900.seed=3.json`, `name_suffix`), so it never writes over the run's own evaluation.
 """
 
 from __future__ import annotations
