@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
+from layerjax import malloc  # noqa: E402
 from train_step import SD3_TEXT_TOKENS, load_config  # noqa: E402
 
 PHASES = ('sampling', 'decoding', 'postprocess')
@@ -213,4 +214,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
+  malloc.reexec()
   main()

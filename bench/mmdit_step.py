@@ -90,6 +90,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from layerjax import malloc  # noqa: E402
 
 
 def usable_cpus() -> int:
@@ -142,6 +143,8 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == '__main__' else None
+if ARGS is not None:
+  malloc.reexec()  # before jax and torch allocate (layerjax/malloc.py)
 
 # Pin before jax/torch start their thread pools.
 if ARGS is not None and ARGS.threads < usable_cpus() and hasattr(os, 'sched_setaffinity'):
@@ -637,7 +640,8 @@ def main(args) -> dict:
   if cpu:
     print(f"CPU: {cpu['model_name']}, {cpu['cores']} cores; "
           + ', '.join(f'{f} {"yes" if v else "no"}' for f, v in cpu['flags'].items()))
-  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   busy = other_cpu_load()
   if busy is not None and busy > 0.2:
     print(f'WARNING: other processes keep {busy:.0%} of the CPUs busy: timings (torch eager '

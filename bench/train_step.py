@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from layerjax import build, parallel  # noqa: E402
+from layerjax import build, malloc, parallel  # noqa: E402
 from layerjax.models.mmdit import REMAT_POLICIES  # noqa: E402
 from layerjax.train import objectives, trainer  # noqa: E402
 from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
@@ -354,4 +354,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
+  malloc.reexec()
   main()

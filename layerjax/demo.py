@@ -35,7 +35,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from layerjax import cli
+from layerjax import cli, malloc
 from layerjax.fileio import Artifact, atomic_dir, atomic_file
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/liwi.py:demo', 'demo config')
@@ -297,4 +297,5 @@ def print_files(rows) -> None:
 
 
 if __name__ == '__main__':
+  malloc.reexec()
   cli.run_absl(main)

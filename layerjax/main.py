@@ -13,7 +13,8 @@ serve several processes on one machine.
 The config is checked before anything else; an error is one line on stderr (exit 2 for a
 bad flag or config), with the traceback at `-v 1`. The terminal shows progress and results;
 every log line, the libraries' included, goes to `log.txt` in a local workdir (process i > 0:
-`log.<i>.txt`).
+`log.<i>.txt`). On glibc the command restarts itself once, with huge pages for the host
+allocator (`layerjax/malloc.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from layerjax import cli
+from layerjax import cli, malloc
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]',
                                           lock_config=True)
@@ -84,4 +85,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  malloc.reexec()
   cli.run_absl(main)
