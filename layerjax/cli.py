@@ -203,6 +203,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def define_config_file(default: str | None, help: str, **kwargs):
+  """`config_flags.DEFINE_config_file('config', default, help)`. A default is loaded, with
+  the command line's `--config.*` overrides, as the flag is defined (at import), so a bad
+  override fails there: one line and exit 2 here, as `run_absl` does for the other flags."""
+  from absl import flags
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file('config', default, help, **kwargs)
+  except (flags.Error, ValueError, AttributeError) as e:
+    print(f'error: {_flag_error(e, sys.argv)}', file=sys.stderr)
+    sys.exit(BAD_INPUT)
+
+
 def run_absl(main: Callable[[list[str]], int | None]) -> None:
   """`absl.app.run(main)`, with one-line errors: a bad flag or config exits 2 naming it; an
   error in `main` is one line (with the traceback and the libraries' INFO logs at -v 1)."""

@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 from PIL import Image
 
 from layerjax import cli, malloc
 from layerjax.fileio import Artifact, atomic_dir, atomic_file
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/liwi.py:demo', 'demo config')
+_CONFIG = cli.define_config_file('configs/liwi.py:demo', 'demo config')
 _WORKDIR = flags.DEFINE_string('workdir', 'out/demo', 'data, checkpoints and results')
 
 COLOURS = {'red': (0.85, 0.15, 0.12), 'green': (0.2, 0.7, 0.25), 'blue': (0.15, 0.3, 0.85),

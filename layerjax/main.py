@@ -23,12 +23,10 @@ import json
 
 import jax
 from absl import flags, logging
-from ml_collections import config_flags
 
 from layerjax import cli, malloc
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]',
-                                          lock_config=True)
+_CONFIG = cli.define_config_file(None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, logs and results go')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train, or evaluate the latest '
                           'checkpoint')

@@ -266,7 +266,6 @@ def _print_host_needs(_) -> None:
 if __name__ == '__main__':
   # `python -m layerjax.train.config --config=FILE[:ARG] [--config.KEY=VALUE ...]` prints
   # host_needs' "CORES GIB" (launch/slurm.sh reads it).
-  from ml_collections import config_flags
   from layerjax import cli
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]')
+  _CONFIG = cli.define_config_file(None, 'experiment config file[:arg]')
   cli.run_absl(_print_host_needs)
