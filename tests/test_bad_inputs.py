@@ -278,20 +278,18 @@ def test_main_flag_and_config_errors_are_one_line_exit_2(tmp_path):
           "error: --config=configs/liwi.py:demo,stepz=3: config argument 'demo,stepz=3': "
           "unknown key 'stepz' (did you mean 'steps'?)",
   }
-  command = lambda flag: [sys.executable, '-m', 'layerjax.main', '--config=configs/liwi.py:demo',
-                          flag, f'--workdir={tmp_path / "run"}']
+  main = ['layerjax.main', '--config=configs/liwi.py:demo']
   # The demo's --config has a default, which ml_collections loads with the overrides as the
   # flag is defined, at import.
-  demo = lambda flag: [sys.executable, '-m', 'layerjax.demo', flag, f'--workdir={tmp_path / "run"}']
-  cases = {(flag,): (command(flag), want) for flag, want in cases.items()}
-  for flag in ('--config.total_steps=abc', '--config.total_stepz=3'):
-    cases['demo', flag] = demo(flag), cases[flag,][1]
-  procs = {key: subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for key, (argv, _) in cases.items()}
-  for key, proc in procs.items():
+  runs = [(main, flag) for flag in cases] + [
+      (['layerjax.demo'], flag) for flag in ('--config.total_steps=abc', '--config.total_stepz=3')]
+  procs = [(flag, subprocess.Popen(
+      [sys.executable, '-m', *command, flag, f'--workdir={tmp_path / "run"}'], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for command, flag in runs]
+  for flag, proc in procs:
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, (key, err)
-    assert err.strip() == cases[key][1], key
+    assert proc.returncode == 2, (proc.args, err)
+    assert err.strip() == cases[flag], proc.args
   assert not (tmp_path / 'run').exists()
 
 

@@ -1,6 +1,6 @@
 """`layerjax.malloc`: the entry points restart once with glibc's huge-page tunable."""
 
-import ast
+import json
 import os
 import platform
 import subprocess
@@ -31,7 +31,7 @@ def test_the_tunable_is_added_once_and_a_users_choice_kept():
 
 # A large allocation, touched, and how much of this process's memory is on huge pages.
 _CHILD = """
-import os, sys
+import json, os, sys
 from layerjax import malloc
 malloc.reexec()
 import ctypes
@@ -40,16 +40,14 @@ libc.malloc.restype = ctypes.c_void_p
 size = 256 << 20  # malloc maps it (numpy would madvise huge pages itself)
 ctypes.memset(libc.malloc(size), 1, size)
 huge = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages:')]
-print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], int(huge[0].split()[1]) >> 10)
+print(json.dumps([os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], int(huge[0].split()[1]) >> 10]))
 """
 
 
-def _child(env) -> tuple[str, list, int]:
-  out = subprocess.run([sys.executable, '-c', _CHILD, 'an', 'argument'], env=env,
-                       capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
-  tunables, rest = out
-  argv, mib = rest.rsplit(maxsplit=1)
-  return tunables, ast.literal_eval(argv), int(mib)
+def _child(env) -> list:
+  """[GLIBC_TUNABLES, argv[1:], MiB on huge pages] of a child run of `_CHILD`."""
+  return json.loads(subprocess.run([sys.executable, '-c', _CHILD, 'an', 'argument'], env=env,
+                                   capture_output=True, text=True, check=True).stdout)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or not THP.exists()
@@ -63,4 +61,4 @@ def test_the_restarted_command_gets_huge_pages():
   assert mib >= 128  # most of the 256 MiB
   # Turned off by the user: the same allocation stays on 4 KiB pages.
   tunables, argv, mib = _child({**env, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
-  assert (tunables, argv, mib) == ('glibc.malloc.hugetlb=0', ['an', 'argument'], 0)
+  assert [tunables, argv, mib] == ['glibc.malloc.hugetlb=0', ['an', 'argument'], 0]
