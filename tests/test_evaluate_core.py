@@ -385,3 +385,22 @@ def test_pass_rate_at_k_with_the_engine_judge(tmp_path, capsys, trained_workdirs
 def test_markdown_table_escapes_bars_and_right_aligns_the_numbers():
   assert outputs.markdown_table(['name', 'n'], [('a|b', 3), ('c', 4.5)], right=1) == (
       '| name | n |\n|---|---:|\n| a/b | 3 |\n| c | 4.5 |')
+
+
+def test_evaluation_sees_the_board_decomposer_gives(tmp_path):
+  """Training jitters the checkerboard's colours; evaluation scores what `Decomposer`
+  returns, so its examples carry the plain board Decomposer makes: light squares 0.8 and
+  dark 0.4 in every channel, alternating every `checkerboard_cell` pixels."""
+  from layerjax.data.pipeline import make_loader
+  from train_utils import one_device
+  c = tiny(make_dataset(tmp_path / 'data', n=4))
+  c.data.checkerboard_jitter = 0.15
+  mesh = one_device(c)
+  cell = c.data.checkerboard_cell
+  yy, xx = np.mgrid[0:32, 0:32]
+  plain = np.where(((yy // cell + xx // cell) % 2 == 0)[..., None], 0.8, 0.4) * np.ones(3)
+  train = next(iter(make_loader(c.data, 'validation', mesh)))['checkerboard']
+  assert np.abs(train - plain).max() > 0.01  # jittered: the test can tell the two apart
+  boards = next(iter(make_loader(evaluate.eval_data_config(c, mesh), 'validation', mesh))
+                )['checkerboard']
+  np.testing.assert_allclose(boards, np.broadcast_to(plain, boards.shape), atol=1e-6)

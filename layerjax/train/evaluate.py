@@ -51,6 +51,7 @@ def eval_data_config(config, mesh) -> ml_collections.ConfigDict:
   d.global_batch_size = config.eval.batch_per_device * mesh.shape['data'] * mesh.shape['fsdp']
   d.prompt_probs = dict(config.eval.prompt_probs)
   d.degradations = {}
+  d.checkerboard_jitter = 0.0  # the board `Decomposer` gives the model
   d.hflip_prob = 0.0
   d.scale_range = (1.0, 1.0)
   d.num_workers = 0
