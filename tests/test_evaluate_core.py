@@ -15,6 +15,7 @@ from PIL import Image
 
 from layerjax import config_spec as spec
 from layerjax.data import schema
+from layerjax.data.pipeline import make_loader
 from layerjax.data.schema import Layer, LayeredSample
 from layerjax.evaluate import baselines, evaluators, folder, outputs
 from test_edit import scene
@@ -22,7 +23,7 @@ from layerjax.evaluate.__main__ import main
 from layerjax.train import config as train_config
 from layerjax.train import evaluate
 from test_schema import make_sample
-from train_utils import load_config_file, make_dataset, tiny
+from train_utils import load_config_file, make_dataset, one_device, tiny
 
 
 def rgba(*pixels) -> np.ndarray:
@@ -391,13 +392,11 @@ def test_evaluation_sees_the_board_decomposer_gives(tmp_path):
   """Training jitters the checkerboard's colours; evaluation scores what `Decomposer`
   returns, so its examples carry the plain board Decomposer makes: light squares 0.8 and
   dark 0.4 in every channel, alternating every `checkerboard_cell` pixels."""
-  from layerjax.data.pipeline import make_loader
-  from train_utils import one_device
   c = tiny(make_dataset(tmp_path / 'data', n=4))
   c.data.checkerboard_jitter = 0.15
   mesh = one_device(c)
   cell = c.data.checkerboard_cell
-  yy, xx = np.mgrid[0:32, 0:32]
+  yy, xx = np.mgrid[0:c.data.image_size[0], 0:c.data.image_size[1]]
   plain = np.where(((yy // cell + xx // cell) % 2 == 0)[..., None], 0.8, 0.4) * np.ones(3)
   train = next(iter(make_loader(c.data, 'validation', mesh)))['checkerboard']
   assert np.abs(train - plain).max() > 0.01  # jittered: the test can tell the two apart
