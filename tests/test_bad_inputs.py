@@ -103,6 +103,7 @@ def test_shipped_configs_pass():
     ('loss.weights', {'flow': 1.0, 'alpah': 1.0},
      "loss.weights: unknown key 'alpah' \\(did you mean 'alpha'\\?\\)"),
     ('optimizer.lr_mults', (('alpha_head(', 2.0),), r"optimizer.lr_mults\[0\]: bad regex"),
+    ('optimizer.clip_groups', ('alpha_head(',), r"optimizer.clip_groups\[0\]: bad regex"),
     ('eval.batch_per_device', 0, 'eval.batch_per_device: expected an int >= 1'),
 ])
 def test_training_config_errors_name_the_key(data_dir, key, value, message):

@@ -66,6 +66,30 @@ def test_lr_mults_scale_the_named_parameters_steps():
     second_step((('vae', 2.0),))
 
 
+def test_clip_groups_clip_their_parameters_by_their_own_norm():
+  """Gradients of norm 5 (the head), and 1 and 2 (the rest, together sqrt(5)): each group
+  scaled to norm 1 apart, or all three by their joint norm sqrt(30)."""
+  params = {'alpha_head': {'kernel': jnp.zeros(2)}, 'transformer': {'w': jnp.zeros(2)},
+            'pos': jnp.zeros(2)}
+  grads = {'alpha_head': {'kernel': jnp.array([3., 4.])},
+           'transformer': {'w': jnp.array([.6, .8])}, 'pos': jnp.array([0., 2.])}
+  opt = load_config_file('liwi', 'demo').optimizer
+  opt.clip_norm = 1.0
+
+  def clipped(groups):
+    opt.clip_groups = groups
+    tx = trainer.clip(opt, params)
+    return jax.tree.map(np.asarray, tx.update(grads, tx.init(params), params)[0])
+  apart, joint = clipped(('alpha_head',)), clipped(())
+  np.testing.assert_allclose(apart['alpha_head']['kernel'], [.6, .8], rtol=1e-6)
+  np.testing.assert_allclose(apart['transformer']['w'], np.array([.6, .8]) / 5 ** .5, rtol=1e-6)
+  np.testing.assert_allclose(apart['pos'], np.array([0., 2.]) / 5 ** .5, rtol=1e-6)
+  np.testing.assert_allclose(joint['alpha_head']['kernel'], np.array([3., 4.]) / 30 ** .5,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match=r"clip_groups: \['vae'\] match no trainable parameter"):
+    clipped(('alpha_head', 'vae'))
+
+
 def test_config_argument_errors():
   with pytest.raises(ValueError, match='unknown variant'):
     load_config_file('liwi', 'nope')

@@ -98,7 +98,8 @@ def base() -> ConfigDict:
   c.optimizer = ConfigDict(dict(
       name='adamw', lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
       warmup_steps=500, decay_steps=1000, final_lr_fraction=0.1,
-      lr_mults=()))  # ((regex on the parameter path, multiplier), ...)
+      lr_mults=(),  # ((regex on the parameter path, multiplier), ...)
+      clip_groups=()))  # regexes: parameters clipped by their own norm (`trainer.clip`)
 
   c.eval = ConfigDict(dict(
       # The global eval batch is batch_per_device x the data-parallel size (data x fsdp):
@@ -112,15 +113,19 @@ def base() -> ConfigDict:
   return c
 
 
+def _regex(pattern: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'bad regex {pattern!r}: {e}') from None
+
+
 def _lr_mult(rule) -> None:
   pattern, mult = rule
   if not isinstance(pattern, str) or isinstance(mult, bool) or not isinstance(mult,
                                                                              (int, float)):
     raise ValueError(f'expected (regex, multiplier), got {rule!r}')
-  try:
-    re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f'bad regex {pattern!r}: {e}') from None
+  _regex(pattern)
 
 
 _POSITIVE = spec.integer(lo=1)
@@ -192,7 +197,8 @@ SPEC = spec.section({
         'b2': spec.number(0, 1), 'eps': spec.number(lo=0), 'weight_decay': spec.number(lo=0),
         'clip_norm': spec.number(above=0), 'warmup_steps': spec.integer(lo=0),
         'decay_steps': spec.integer(lo=0), 'final_lr_fraction': spec.number(0, 1),
-        'lr_mults': spec.seq(spec.also(spec.seq(spec.anything(), 2), _lr_mult))}),
+        'lr_mults': spec.seq(spec.also(spec.seq(spec.anything(), 2), _lr_mult)),
+        'clip_groups': spec.seq(spec.also(spec.string(), _regex))}),
     'eval': spec.section({
         'split': spec.string(), 'batch_per_device': _POSITIVE, 'num_batches': _POSITIVE,
         'sample_steps': _POSITIVE, 'seed': spec.integer(), 'use_ema': spec.boolean(),

@@ -45,39 +45,55 @@ from layerjax.train import config as train_config
 from layerjax.train.writers import create_writer
 
 
-def lr_multipliers(params, rules) -> Any:
-  """Per-parameter learning-rate multipliers (big_vision's `lr_mults`): `rules` is a sequence
-  of (regex, multiplier); a parameter takes the first rule whose regex is found in its path
-  ('alpha_head/conv_in/kernel'), 1 if none. A rule that matches nothing is an error."""
-  rules = [(re.compile(pattern), float(m)) for pattern, m in rules]
+def by_rule(params, rules, key: str, default) -> Any:
+  """Per parameter, the value of the first (regex, value) in `rules` whose regex is found in
+  its path ('alpha_head/conv_in/kernel'), `default` if none. A rule that matches nothing is
+  an error naming the config `key` it came from."""
+  rules = [(re.compile(pattern), value) for pattern, value in rules]
   used = set()
 
-  def mult(path, _):
+  def value(path, _):
     name = '/'.join(str(k.key if hasattr(k, 'key') else k.idx) for k in path
                     if hasattr(k, 'key') or hasattr(k, 'idx'))  # not a Variable's `.value`
-    for i, (pattern, m) in enumerate(rules):
+    for i, (pattern, v) in enumerate(rules):
       if pattern.search(name):
         used.add(i)
-        return m
-    return 1.0
-  out = jax.tree_util.tree_map_with_path(mult, params)
+        return v
+    return default
+  out = jax.tree_util.tree_map_with_path(value, params)
   unused = [rules[i][0].pattern for i in range(len(rules)) if i not in used]
   if unused:
-    raise ValueError(f'optimizer.lr_mults: {unused} match no trainable parameter')
+    raise ValueError(f'{key}: {unused} match no trainable parameter')
   return out
 
 
+def clip(opt, params) -> optax.GradientTransformation:
+  """Gradient clipping to global norm `opt.clip_norm`; the parameters each regex of
+  `opt.clip_groups` names (the first that matches, as `by_rule`) form a group clipped by its
+  own norm, the others one group. A small network with its own loss (the demo's conv heads)
+  clipped together with the transformer has its steps shrunk whenever the transformer's
+  gradient is large, and learns only its easy cases."""
+  if not opt.clip_groups:
+    return optax.clip_by_global_norm(opt.clip_norm)
+  groups = ('', *opt.clip_groups)  # '': the parameters no group names
+  labels = by_rule(params, [(g, g) for g in opt.clip_groups], 'optimizer.clip_groups', '')
+  return optax.multi_transform({g: optax.clip_by_global_norm(opt.clip_norm) for g in groups},
+                               labels)
+
+
 def make_optimizer(opt, params) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to `lr * final_lr_fraction`, clipped by norm;
-  `opt.lr_mults` scales the steps of the parameters they name."""
+  """AdamW with linear warmup and cosine decay to `lr * final_lr_fraction`, after `clip`;
+  `opt.lr_mults`, (regex, multiplier) rules as `by_rule` applies them, scale the steps of
+  the parameters they name (big_vision's `lr_mults`)."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, opt.lr, max(opt.warmup_steps, 1), max(opt.decay_steps, opt.warmup_steps + 1),
       end_value=opt.lr * opt.final_lr_fraction)
-  chain = [optax.clip_by_global_norm(opt.clip_norm),
+  chain = [clip(opt, params),
            optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                        weight_decay=opt.weight_decay)]
   if opt.lr_mults:
-    mults = lr_multipliers(params, opt.lr_mults)
+    mults = by_rule(params, [(p, float(m)) for p, m in opt.lr_mults], 'optimizer.lr_mults',
+                    1.0)
     chain.append(optax.stateless(lambda updates, _: jax.tree.map(
         lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults)))
   return optax.chain(*chain)
