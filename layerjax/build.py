@@ -72,6 +72,7 @@ def decomposer_config(config, pretrained: tuple[MMDiTConfig, VAEConfig] | None =
                           latents=latents, vae=vae, factor=m.latents.get('factor', 8),
                           text=text, head=m.head.kind, head_width=m.head.get('width', 64),
                           head_conditions=tuple(m.head.get('conditions', ())),
+                          head_board_distance=bool(m.head.get('board_distance', False)),
                           long_skip=bool(m.long_skip), prediction=m.prediction)
 
 

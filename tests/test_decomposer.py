@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from layerjax.models import common
-from layerjax.models.decomposer import DecomposerConfig, LayerDecomposer
+from layerjax.models.decomposer import ConvHead, DecomposerConfig, LayerDecomposer
 from layerjax.models.shared import SAMPLE_SIGMA_MIN
 from layerjax.models.mmdit import MMDiTConfig
 
@@ -114,6 +114,24 @@ def test_heads_read_their_condition_maps_next_to_the_latent():
   with pytest.raises(ValueError, match="model.head.conditions needs model.head='conv'"):
     dataclasses.replace(config(), head='vae_decoder', latents='vae',
                         head_conditions=('image',))
+
+
+def test_heads_read_the_layers_distance_from_the_board():
+  """With `board_at`, the head is the plain head given one more map: |layer - board| summed
+  over RGB, computed here in numpy from the layer's pixels and the board's channels."""
+  rng = np.random.default_rng(5)
+  z = rng.normal(size=(2, 4, 4, C)).astype(np.float32)
+  pixels = rng.uniform(-1, 1, size=(2, 8, 8, 6)).astype(np.float32)  # image, board
+  reads = ConvHead(1, 2, 8, 6, board_at=3, rngs=nnx.Rngs(0))
+  plain = ConvHead(1, 2, 8, 7, rngs=nnx.Rngs(1))
+  nnx.update(plain, nnx.state(reads))
+  layer = z.reshape(2, 4, 4, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 8, 8, 3)
+  distance = np.abs(layer - pixels[..., 3:]).sum(-1, keepdims=True)
+  np.testing.assert_allclose(reads(jnp.asarray(z), jnp.asarray(pixels)),
+                             plain(jnp.asarray(z), jnp.concatenate([pixels, distance], -1)),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="board_distance needs 'checkerboard'"):
+    config(head_conditions=('image',), head_board_distance=True)
 
 
 def test_foreground_colour_is_unblended_from_the_known_board():

@@ -12,10 +12,10 @@ from layerjax.infer import model as infer
 from layerjax.models.shared import TextEmbeddings
 from train_utils import tiny, write_embeddings
 
-# demo: configs/liwi.py:demo shrunk (pixel latents, conv heads reading image and board, long
-# skip, sample prediction, byte text, qk RMSNorm); sd3 / sd35: SD3's structure (tiny VAE,
-# VAE-decoder heads, precomputed text, velocity), SD3 blocks / SD3.5 blocks (dual attention
-# layers, qk RMSNorm).
+# demo: configs/liwi.py:demo shrunk (pixel latents, conv heads reading image, board and the
+# layer's distance from it, long skip, sample prediction, byte text, qk RMSNorm); sd3 / sd35:
+# SD3's structure (tiny VAE, VAE-decoder heads, precomputed text, velocity), SD3 blocks /
+# SD3.5 blocks (dual attention layers, qk RMSNorm).
 KINDS = ('demo', 'sd3', 'sd35')
 
 
@@ -23,7 +23,8 @@ def config(root: Path, kind: str):
   emb = write_embeddings(root / 'emb.safetensors', 6, 16, 16)
   c = tiny(root, 'pixels' if kind == 'demo' else 'vae', embeddings=emb)
   if kind == 'demo':
-    c.model.head = {'kind': 'conv', 'width': 8, 'conditions': ('image', 'checkerboard')}
+    c.model.head = {'kind': 'conv', 'width': 8, 'conditions': ('image', 'checkerboard'),
+                    'board_distance': True}
     c.model.mmdit.dual_attention_layers = ()
   else:
     c.model.mmdit.dual_attention_layers = () if kind == 'sd3' else (0,)

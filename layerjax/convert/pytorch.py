@@ -88,7 +88,8 @@ def _configs(cfg: DecomposerConfig) -> dict[str, dict]:
       continue
     if cfg.head == 'conv':
       out[name] = {'_class_name': 'ConvHead', 'out_channels': channels, 'factor': cfg.factor,
-                   'width': cfg.head_width, 'extra_channels': 3 * len(cfg.head_conditions)}
+                   'width': cfg.head_width, 'extra_channels': 3 * len(cfg.head_conditions),
+                   'board_at': cfg.head_board_at()}
     else:
       v = cfg.vae
       out[name] = {'_class_name': 'DecoderHead', 'latent_channels': v.latent_channels,

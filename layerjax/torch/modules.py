@@ -108,16 +108,22 @@ class ConvHead(ModelMixin, ConfigMixin):
   """Pixel latents -> `out_channels` maps at full resolution (`decomposer.ConvHead`)."""
 
   @register_to_config
-  def __init__(self, out_channels: int, factor: int, width: int, extra_channels: int = 0):
+  def __init__(self, out_channels: int, factor: int, width: int, extra_channels: int = 0,
+               board_at: int | None = None):
     super().__init__()
-    self.conv_in = nn.Conv2d(3 + extra_channels, width, 3, padding=1)
+    self.conv_in = nn.Conv2d(3 + extra_channels + (board_at is not None), width, 3, padding=1)
     self.conv_mid = nn.Conv2d(width, width, 3, padding=1)
     self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
   def forward(self, z: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
     x = depth_to_space(z, self.config.factor)
     if pixels is not None:
-      x = torch.cat([x, pixels.to(x.dtype)], 1)
+      pixels = pixels.to(x.dtype)
+      maps = [x, pixels]
+      at = self.config.board_at
+      if at is not None:
+        maps.append((x - pixels[:, at:at + 3]).abs().sum(1, keepdim=True))
+      x = torch.cat(maps, 1)
     x = F.silu(self.conv_in(x))
     x = F.silu(self.conv_mid(x))
     return self.conv_out(x)
