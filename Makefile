@@ -25,8 +25,10 @@ app: $(VENV)/.installed
 convert-demo: $(VENV)/.installed
 	$(PY) -m layerjax.convert.demo out/convert_demo
 
+# Two processes, each file's tests in one of them (its module fixtures built once): most
+# tests compile small programs, single-threaded in LLVM, so two share the 2-core box well.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

