@@ -7,6 +7,7 @@ non-finite weights in conversions.
 """
 
 import errno
+import json
 import os
 import pathlib
 import shlex
@@ -348,6 +349,25 @@ def test_corrupt_loader_state_stops_training_before_compiling(checkpointed, tmp_
   with pytest.raises(checkpoints.UnreadableCheckpoint, match=r'checkpoint step 2: .*start from '
                                                           r'step 1 by moving it aside: mv'):
     trainer.train(config, run)
+
+
+def test_checkpoints_of_another_config_name_its_keys_and_keep_its_record(checkpointed,
+                                                                         tmp_path, monkeypatch):
+  config, setup, workdir = checkpointed
+  run, _ = _copy(workdir, tmp_path)
+  recorded = json.dumps(config.to_dict(), indent=2) + '\n'  # as the trainer records it
+  (run / 'config.json').write_text(recorded)
+  other = config.copy_and_resolve_references()
+  other.model.mmdit.num_layers = 2  # the run's checkpoints hold one block
+  why = (rf'^checkpoint step 2: .* cannot be read \(.*\)[^\n]*\. The run was trained with '
+         rf'another config \({run / "config.json"}: model\.mmdit\.num_layers: 1 -> 2\): if '
+         rf'that changes the model or its optimizer, train in a new workdir$')
+  monkeypatch.setattr(trainer, 'make_step', lambda setup: pytest.fail('compiled'))
+  with pytest.raises(checkpoints.UnreadableCheckpoint, match=why):
+    trainer.train(other, run)
+  assert (run / 'config.json').read_text() == recorded
+  with pytest.raises(checkpoints.UnreadableCheckpoint, match=why):
+    trainer.restore_for_eval(other, run)
 
 
 # --- dataset shards -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ from layerjax.fileio import (OutputLocked, as_path, atomic_file, output_lock, re
 from layerjax.data.pipeline import make_loader
 from layerjax.evaluate import baselines
 from layerjax.models.decomposer import TRAINABLE
-from layerjax.checkpoints import CONFIG, Checkpoints
+from layerjax.checkpoints import CONFIG, Checkpoints, UnreadableCheckpoint
 from layerjax.train import agreement, evaluate, objectives
 from layerjax.train import config as train_config
 from layerjax.train.writers import create_writer
@@ -365,15 +365,16 @@ def run(config, workdir, mesh, make_program: Callable[[], Any]) -> dict:
     return _finished_result(workdir, start, total)
   for folder in (workdir, workdir / 'eval', workdir / 'samples'):
     sweep(folder)  # what a killed run's `atomic_file`s left
-  if jax.process_index() == 0:  # what `layerjax.infer.model` rebuilds the model from
-    with atomic_file(workdir / CONFIG) as tmp:
-      tmp.write_text(json.dumps(config.to_dict(), indent=2) + '\n')
   program = make_program()
   setup = program.setup
   state = setup.state
   if start is not None:
-    state = ckpt.restore(start, state, program.iterator)
+    state = restore(ckpt, start, state, config, workdir, program.iterator)
     logging.info('resumed from step %d', start)
+  # After the restore: a config its checkpoints do not fit leaves the run's record as it was.
+  if jax.process_index() == 0:  # what `layerjax.infer.model` rebuilds the model from
+    with atomic_file(workdir / CONFIG) as tmp:
+      tmp.write_text(json.dumps(config.to_dict(), indent=2) + '\n')
   start = int(state['step'])
   writer = create_writer(workdir / 'tensorboard', enabled=jax.process_index() == 0)
   result: dict = {}
@@ -480,6 +481,46 @@ def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
   step = ckpt.latest()
   if step is None:
     raise FileNotFoundError(f'{workdir}/checkpoints: no checkpoint to evaluate')
-  state = ckpt.restore(step, setup.state)
+  state = restore(ckpt, step, setup.state, config, workdir)
   ckpt.close()
   return setup, state, step
+
+
+def restore(ckpt: Checkpoints, step: int, state: dict, config, workdir, iterator=None) -> dict:
+  """`ckpt.restore`; when the step cannot be read and the run in `workdir` recorded another
+  config, the `UnreadableCheckpoint` also names the keys that differ (a workdir trained
+  before the model or its optimizer changed, e.g. an old `make demo`'s)."""
+  try:
+    return ckpt.restore(step, state, iterator)
+  except UnreadableCheckpoint as e:
+    changes = config_changes(config, workdir)
+    if not changes:
+      raise
+    shown = '; '.join(changes[:6]) + (f'; {len(changes) - 6} more' if len(changes) > 6 else '')
+    raise UnreadableCheckpoint(
+        f'{e}. The run was trained with another config ({as_path(workdir) / CONFIG}: '
+        f'{shown}): if that changes the model or its optimizer, train in a new workdir') from e
+
+
+def config_changes(config, workdir) -> list[str]:
+  """'key: recorded -> ours' for each dotted key whose value in `config` differs from the
+  config the run in `workdir` recorded (its config.json); [] when it recorded none or one
+  that cannot be read (the caller's error stands alone)."""
+  try:
+    theirs = read_json(as_path(workdir) / CONFIG)
+  except (FileNotFoundError, ValueError):
+    return []
+  if not isinstance(theirs, dict):
+    return []
+  def flat(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+  # Through JSON, as the run recorded it: tuples become lists.
+  ours, theirs = flat(json.loads(json.dumps(config.to_dict()))), flat(theirs)
+  absent = object()
+  show = lambda v: '(absent)' if v is absent else json.dumps(v)
+  return [f'{k}: {show(theirs.get(k, absent))} -> {show(ours.get(k, absent))}'
+          for k in sorted(ours.keys() | theirs.keys())
+          if ours.get(k, absent) != theirs.get(k, absent)]
