@@ -396,11 +396,11 @@ def _gaps(server) -> list[float]:
 
 
 def test_timeout_is_retried_then_succeeds_or_drops(server):
-  backend = core.create('chat', _spec(server, timeout=0.3, max_retries=1))
-  server.push(slow(1.0, GOOD), answer(GOOD))
+  backend = core.create('chat', _spec(server, timeout=1.0, max_retries=1))
+  server.push(slow(3.0, GOOD), answer(GOOD))
   assert _ask(backend) == GOOD
   assert len(server.requests) == 2
-  server.push(slow(1.0, GOOD), slow(1.0, GOOD))
+  server.push(slow(3.0, GOOD), slow(3.0, GOOD))
   with pytest.raises(Drop) as e:
     _ask(backend)
   assert e.value.reason == 'agent_timeout'

@@ -217,14 +217,14 @@ def test_llm_agent_through_the_chat_server(monkeypatch):
   monkeypatch.setenv(KEY_ENV, 'k')
   with ChatServer() as server:
     spec = {'name': 'openai', 'base_url': server.url, 'model': 'test-vlm',
-            'api_key_env': KEY_ENV, 'timeout': 0.3, 'max_retries': 0, 'backoff': 0.01}
+            'api_key_env': KEY_ENV, 'timeout': 1.0, 'max_retries': 0, 'backoff': 0.01}
     agent = core.create('agent', {'name': 'llm', 'backend': spec})
     # Pairs (0, 1), (0, 2), (1, 2): s0 wins in both orders; (0, 2) is garbage on its first
     # order; (1, 2) times out. Rewards: s0 [+1] -> 1, s1 [-1] -> 0, s2 none -> None.
     server.push(answer({'reason': 'B left the box', 'score_a': 5, 'score_b': 2, 'winner': 'a'}),
                 answer({'reason': 'A left the box', 'score_a': 2, 'score_b': 5, 'winner': 'b'}),
                 answer('A is better, trust me.'),
-                slow(1.0, {'reason': 'late', 'score_a': 3, 'score_b': 3, 'winner': 'tie'}))
+                slow(3.0, {'reason': 'late', 'score_a': 3, 'score_b': 3, 'winner': 'tie'}))
     reward = PreferenceReward(agent)
     samples = [_sample('s0'), _sample('s1', removed=False), _sample('s2', removed=False)]
     rewards, records = reward(_photo(), samples, RNG)

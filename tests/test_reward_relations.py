@@ -330,8 +330,8 @@ def test_agent_judge_garbage_timeouts_and_same_labels(server):
   server.push(answer('no JSON here'))
   assert judge.answer(photo, ASKED, LABELS) == ['yes', 'unknown', 'no', 'unknown']
   assert judge.counts['agent_garbage'] == 4
-  slow_judge = _judge(server, timeout=0.3)
-  server.push(slow(1.0, {'reason': 'late', 'answers': ['yes'] * 4}))
+  slow_judge = _judge(server, timeout=1.0)
+  server.push(slow(3.0, {'reason': 'late', 'answers': ['yes'] * 4}))
   assert slow_judge.answer(photo, ASKED, LABELS) == ['unknown'] * 4
   assert slow_judge.counts['agent_timeout'] == 4
   twins = {'object_1': 'a cup', 'object_2': 'A cup'}
