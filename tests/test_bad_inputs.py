@@ -392,6 +392,7 @@ def test_truncated_shard_is_named(data_dir, tmp_path):
 # checkpoints and the loader's worker processes are the real ones, the model a stand-in (no
 # model built or compiled).
 NAN_MAIN = '''
+import jax
 import jax.numpy as jnp
 from layerjax import cli, main
 from layerjax.train import trainer
@@ -405,7 +406,7 @@ def make_step(setup):
     nan = state['step'] == 2
     return ({**state, 'step': jnp.where(nan, state['step'], state['step'] + 1)},
             {'loss': jnp.where(nan, jnp.nan, 1.0), 'finite': ~nan})
-  return step
+  return jax.jit(step)  # the trainer compiles it as it does make_step's
 
 trainer.create, trainer.make_step = create, make_step
 cli.run_absl(main.main)
