@@ -22,7 +22,7 @@ from layerjax import fileio
 from layerjax.data import tfds_builder
 from layerjax.train import trainer
 from train_utils import (ROOT, free_port, load_config_file, make_dataset, one_device,
-                         persistent_compile_cache, tiny)
+                         persistent_compile_cache, restored_state, tiny)
 
 BUCKET = 'layerjax-test'
 
@@ -181,7 +181,7 @@ def _main_to_step_2(data_dir: str, workdir: str) -> None:
 
 
 def _state(workdir, config, mesh):
-  _, state, step = trainer.restore_for_eval(config, workdir, mesh)
+  _, state, step = restored_state(config, workdir, mesh)
   return step, jax.tree.map(np.asarray, {k: state[k] for k in ('params', 'ema', 'opt_state')})
 
 

@@ -20,7 +20,7 @@ from layerjax import build, checkpoints, parallel
 from layerjax.fileio import OutputError
 from layerjax.infer import model as infer
 from layerjax.models.shared import TextEmbeddings
-from train_utils import load_config_file, write_embeddings
+from train_utils import load_config_file, restored_state, write_embeddings
 from layerjax.train import trainer
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake CPU) devices')
@@ -61,7 +61,7 @@ def test_packed_model_is_the_checkpoints_ema_model(kind, workdirs, tmp_path):
   packed = infer.pack(workdir, tmp_path / 'model')
   loaded = infer.load(packed)
   # The independent reference: the whole state restored by the trainer, with its frozen parts.
-  setup, state, step = trainer.restore_for_eval(config, workdir)
+  setup, state, step = restored_state(config, workdir)
   assert loaded.step == step == 2 and loaded.source == str(packed)
   assert loaded.config.to_dict() == json.loads(json.dumps(config.to_dict()))
   ema, frozen, params = flat(state['ema']), flat(setup.frozen), flat(state['params'])
@@ -83,6 +83,32 @@ def test_packed_model_is_the_checkpoints_ema_model(kind, workdirs, tmp_path):
   assert direct.model.config == loaded.model.config
   for k, x in flat(nnx.state(direct.model)).items():
     np.testing.assert_array_equal(x, got[k], err_msg=k)
+
+
+@pytest.mark.parametrize('use_ema', [True, False])
+def test_evaluation_restores_only_the_weights_it_scores(use_ema, workdirs, monkeypatch):
+  """`--mode=eval` reads the step and the EMA (or, `eval.use_ema=False`, the trained)
+  weights, as the whole checkpoint holds them, and never makes the optimizer's state."""
+  config, workdir = workdirs('pixels')
+  config = config.copy_and_resolve_references()
+  config.eval.use_ema = use_ema
+  key = 'ema' if use_ema else 'params'
+  _, whole, _ = restored_state(config, workdir)
+  make = trainer.make_optimizer
+  def refuse(*_):
+    raise AssertionError('optimizer state made')
+  monkeypatch.setattr(trainer, 'make_optimizer', lambda *a: make(*a)._replace(init=refuse))
+  read = []
+  restore = checkpoints.Checkpoints.restore
+  monkeypatch.setattr(checkpoints.Checkpoints, 'restore',
+                      lambda self, *a, **k: read.append(restore(self, *a, **k)) or read[-1])
+  setup, state, step = trainer.restore_for_eval(config, workdir)
+  assert step == 2 and [sorted(r) for r in read] == [sorted(['step', key])]
+  assert sorted(state) == sorted(setup.state) == sorted(['step', key])
+  got = flat(state[key])
+  assert set(got) == set(flat(whole[key]))
+  for k, x in flat(whole[key]).items():
+    np.testing.assert_array_equal(got[k], x, err_msg=k)
 
 
 def test_loading_a_workdir_never_builds_optimizer_state(workdirs, monkeypatch):

@@ -11,7 +11,8 @@ import pytest
 
 from layerjax import parallel
 from layerjax.train import agreement, trainer
-from train_utils import ROOT, finish, launch_main, load_config_file, make_dataset
+from train_utils import (ROOT, finish, launch_main, load_config_file, make_dataset,
+                         restored_state)
 
 # The demo config, shrunk: one transformer block, 32 px, a batch of 4.
 SETTINGS = {'data.image_size': (32, 32), 'data.global_batch_size': 4, 'data.num_workers': 0,
@@ -49,7 +50,7 @@ def saved_steps(workdir) -> list[int]:
 
 
 def checkpoint(config, workdir, mesh):
-  _, state, step = trainer.restore_for_eval(config, workdir, mesh)
+  _, state, step = restored_state(config, workdir, mesh)
   return step, jax.tree.map(np.asarray, state)
 
 

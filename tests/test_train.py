@@ -23,8 +23,8 @@ from layerjax import build
 from layerjax.models.shared import TextEmbeddings
 from layerjax.train import evaluate, trainer
 from layerjax.train import config as train_config
-from train_utils import (ROOT, devices_env, load_config_file, make_dataset, one_device, tiny,
-                         write_embeddings)
+from train_utils import (ROOT, devices_env, load_config_file, make_dataset, one_device,
+                         restored_state, tiny, write_embeddings)
 
 
 @pytest.fixture(scope='module')
@@ -247,7 +247,7 @@ def test_training_with_cond_dropout(tmp_path, data_dir, monkeypatch):
 
 
 def _params(workdir, config):
-  setup, state, step = trainer.restore_for_eval(config, workdir)
+  setup, state, step = restored_state(config, workdir)
   return step, jax.tree.map(np.asarray, {k: state[k] for k in ('params', 'ema', 'opt_state')})
 
 

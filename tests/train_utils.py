@@ -168,6 +168,20 @@ def tiny(data_dir, kind: str = 'pixels', embeddings=None, **top):
   return c
 
 
+def restored_state(config, workdir, mesh=None):
+  """`workdir`'s latest checkpoint whole (parameters, EMA, optimizer state), restored into
+  the state a run of `config` makes, as a resumed run reads it: (setup, state, step)."""
+  from layerjax import checkpoints, fileio
+  from layerjax.train import trainer
+  setup = trainer.create(config, mesh)
+  ckpt = checkpoints.Checkpoints(fileio.as_path(workdir) / 'checkpoints',
+                                 config.keep_checkpoints, async_save=False, read_only=True)
+  step = ckpt.latest()
+  state = ckpt.restore(step, setup.state)
+  ckpt.close()
+  return setup, state, step
+
+
 def random_model(config, seed: int = 1, std: float = 0.05):
   """`config`'s decomposer with every parameter moved by N(0, std^2) noise: a fresh model's
   zero-initialised blocks ignore most of their inputs (the prompt, the text). Drawn with

@@ -152,16 +152,19 @@ def create(config, mesh=None) -> Setup:
   return _place(config, check_config(config, mesh))
 
 
-def _place(config, mesh: jax.sharding.Mesh) -> Setup:
+def _place(config, mesh: jax.sharding.Mesh, training: bool = True) -> Setup:
+  """`training=False`: the state holds the step and the parameters only (no EMA copy, no
+  optimizer moments), for a reader of trained weights."""
   model = build.build_model(config, config.seed)
   shardings = parallel.model_shardings(model, mesh)
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
   params = jax.device_put(params, _shardings_for(params, shardings))
   frozen = jax.device_put(frozen, _shardings_for(frozen, shardings))
   tx = make_optimizer(config.optimizer, params)
-  state = {'step': jnp.int32(0), 'params': params,
-           'ema': jax.tree.map(jnp.copy, params), 'opt_state': tx.init(params),
-           'rng': jax.random.PRNGKey(config.seed)}
+  state = {'step': jnp.int32(0), 'params': params}
+  if training:
+    state.update(ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                 rng=jax.random.PRNGKey(config.seed))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Optimizer moments follow their parameters; scalars (counts, step, key) are replicated.
   state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
@@ -476,24 +479,32 @@ def _flops(compiled) -> float | None:
 
 
 def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
-  """The latest checkpoint's state in `workdir` (for `--mode=eval`)."""
+  """The latest checkpoint in `workdir`, as evaluation reads it (`--mode=eval`): the setup with
+  its frozen parts, the state {'step', and 'ema' if `eval.use_ema` else 'params'}, the step.
+  Nothing else is read or held: the whole train state is four copies of the weights."""
   agreement.check(config)
-  setup = create(config, mesh)
+  setup = _place(config, check_config(config, mesh), training=False)
   ckpt = Checkpoints(as_path(workdir) / 'checkpoints', config.keep_checkpoints, False)
   step = ckpt.latest()
   if step is None:
     raise FileNotFoundError(f'{workdir}/checkpoints: no checkpoint to evaluate')
-  state = restore(ckpt, step, setup.state, config, workdir)
+  key = 'ema' if config.eval.use_ema else 'params'
+  # Shapes and placements only: the random initial weights go before the trained ones come.
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        {'step': setup.state['step'], key: setup.state['params']})
+  setup.state = target
+  state = restore(ckpt, step, target, config, workdir, partial=True)
   ckpt.close()
   return setup, state, step
 
 
-def restore(ckpt: Checkpoints, step: int, state: dict, config, workdir, iterator=None) -> dict:
+def restore(ckpt: Checkpoints, step: int, state: dict, config, workdir, iterator=None,
+            partial: bool = False) -> dict:
   """`ckpt.restore`; when the step cannot be read and the run in `workdir` recorded another
   config, the `UnreadableCheckpoint` also names the keys that differ (a workdir trained
   before the model or its optimizer changed, e.g. an old `make demo`'s)."""
   try:
-    return ckpt.restore(step, state, iterator)
+    return ckpt.restore(step, state, iterator, partial)
   except UnreadableCheckpoint as e:
     changes = config_changes(config, workdir)
     if not changes:
