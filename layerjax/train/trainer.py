@@ -343,7 +343,7 @@ class Supervised:
                                   self.setup.mesh)
     if self.step_fn is None:
       # Compiled once from its lowering, which also gives the FLOPs: lowering it for the
-      # FLOPs and then calling the jitted function lowered it twice (4 s of a tiny run's 30).
+      # FLOPs and then calling the jitted function lowered it twice (~4 s a tiny test run).
       self.step_fn = make_step(self.setup).lower(state, self.setup.frozen, batch).compile()
       self.flops = _flops(self.step_fn)
     return self.step_fn(state, self.setup.frozen, batch)
