@@ -60,7 +60,7 @@ def test_packed_model_is_the_checkpoints_ema_model(kind, workdirs, tmp_path):
   config, workdir = workdirs(kind)
   packed = infer.pack(workdir, tmp_path / 'model')
   loaded = infer.load(packed)
-  # The independent reference: the whole state restored by the trainer, with its frozen parts.
+  # The independent reference: the whole state as a resumed run restores it, with its frozen parts.
   setup, state, step = restored_state(config, workdir)
   assert loaded.step == step == 2 and loaded.source == str(packed)
   assert loaded.config.to_dict() == json.loads(json.dumps(config.to_dict()))
