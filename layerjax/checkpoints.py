@@ -23,6 +23,12 @@ def _not_read_only_notice(record) -> bool:
   return not record.getMessage().startswith('Given directory is read only')
 
 
+def shapes(tree):
+  """`tree`'s arrays as their shapes, dtypes and placements (a restore target that holds no
+  memory); `jax.ShapeDtypeStruct`s pass as they are."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 class Checkpoints:
   """Orbax `CheckpointManager` for the train state plus the Grain iterator's state."""
 
@@ -59,7 +65,7 @@ class Checkpoints:
     `partial`: `state` names some entries only (e.g. {'step', 'ema'}) and only those are read,
     so inference never holds the optimizer state. A step that cannot be read raises
     `UnreadableCheckpoint`, saying how to go back."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    target = shapes(state)
     if partial:
       items = {'state': ocp.args.PyTreeRestore(
           target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -39,7 +39,7 @@ from layerjax.fileio import (OutputLocked, as_path, atomic_file, output_lock, re
 from layerjax.data.pipeline import make_loader
 from layerjax.evaluate import baselines
 from layerjax.models.decomposer import TRAINABLE
-from layerjax.checkpoints import CONFIG, Checkpoints, UnreadableCheckpoint
+from layerjax.checkpoints import CONFIG, Checkpoints, UnreadableCheckpoint, shapes
 from layerjax.train import agreement, evaluate, objectives
 from layerjax.train import config as train_config
 from layerjax.train.writers import create_writer
@@ -489,9 +489,8 @@ def restore_for_eval(config, workdir, mesh=None) -> tuple[Setup, dict, int]:
   if step is None:
     raise FileNotFoundError(f'{workdir}/checkpoints: no checkpoint to evaluate')
   key = 'ema' if config.eval.use_ema else 'params'
-  # Shapes and placements only: the random initial weights go before the trained ones come.
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                        {'step': setup.state['step'], key: setup.state['params']})
+  # The random initial weights go before the trained ones come.
+  target = shapes({'step': setup.state['step'], key: setup.state['params']})
   setup.state = target
   state = restore(ckpt, step, target, config, workdir, partial=True)
   ckpt.close()
