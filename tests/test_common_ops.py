@@ -79,3 +79,48 @@ def test_bfloat16_close_to_float32():
     assert got.dtype == jnp.bfloat16
     err = np.abs(np.asarray(got, np.float32) - np.asarray(ref)).max()
     assert err < 0.05 * np.abs(np.asarray(ref)).max(), err
+
+
+@pytest.mark.parametrize('tile_bytes', [100, 1100])  # queries in 3 padded chunks; 4 + 2 heads
+@pytest.mark.parametrize('mask_kind', [None, 'keys', 'full'])
+def test_tiled_loop_matches_float64_numpy_and_autodiff(monkeypatch, tile_bytes, mask_kind):
+  """With a small tile budget the CPU loop splits heads into uneven groups and a head's
+  queries into padded chunks: one head's 7 x 9 scores are 252 bytes."""
+  from layerjax.models import common
+  monkeypatch.setattr(common, '_TILE_BYTES', tile_bytes)
+  q, k, v, cotangent, mask = _inputs()
+  if mask_kind == 'full':  # a different mask per head and query, one key kept in each row
+    mask = jax.random.bernoulli(jax.random.key(1), 0.5, (2, 3, 7, 9)).at[..., 3].set(True)
+  mask = None if mask_kind is None else mask
+  want = _numpy_attention(q, k, v, np.ones((1, 1, 1, 1), bool) if mask is None else mask)
+  np.testing.assert_allclose(attention(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+  value, grads = _grads(attention, q, k, v, cotangent, mask)
+  want_value, want_grads = _grads(_reference, q, k, v, cotangent, mask)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for got, ref, name in zip(grads, want_grads, 'qkv'):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=f'd{name}')
+
+
+def test_tiled_loop_keeps_a_batch_sharded_input_on_its_devices(monkeypatch):
+  """Under a mesh of several devices the loop must not run along the (sharded) heads axis:
+  XLA would gather q, k, v onto every device. Tiles of all heads and some queries instead."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+  from layerjax.models import common
+  monkeypatch.setattr(common, '_TILE_BYTES', 100)
+  n = len(jax.devices())
+  assert n > 1, 'conftest gives the CPU several devices'
+  mesh = jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,))
+  q, k, v, cotangent, mask = _inputs(b=n)
+  sharded = NamedSharding(mesh, PartitionSpec('data'))
+  q, k, v, cotangent = (jax.device_put(x, sharded) for x in (q, k, v, cotangent))
+  with jax.set_mesh(mesh):
+    forward = jax.jit(attention).lower(q, k, v, mask).compile()
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, mask) * cotangent)
+    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    for compiled in (forward, backward):
+      assert 'all-gather' not in compiled.as_text()
+    np.testing.assert_allclose(forward(q, k, v, mask), _numpy_attention(q, k, v, mask),
+                               rtol=1e-5, atol=1e-6)
+    want = _grads(_reference, q, k, v, cotangent, mask)[1]
+    for got, ref in zip(backward(q, k, v), want):
+      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)

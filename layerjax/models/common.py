@@ -92,9 +92,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   On accelerators `jax.nn.dot_product_attention`: XLA's unless `implementation='cudnn'`
   asks for cuDNN's fused kernel (NVIDIA GPUs, bf16/fp16; it raises where it does not apply);
   fp32 inputs keep full fp32 matmuls (no TF32) so fp32 runs match PyTorch. On CPUs
-  `_cpu_attention`, whose
-  hand-written backward makes attention's forward+backward ~1.35x and an SD3-shaped training
-  step ~1.1x faster (bench/mmdit_step.py, 2-core AVX-512 EPYC).
+  `_cpu_attention`: a loop over tiles of heads and queries with a hand-written backward.
   """
   if jax.default_backend() == 'cpu':
     return _cpu_attention(q, k, v, mask)
@@ -105,47 +103,133 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
                                         else implementation)
 
 
-def _attention_forward(q, k, v, mask):
-  """(output [B, T, N, H], probabilities [B, N, T, S] in fp32)."""
-  precision = _precision(q)
-  s = jnp.einsum('btnh,bsnh->bnts', q, k, precision=precision,
-                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
-  if mask is not None:
-    s = jnp.where(mask, s, -0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn's large negative
-  e = jnp.exp(s - s.max(-1, keepdims=True))
-  p = e * (1.0 / e.sum(-1, keepdims=True))
-  return jnp.einsum('bnts,bsnh->btnh', p.astype(v.dtype), v, precision=precision), p
+# The most fp32 scores one iteration of the CPU attention's loop holds. With all heads at once
+# XLA makes pass after pass over [B, N, T, S] scores far larger than the caches, and YNNPACK
+# fuses the forward into one slow kernel: at SD3-medium's 24 heads and 2,637 tokens (three
+# 384x512 layers and the text) the forward took 1.77 s, one head at a time 0.34-0.42 s, and
+# PyTorch's fused kernel 0.21 s (2-core Xeon). 32 MiB keeps such a head whole; larger ones
+# (the VAE's 4,096 positions at 512 px) go in chunks of queries.
+_TILE_BYTES = 32 << 20
 
 
 def _precision(x: jax.Array):
   return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
+def _by_head(x: jax.Array) -> jax.Array:
+  """[B, T, N, H] -> [B*N, T, H]."""
+  b, t, n, h = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * n, t, h)
+
+
+def _from_heads(x: jax.Array, batch: int) -> jax.Array:
+  """[B*N, T, H] -> [B, T, N, H]."""
+  return x.reshape(batch, -1, *x.shape[1:]).transpose(0, 2, 1, 3)
+
+
+def _mask_by_head(mask: jax.Array | None, batch: int, heads: int) -> jax.Array | None:
+  """A [B|1, N|1, T|1, S] mask as [B*N, T|1, S]."""
+  if mask is None:
+    return None
+  m = jnp.broadcast_to(mask, (batch, heads) + mask.shape[2:])
+  return m.reshape(batch * heads, *mask.shape[2:])
+
+
+def _tiling(heads: int, t: int, s: int, chunked: bool) -> tuple[int, int]:
+  """(heads per iteration, query chunks per head) that keep one iteration's fp32 scores
+  within `_TILE_BYTES`; one chunk unless `chunked`. Under a mesh of several devices every
+  iteration takes all heads: a loop along the heads axis, which the mesh may split, would
+  gather it onto each device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spread = not mesh.empty and mesh.size > 1
+  chunks = -(-(heads if spread else 1) * t * s * 4 // _TILE_BYTES) if chunked else 1
+  if spread:
+    return heads, chunks
+  return max(1, min(heads, _TILE_BYTES // (-(-t // chunks) * s * 4))), chunks
+
+
+def _probabilities(q, k, mask, normalize: bool):
+  """One head: exp(S - max) [T, S] in fp32 and its reciprocal row sums [T, 1], or the
+  normalised probabilities with `normalize`."""
+  s = jnp.einsum('th,sh->ts', q, k, precision=_precision(q),
+                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+  if mask is not None:
+    s = jnp.where(mask, s, -0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn's large negative
+  e = jnp.exp(s - s.max(-1, keepdims=True))
+  r = 1.0 / e.sum(-1, keepdims=True)
+  return e * r if normalize else (e, r)
+
+
+def _head_attention(q, k, v, mask):
+  """One head, forward only: the output normalised after P V, one pass less over [T, S]."""
+  e, r = _probabilities(q, k, mask, normalize=False)
+  o = jnp.einsum('ts,sh->th', e.astype(v.dtype), v, precision=_precision(v),
+                 preferred_element_type=jnp.float32)
+  return (o * r).astype(v.dtype)
+
+
 @jax.custom_vjp
 def _cpu_attention(q, k, v, mask):
-  """Attention whose backward keeps only the probabilities P and uses the softmax identity
-  dS = P * (dP - rowsum(dO * O)): autodiff of the softmax instead keeps exp(S) and the row
-  sums and differentiates the division, several more passes over the [B, N, T, S] scores,
-  which on XLA:CPU cost as much as attention's matmuls."""
-  return _attention_forward(q, k, v, mask)[0]
+  """Forward only (inference): heads, and within a head queries, in tiles of at most
+  `_TILE_BYTES` of scores. Under differentiation `_cpu_attention_fwd` / `_bwd` instead:
+  the backward keeps only the probabilities P and uses the softmax identity
+  dS = P * (dP - rowsum(dO * O)); autodiff of the softmax keeps exp(S) and the row sums and
+  differentiates the division, several more passes over the scores (the identity made
+  attention's forward+backward ~1.35x faster on a 2-core AVX-512 EPYC)."""
+  b, t, n, _ = q.shape
+  s = k.shape[1]
+  per, chunks = _tiling(b * n, t, s, chunked=True)
+  qh, kh, vh, m = _by_head(q), _by_head(k), _by_head(v), _mask_by_head(mask, b, n)
+  if chunks == 1:
+    return _from_heads(jax.lax.map(lambda x: _head_attention(*x), (qh, kh, vh, m),
+                                   batch_size=per), b)
+  rows = -(-t // chunks)
+  split = lambda x: jnp.pad(x, ((0, 0), (0, chunks * rows - t), (0, 0))).reshape(
+      x.shape[0], chunks, rows, x.shape[-1])
+  if m is not None:
+    m = split(m) if m.shape[1] == t else jnp.broadcast_to(m[:, None], (b * n, chunks, 1, s))
+
+  def head(x):  # one head's query chunks in turn
+    chunks_q, k1, v1, chunks_m = x
+    return jax.lax.map(lambda y: _head_attention(y[0], k1, v1, y[1]), (chunks_q, chunks_m))
+
+  o = jax.lax.map(head, (split(qh), kh, vh, m), batch_size=per)
+  return _from_heads(o.reshape(b * n, chunks * rows, -1)[:, :t], b)
 
 
 def _cpu_attention_fwd(q, k, v, mask):
-  o, p = _attention_forward(q, k, v, mask)
-  return o, (q, k, v, o, p)
+  b, t, n, _ = q.shape
+
+  def head(x):
+    qh, kh, vh, mh = x
+    p = _probabilities(qh, kh, mh, normalize=True)
+    return jnp.einsum('ts,sh->th', p.astype(vh.dtype), vh, precision=_precision(vh)), p
+
+  per, _ = _tiling(b * n, t, k.shape[1], chunked=False)
+  o, p = jax.lax.map(head, (_by_head(q), _by_head(k), _by_head(v), _mask_by_head(mask, b, n)),
+                     batch_size=per)
+  return _from_heads(o, b), (q, k, v, o, p)
 
 
 def _cpu_attention_bwd(residuals, do):
   q, k, v, o, p = residuals
-  precision = _precision(q)
-  dv = jnp.einsum('bnts,btnh->bsnh', p.astype(do.dtype), do, precision=precision)
-  dp = jnp.einsum('btnh,bsnh->bnts', do, v, precision=precision,
-                  preferred_element_type=jnp.float32)
-  delta = jnp.einsum('btnh,btnh->bnt', do.astype(jnp.float32), o.astype(jnp.float32))
-  ds = (p * (dp - delta[..., None]) * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
-  dq = jnp.einsum('bnts,bsnh->btnh', ds, k, precision=precision)
-  dk = jnp.einsum('bnts,btnh->bsnh', ds, q, precision=precision)
-  return dq, dk, dv, None  # the mask has no gradient
+  scale = 1.0 / math.sqrt(q.shape[-1])
+
+  def head(x):
+    qh, kh, vh, oh, ph, doh = x
+    precision = _precision(qh)
+    dv = jnp.einsum('ts,th->sh', ph.astype(doh.dtype), doh, precision=precision)
+    dp = jnp.einsum('th,sh->ts', doh, vh, precision=precision,
+                    preferred_element_type=jnp.float32)
+    delta = jnp.einsum('th,th->t', doh.astype(jnp.float32), oh.astype(jnp.float32))
+    ds = (ph * (dp - delta[:, None]) * scale).astype(qh.dtype)
+    return (jnp.einsum('ts,sh->th', ds, kh, precision=precision),
+            jnp.einsum('ts,th->sh', ds, qh, precision=precision), dv)
+
+  per, _ = _tiling(o.shape[0], q.shape[1], k.shape[1], chunked=False)
+  grads = jax.lax.map(head, (_by_head(q), _by_head(k), _by_head(v), o, p, _by_head(do)),
+                      batch_size=per)
+  return (*(_from_heads(g, q.shape[0]) for g in grads), None)  # the mask has no gradient
 
 
 _cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
