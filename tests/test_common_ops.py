@@ -124,3 +124,15 @@ def test_tiled_loop_keeps_a_batch_sharded_input_on_its_devices(monkeypatch):
     want = _grads(_reference, q, k, v, cotangent, mask)[1]
     for got, ref in zip(backward(q, k, v), want):
       np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_inference_and_differentiated_forward_agree_to_the_bit(masked):
+  """The forward alone and the forward under differentiation are different code (the latter
+  keeps P); GRPO's KL against a reference equal to the policy is exactly 0 only if they give
+  the same bits."""
+  q, k, v, _, mask = _inputs(t=33, s=41, h=16)
+  mask = mask if masked else None
+  alone = jax.jit(attention)(q, k, v, mask)
+  differentiated = jax.jit(lambda q, k, v: jax.vjp(lambda *a: attention(*a, mask), q, k, v)[0])
+  np.testing.assert_array_equal(alone, differentiated(q, k, v))

@@ -148,24 +148,28 @@ def _tiling(heads: int, t: int, s: int, chunked: bool) -> tuple[int, int]:
   return max(1, min(heads, _TILE_BYTES // (-(-t // chunks) * s * 4))), chunks
 
 
-def _probabilities(q, k, mask, normalize: bool):
-  """One head: exp(S - max) [T, S] in fp32 and its reciprocal row sums [T, 1], or the
-  normalised probabilities with `normalize`."""
+def _softmax_parts(q, k, mask):
+  """One head: exp(S - max) [T, S] in fp32 and its reciprocal row sums [T, 1]."""
   s = jnp.einsum('th,sh->ts', q, k, precision=_precision(q),
                  preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
   if mask is not None:
     s = jnp.where(mask, s, -0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn's large negative
   e = jnp.exp(s - s.max(-1, keepdims=True))
-  r = 1.0 / e.sum(-1, keepdims=True)
-  return e * r if normalize else (e, r)
+  return e, 1.0 / e.sum(-1, keepdims=True)
 
 
-def _head_attention(q, k, v, mask):
-  """One head, forward only: the output normalised after P V, one pass less over [T, S]."""
-  e, r = _probabilities(q, k, mask, normalize=False)
+def _output(e, r, v):
+  """One head's output, normalised after P V: one pass less over [T, S]. Inference and the
+  differentiated forward both compute it so, so a model and its copy agree to the bit (GRPO's
+  KL against a reference equal to the model is exactly 0)."""
   o = jnp.einsum('ts,sh->th', e.astype(v.dtype), v, precision=_precision(v),
                  preferred_element_type=jnp.float32)
   return (o * r).astype(v.dtype)
+
+
+def _head_attention(q, k, v, mask):
+  """One head, forward only."""
+  return _output(*_softmax_parts(q, k, mask), v)
 
 
 @jax.custom_vjp
@@ -202,8 +206,8 @@ def _cpu_attention_fwd(q, k, v, mask):
 
   def head(x):
     qh, kh, vh, mh = x
-    p = _probabilities(qh, kh, mh, normalize=True)
-    return jnp.einsum('ts,sh->th', p.astype(vh.dtype), vh, precision=_precision(vh)), p
+    e, r = _softmax_parts(qh, kh, mh)
+    return _output(e, r, vh), e * r
 
   per, _ = _tiling(b * n, t, k.shape[1], chunked=False)
   o, p = jax.lax.map(head, (_by_head(q), _by_head(k), _by_head(v), _mask_by_head(mask, b, n)),
