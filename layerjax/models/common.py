@@ -160,8 +160,8 @@ def _softmax_parts(q, k, mask):
 
 def _output(e, r, v):
   """One head's output, normalised after P V: one pass less over [T, S]. Inference and the
-  differentiated forward both compute it so, so a model and its copy agree to the bit (GRPO's
-  KL against a reference equal to the model is exactly 0)."""
+  differentiated forward both compute it this way, so a model and its copy agree to the bit
+  (GRPO's KL against a reference equal to the model is exactly 0)."""
   o = jnp.einsum('ts,sh->th', e.astype(v.dtype), v, precision=_precision(v),
                  preferred_element_type=jnp.float32)
   return (o * r).astype(v.dtype)
