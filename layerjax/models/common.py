@@ -127,12 +127,12 @@ def _from_heads(x: jax.Array, batch: int) -> jax.Array:
   return x.reshape(batch, -1, *x.shape[1:]).transpose(0, 2, 1, 3)
 
 
-def _mask_by_head(mask: jax.Array | None, batch: int, heads: int) -> jax.Array | None:
-  """A [B|1, N|1, T|1, S] mask as [B*N, T|1, S]."""
-  if mask is None:
-    return None
-  m = jnp.broadcast_to(mask, (batch, heads) + mask.shape[2:])
-  return m.reshape(batch * heads, *mask.shape[2:])
+def _heads_of(q, k, v, mask):
+  """q, k, v by head ([B*N, T|S, H]) and the [B|1, N|1, T|1, S] mask as [B*N, T|1, S]."""
+  b, _, n, _ = q.shape
+  m = None if mask is None else jnp.broadcast_to(mask, (b, n) + mask.shape[2:]).reshape(
+      b * n, *mask.shape[2:])
+  return _by_head(q), _by_head(k), _by_head(v), m
 
 
 def _tiling(heads: int, t: int, s: int, chunked: bool) -> tuple[int, int]:
@@ -183,10 +183,7 @@ def _cpu_attention(q, k, v, mask):
   b, t, n, _ = q.shape
   s = k.shape[1]
   per, chunks = _tiling(b * n, t, s, chunked=True)
-  qh, kh, vh, m = _by_head(q), _by_head(k), _by_head(v), _mask_by_head(mask, b, n)
-  if chunks == 1:
-    return _from_heads(jax.lax.map(lambda x: _head_attention(*x), (qh, kh, vh, m),
-                                   batch_size=per), b)
+  qh, kh, vh, m = _heads_of(q, k, v, mask)
   rows = -(-t // chunks)
   split = lambda x: jnp.pad(x, ((0, 0), (0, chunks * rows - t), (0, 0))).reshape(
       x.shape[0], chunks, rows, x.shape[-1])
@@ -210,8 +207,7 @@ def _cpu_attention_fwd(q, k, v, mask):
     return _output(e, r, vh), e * r
 
   per, _ = _tiling(b * n, t, k.shape[1], chunked=False)
-  o, p = jax.lax.map(head, (_by_head(q), _by_head(k), _by_head(v), _mask_by_head(mask, b, n)),
-                     batch_size=per)
+  o, p = jax.lax.map(head, _heads_of(q, k, v, mask), batch_size=per)
   return _from_heads(o, b), (q, k, v, o, p)
 
 
