@@ -21,9 +21,11 @@ Configs
               VAE-decoder heads, 333 text tokens of width 4096) with `--depth` blocks at
               `--size` px, random weights
 
-Peak memory: each (config, side) runs in its own process; on a CPU its peak resident set
-(`ru_maxrss`), on a GPU the framework's peak device allocation. Ours runs first and writes
-the model and its PyTorch export to a temporary folder the peer loads.
+Peak memory: a first process builds the random model and writes it, packed and as its
+PyTorch export, to a temporary folder. Each side then loads it as its user would
+(`layerjax.infer.model.load`, `LayerDecomposerPipeline.from_pretrained`) in a process of its
+own, whose peak is measured: on a CPU the resident set (`ru_maxrss`), on a GPU the
+framework's peak device allocation.
 
     python bench/decompose.py                                   # CPU: sd3_medium depth 2, 4 steps
     python bench/decompose.py --configs sd3_medium --depth 24 --steps 28 --dtype bfloat16 \\
@@ -46,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
-from layerjax import malloc  # noqa: E402
+from layerjax import host  # noqa: E402
 from train_step import SD3_TEXT_TOKENS, load_config  # noqa: E402
 
 PHASES = ('sampling', 'decoding', 'postprocess')
@@ -106,28 +108,37 @@ def peak_memory_bytes(framework: str) -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(name: str, args) -> dict:
-  import jax
-  from flax import nnx
+def run_setup(name: str, args) -> None:
+  """Builds the random model and writes it packed (what ours loads) and, for the peer, as
+  its PyTorch export; its own process, so neither side's peak counts this work."""
   from layerjax import build
   from layerjax.convert import pytorch
-  from layerjax.infer.decomposer import Decomposer
-  from layerjax.infer.model import JaxBackend, LoadedModel, save
-  from layerjax.infer.prompts import Query
+  from layerjax.infer.model import LoadedModel, save
   from layerjax.models.shared import TextEmbeddings
   config = make_config(name, args)
   model = build.build_model(config, 0)
   texts = None
   if config.model.text.encoder == 'precomputed':
     texts = TextEmbeddings(_embeddings(Path(args.export), model.config))
-  loaded = LoadedModel(model, config, 0, f'random {name}', texts)
-  if not args.no_peer:  # the same weights for the peer
-    pytorch.to_pytorch(save(loaded, Path(args.export) / 'packed'), Path(args.export) / 'torch')
+  packed = save(LoadedModel(model, config, 0, f'random {name}', texts),
+                Path(args.export) / 'packed')
+  if not args.no_peer:
+    pytorch.to_pytorch(packed, Path(args.export) / 'torch')
+
+
+def run_ours(name: str, args) -> dict:
+  """The packed model as a user loads it (`infer.model.load`), through `Decomposer`."""
+  import jax
+  from flax import nnx
+  from layerjax.infer.decomposer import Decomposer
+  from layerjax.infer.model import JaxBackend, load
+  from layerjax.infer.prompts import Query
+  loaded = load(Path(args.export) / 'packed')
   d = Decomposer(JaxBackend(loaded))
   out = timed(lambda image, box, seed: d.decompose(image, Query(box=box), seed=seed), args)
-  return {**out, 'steps': config.eval.sample_steps,
-          'parameters': int(sum(x.size for x in jax.tree.leaves(nnx.state(model)))),
-          'vae': model.config.latents == 'vae', 'peak_memory': peak_memory_bytes('jax')}
+  return {**out, 'steps': loaded.config.eval.sample_steps,
+          'parameters': int(sum(x.size for x in jax.tree.leaves(nnx.state(loaded.model)))),
+          'vae': loaded.model.config.latents == 'vae', 'peak_memory': peak_memory_bytes('jax')}
 
 
 def timed(decompose, args) -> dict:
@@ -179,18 +190,20 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.one:  # a child process: one side of one config, its JSON on the last line
     name, side = args.one
-    print(json.dumps((run_ours if side == 'ours' else run_peer)(name, args)))
+    run = {'setup': run_setup, 'ours': run_ours, 'peer': run_peer}[side]
+    print(json.dumps(run(name, args)))
     return {}
   passed = list(argv if argv is not None else sys.argv[1:])
   results = {}
   for name in args.configs:
     r = results[name] = {}
     with tempfile.TemporaryDirectory() as export:  # the model ours writes, the peer loads
-      for side in ('ours',) + (() if args.no_peer else ('peer',)):
+      for side in ('setup', 'ours') + (() if args.no_peer else ('peer',)):
         out = subprocess.run([sys.executable, __file__, *passed, '--one', name, side,
                               '--export', export],
                              check=True, stdout=subprocess.PIPE, text=True).stdout
         r[side] = json.loads(out.strip().splitlines()[-1])
+      del r['setup']
     ours = r['ours']
     s = ours['seconds']
     print(f'{name}: model {ours["model_size"][0]}x{ours["model_size"][1]}, '
@@ -214,5 +227,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  malloc.reexec()
+  host.reexec()
   main()

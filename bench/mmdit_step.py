@@ -90,7 +90,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from layerjax import malloc  # noqa: E402
+from layerjax import host  # noqa: E402
 
 
 def usable_cpus() -> int:
@@ -144,7 +144,7 @@ def parse_args(argv=None):
 
 ARGS = parse_args() if __name__ == '__main__' else None
 if ARGS is not None:
-  malloc.reexec()  # before jax and torch allocate (layerjax/malloc.py)
+  host.reexec()  # before jax and torch allocate (layerjax/host.py)
 
 # Pin before jax/torch start their thread pools.
 if ARGS is not None and ARGS.threads < usable_cpus() and hasattr(os, 'sched_setaffinity'):

@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from layerjax import build, malloc, parallel  # noqa: E402
+from layerjax import build, host, parallel  # noqa: E402
 from layerjax.models.mmdit import REMAT_POLICIES  # noqa: E402
 from layerjax.train import objectives, trainer  # noqa: E402
 from mmdit_step import (TorchSide, matmul_peak, median_time, other_cpu_load,  # noqa: E402
@@ -123,8 +123,8 @@ def random_batch(config, model_cfg, seed: int = 0) -> dict[str, np.ndarray]:
 def compile_step(setup, step_fn, config) -> tuple:
   """`step_fn` compiled for a random batch of `config`'s shape: (compiled, batch, seconds).
   Under the setup's mesh."""
-  host = random_batch(config, build.decomposer_config(config))
-  batch = {k: jnp.asarray(v) for k, v in host.items()}
+  arrays = random_batch(config, build.decomposer_config(config))
+  batch = {k: jnp.asarray(v) for k, v in arrays.items()}
   t0 = time.perf_counter()
   compiled = step_fn.lower(setup.state, setup.frozen, batch).compile()
   return compiled, batch, time.perf_counter() - t0
@@ -158,15 +158,15 @@ def breakdown(config, steps: int, warmup: int) -> dict:
   or overlaps sum to more or less than it; the rest is 'other'."""
   setup = trainer.create(config)
   cfg, loss_cfg = build.decomposer_config(config), config.loss
-  host = random_batch(config, cfg)
+  arrays = random_batch(config, cfg)
   graphdef, frozen, state = setup.graphdef, setup.frozen, setup.state
   model = lambda params: nnx.merge(graphdef, params, frozen)
   k = loss_cfg.estimate_every
   ms = lambda fn, *a: 1e3 * median_time(lambda: fn(*a), steps, warmup, jax.block_until_ready)
   out = {}
   with jax.set_mesh(setup.mesh):
-    out['host->device batch'] = ms(lambda: parallel.global_batch(host, setup.mesh))
-    batch = parallel.global_batch(host, setup.mesh)
+    out['host->device batch'] = ms(lambda: parallel.global_batch(arrays, setup.mesh))
+    batch = parallel.global_batch(arrays, setup.mesh)
     params = state['params']
     idx = {l: i for i, l in enumerate(cfg.layers)}
 
@@ -231,9 +231,9 @@ def breakdown(config, steps: int, warmup: int) -> dict:
       nonlocal state
       t = time.perf_counter()
       state, metrics = compiled(state, frozen, batch)
-      host = time.perf_counter() - t
+      spent = time.perf_counter() - t
       jax.block_until_ready(metrics)
-      return host
+      return spent
     dispatch_ms = 1e3 * float(np.median([dispatch() for _ in range(steps)]))
     leaves = len(jax.tree.leaves(state))
   out['other (step - parts)'] = out['step'] - sum(v for n, v in out.items() if n != 'step')
@@ -354,5 +354,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  malloc.reexec()
+  host.reexec()
   main()

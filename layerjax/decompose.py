@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from layerjax import cli
+from layerjax import cli, host
 from layerjax.data.schema import SAMPLE_FOLDER, read_folder, sample_folders, write_folder
 from layerjax.export import destinations, formats, write
 from layerjax.fileio import Artifact, check_destination, fingerprint
@@ -236,4 +236,5 @@ def _write_files(run: Path, fmts) -> int:
 
 
 if __name__ == '__main__':
+  host.reexec()
   sys.exit(main())

@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from layerjax import cli, malloc
+from layerjax import cli, host
 from layerjax.fileio import Artifact, atomic_dir, atomic_file
 
 _CONFIG = cli.define_config_file('configs/liwi.py:demo', 'demo config')
@@ -296,5 +296,5 @@ def print_files(rows) -> None:
 
 
 if __name__ == '__main__':
-  malloc.reexec()
+  host.reexec()
   cli.run_absl(main)

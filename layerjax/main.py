@@ -13,8 +13,8 @@ serve several processes on one machine.
 The config is checked before anything else; an error is one line on stderr (exit 2 for a
 bad flag or config), with the traceback at `-v 1`. The terminal shows progress and results;
 every log line, the libraries' included, goes to `log.txt` in a local workdir (process i > 0:
-`log.<i>.txt`). On glibc the command restarts itself once, with huge pages for the host
-allocator (`layerjax/malloc.py`).
+`log.<i>.txt`). The command restarts itself once, with the host settings of
+`layerjax/host.py` (huge pages for the allocator, XLA:CPU's memory-aware scheduler).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import jax
 from absl import flags, logging
 
-from layerjax import cli, malloc
+from layerjax import cli, host
 
 _CONFIG = cli.define_config_file(None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, logs and results go')
@@ -83,5 +83,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  malloc.reexec()
+  host.reexec()
   cli.run_absl(main)

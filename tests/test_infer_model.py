@@ -250,7 +250,10 @@ def test_bad_inputs_are_refused_before_any_work(workdirs, tmp_path, monkeypatch)
   assert (packed / infer.META).stat().st_mtime_ns != before
 
 
-def test_packed_files_hold_the_stacked_blocks_one_by_one(workdirs, tmp_path):
+# `_MAPPED_BYTES` 0: the file opened anew for every tensor, as past 256 MiB read.
+@pytest.mark.parametrize('mapped_bytes', [None, 0])
+def test_packed_files_hold_the_stacked_blocks_one_by_one(mapped_bytes, workdirs, tmp_path,
+                                                         monkeypatch):
   c, _ = workdirs('pixels')
   c = c.copy_and_resolve_references()
   c.model.mmdit.num_layers = 3  # blocks 0 and 1 (dual attention) held stacked, block 2 alone
@@ -265,7 +268,14 @@ def test_packed_files_hold_the_stacked_blocks_one_by_one(workdirs, tmp_path):
     key = 'transformer/transformer_blocks/{}/attn/to_q/kernel'.format
     for i, want in enumerate([stacked[0], stacked[1], last[0]]):
       np.testing.assert_array_equal(f.get_tensor(key(i)), want, err_msg=key(i))
+    tensors = len(f.keys())
+  opened = []
+  monkeypatch.setattr(infer, 'safe_open', lambda *a, **k: opened.append(1) or safe_open(*a, **k))
+  if mapped_bytes is not None:
+    monkeypatch.setattr(infer, '_MAPPED_BYTES', mapped_bytes)
   got, want = flat(nnx.state(infer.load(packed).model)), flat(nnx.state(model))
+  # Once to check the names and shapes, then once to read (the model is ~10 MB), or per tensor.
+  assert len(opened) == 1 + (1 if mapped_bytes is None else tensors)
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

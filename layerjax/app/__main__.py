@@ -33,7 +33,7 @@ try:
 except ImportError:  # gradio's event wiring reads the handlers' annotations: a module import
   sys.exit('python -m layerjax.app: error: the app needs Gradio: pip install -e ".[app]"')
 
-from layerjax import cli
+from layerjax import cli, host
 from layerjax.app.session import MODES, Edit, Session, gallery, recomposition, timings
 from layerjax.infer.decomposer import MAX_PIXELS
 from layerjax.infer.scene import MAX_LAYERS
@@ -262,4 +262,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  host.reexec()
   sys.exit(main())

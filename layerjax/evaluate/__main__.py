@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layerjax import cli
+from layerjax import cli, host
 from layerjax.evaluate import baselines, evaluators, folder, outputs
 from layerjax.fileio import atomic_file
 
@@ -327,4 +327,5 @@ def cocoa(args, progress: bool) -> int:
 
 
 if __name__ == '__main__':
+  host.reexec()
   sys.exit(main())

@@ -238,6 +238,13 @@ def _check_weights(path: Path, abstract: LayerDecomposer, meta_path) -> None:
                      + '; '.join(problems))
 
 
+# A packed file is opened anew after this many bytes read through one mapping: the pages a
+# mapping has read stay in the resident set until it is closed. One mapping over the whole
+# file: a peak of 3.3 GiB to load an SD3-medium-shaped model of 1.5 GB; 2.1 GiB like this,
+# 1.9 with the file opened per variable, which costs 4 ms an opening (2.4 s for 588 tensors).
+_MAPPED_BYTES = 256 << 20
+
+
 def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedModel:
   if is_url(folder):
     raise ModelError(f'{folder}: a packed model is read from a local folder; copy it first '
@@ -248,9 +255,18 @@ def _load_packed(folder, step: int | None, mesh, dtype: str | None) -> LoadedMod
     raise ModelError(f'{folder}: a packed model of step {meta["step"]} only, not step {step}')
   abstract = _abstract(config_from_json(meta['model'], dtype))
   _check_weights(folder / WEIGHTS, abstract, folder / META)
-  with safe_open(str(folder / WEIGHTS), framework='np') as f:
-    read = lambda path, shape: mmdit.stack(path, shape, lambda p, _: f.get_tensor(_key(p)))
-    model = _filled(abstract, read, _default_mesh(mesh))
+  mapped = []  # [the open file, bytes read through it]; see _MAPPED_BYTES
+
+  def tensor(path, _):
+    if not mapped or mapped[1] > _MAPPED_BYTES:
+      mapped[:] = [safe_open(str(folder / WEIGHTS), framework='np'), 0]
+    x = mapped[0].get_tensor(_key(path))
+    mapped[1] += x.nbytes
+    return x
+
+  model = _filled(abstract, lambda path, shape: mmdit.stack(path, shape, tensor),
+                  _default_mesh(mesh))
+  mapped.clear()
   texts = TextEmbeddings(folder / TEXT) if (folder / TEXT).is_file() else None
   return LoadedModel(model, ml_collections.ConfigDict(meta['config']), int(meta['step']),
                      str(folder), texts)
