@@ -197,13 +197,13 @@ def main(argv=None) -> dict:
   results = {}
   for name in args.configs:
     r = results[name] = {}
-    with tempfile.TemporaryDirectory() as export:  # the model ours writes, the peer loads
+    with tempfile.TemporaryDirectory() as export:  # the model 'setup' writes, both sides load
       for side in ('setup', 'ours') + (() if args.no_peer else ('peer',)):
         out = subprocess.run([sys.executable, __file__, *passed, '--one', name, side,
                               '--export', export],
                              check=True, stdout=subprocess.PIPE, text=True).stdout
-        r[side] = json.loads(out.strip().splitlines()[-1])
-      del r['setup']
+        if side != 'setup':  # it writes the model and reports nothing
+          r[side] = json.loads(out.strip().splitlines()[-1])
     ours = r['ours']
     s = ours['seconds']
     print(f'{name}: model {ours["model_size"][0]}x{ours["model_size"][1]}, '

@@ -16,10 +16,11 @@
    its own memory. Decoding an SD3-medium-shaped decomposer's layers (four VAE decoders at
    384x512) then took 2.6 GB of temporary memory, and its sampler 0.62 GB; in the
    memory-aware order 0.51 and 0.31 GB, and a 1024x768 photo's decomposition peaks at 3.1
-   GiB instead of 5.0 (PyTorch's pipeline: 3.1); results are the same to the bit. The train step of `bench/mmdit_step.py`:
-   694 -> 671 MB, its time within this machine's noise (three alternating runs each). XLA
-   reads the flag from `XLA_FLAGS` when JAX starts its CPU backend; a program's own
-   `compiler_options` entry is parsed and then not applied (jax 0.10), hence here.
+   GiB instead of 5.0 (PyTorch's pipeline: 3.1); results are the same to the bit. The
+   train step of `bench/mmdit_step.py`: 694 -> 671 MB, its time within this machine's noise
+   (three alternating runs each). XLA reads the flag from `XLA_FLAGS` when JAX starts its
+   CPU backend; a program's own `compiler_options` entry is parsed and then not applied
+   (jax 0.10), hence here.
 
 The entry points (`layerjax.main`, `layerjax.demo`, `layerjax.decompose`, the evaluation
 and app commands, the benchmarks) call `reexec()` before anything else. A setting

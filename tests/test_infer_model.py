@@ -274,7 +274,7 @@ def test_packed_files_hold_the_stacked_blocks_one_by_one(mapped_bytes, workdirs,
   if mapped_bytes is not None:
     monkeypatch.setattr(infer, '_MAPPED_BYTES', mapped_bytes)
   got, want = flat(nnx.state(infer.load(packed).model)), flat(nnx.state(model))
-  # Once to check the names and shapes, then once to read (the model is ~10 MB), or per tensor.
+  # Once to check the names and shapes, then once to read (far below 256 MiB), or per tensor.
   assert len(opened) == 1 + (1 if mapped_bytes is None else tensors)
   assert got.keys() == want.keys()
   for k in want:
