@@ -13,6 +13,18 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
 # GCS server serves, about every bucket (a minute's timeout each). See tests/test_gcs.py.
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 
+import atexit
+import shutil
+import tempfile
+
+# Libraries leave empty folders in the system's temporary folder: gradio_client one per file
+# it downloads, Beam's job server and TFDS one per run (~150 a `make test`, which CI's box
+# kept). Theirs go to a folder of this process (and its subprocesses, through TMPDIR), removed
+# at exit; pytest's own tmp_path folders stay where they were.
+os.environ.setdefault('PYTEST_DEBUG_TEMPROOT', tempfile.gettempdir())
+tempfile.tempdir = os.environ['TMPDIR'] = tempfile.mkdtemp(prefix='layerjax-tests-')
+atexit.register(shutil.rmtree, tempfile.tempdir, True)
+
 import numpy as np
 import pytest
 
