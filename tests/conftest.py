@@ -128,35 +128,53 @@ def pytest_configure(config):
 
 
 
+def _shared(tmp_path_factory, name: str):
+  """A folder every xdist worker of this run sees (the workers' base folders' parent), and a
+  lock on it: what one worker builds there the others take instead of building it again."""
+  from filelock import FileLock
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / name
+  return root, FileLock(f'{root}.lock')
+
+
 @pytest.fixture(scope='session')
 def trained_workdirs(tmp_path_factory):
   """kind ('pixels' or 'vae', `train_utils.tiny`) -> (config, its workdir after 2 training
-  steps), each trained once per session, when first asked for: what the inference tests
-  load, pack and decompose with. Every prompt kind is trained."""
+  steps), each trained once per run (by whichever worker asks first), when first asked for:
+  what the inference tests load, pack and decompose with, never write to. Every prompt kind
+  is trained."""
   from train_utils import make_dataset, one_device, tiny, write_embeddings
   from layerjax.train import trainer
-  root = tmp_path_factory.mktemp('trained')
-  data = make_dataset(root / 'data')
-  emb = write_embeddings(root / 'emb.safetensors', 6, 16, 16)
-  made = {}
+  root, lock = _shared(tmp_path_factory, 'trained')
+  with lock:
+    if not (root / 'made').exists():
+      make_dataset(root / 'data')
+      write_embeddings(root / 'emb.safetensors', 6, 16, 16)
+      (root / 'made').touch()
+  data, emb = root / 'data' / 'tfds', root / 'emb.safetensors'
 
   def get(kind):
-    if kind not in made:
-      c = tiny(data, kind, embeddings=emb, total_steps=2, checkpoint_every=2)
-      c.data.prompt_probs = {'box': 0.4, 'point+text': 0.3, 'mask': 0.3}
-      trainer.train(c, root / kind, mesh=one_device(c))  # 53 -> 34 s on one device
-      made[kind] = c, root / kind
-    return made[kind]
+    c = tiny(data, kind, embeddings=emb, total_steps=2, checkpoint_every=2)
+    c.data.prompt_probs = {'box': 0.4, 'point+text': 0.3, 'mask': 0.3}
+    with lock:
+      if not (root / f'{kind}.made').exists():
+        trainer.train(c, root / kind, mesh=one_device(c))  # 53 -> 34 s on one device
+        (root / f'{kind}.made').touch()
+    return c, root / kind
   get.embeddings = emb
   return get
 
 
 @pytest.fixture(scope='session')
 def packed(trained_workdirs, tmp_path_factory):
-  """The 'pixels' tiny model of `trained_workdirs`, packed for inference."""
+  """The 'pixels' tiny model of `trained_workdirs`, packed for inference (once per run)."""
   from layerjax.infer import model as infer_model
-  return infer_model.pack(trained_workdirs('pixels')[1],
-                          tmp_path_factory.mktemp('packed') / 'model')
+  root, lock = _shared(tmp_path_factory, 'packed')
+  workdir = trained_workdirs('pixels')[1]
+  with lock:
+    if not (root / 'model').exists():
+      infer_model.pack(workdir, root / 'model')
+  return root / 'model'
 
 
 # A local vision-language model for the agents that take one (the engine, ReasonX's judge).
