@@ -1,4 +1,4 @@
-"""layerjax.models.common.attention on CPU (hand-written backward) against references."""
+"""layerjax.models.common against references: attention on CPU (hand-written backward), KeyRngs."""
 
 from __future__ import annotations
 
@@ -136,3 +136,21 @@ def test_inference_and_differentiated_forward_agree_to_the_bit(masked):
   alone = jax.jit(attention)(q, k, v, mask)
   differentiated = jax.jit(lambda q, k, v: jax.vjp(lambda *a: attention(*a, mask), q, k, v)[0])
   np.testing.assert_array_equal(alone, differentiated(q, k, v))
+
+
+def test_key_rngs_draw_the_keys_of_nnx_rngs():
+  """Any mix of streams: the n-th draw is flax's n-th, inside `jax.vmap` too (where the
+  stacked blocks are built), and a module built from either has the same weights."""
+  from flax import nnx
+  from layerjax.models.common import KeyRngs
+  draws = lambda r: [jax.random.key_data(getattr(r, s)())
+                     for s in ('params', 'params', 'dropout', 'default', 'params')]
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(draws(KeyRngs(key)), draws(nnx.Rngs(key)))
+  keys = jax.random.split(key, 3)
+  np.testing.assert_array_equal(jax.vmap(lambda k: jnp.stack(draws(KeyRngs(k))))(keys),
+                                np.stack([np.stack(draws(nnx.Rngs(k))) for k in keys]))
+  a, b = (nnx.Linear(3, 4, rngs=r) for r in (KeyRngs(key), nnx.Rngs(key)))
+  np.testing.assert_array_equal(a.kernel[...], b.kernel[...])
+  with pytest.raises(AttributeError):
+    KeyRngs(key)._private  # pylint: disable=expression-not-assigned

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from layerjax import parallel
-from layerjax.models.common import (Buffer, RMSNorm, attention, conv, layer_norm, linear,
-                                     store_grad_on_cpu)
+from layerjax.models.common import (Buffer, KeyRngs, RMSNorm, attention, conv, layer_norm,
+                                     linear, store_grad_on_cpu)
 
 # Per-block rematerialisation (`MMDiTConfig.remat`): what each block's backward pass keeps
 # from its forward pass. 'offload' keeps the matmul outputs in pinned host memory.
@@ -344,7 +344,7 @@ def stacked_blocks(cfg: MMDiTConfig, start: int, stop: int,
   name 'layers'), each block initialised from its own key."""
   make = lambda key: JointTransformerBlock(cfg, context_pre_only=stop == cfg.num_layers,
                                            dual=start in cfg.dual_attention_layers,
-                                           rngs=nnx.Rngs(key))
+                                           rngs=KeyRngs(key))
   keys = jax.random.split(rngs.params(), stop - start)
   return nnx.vmap(make, transform_metadata={nnx.PARTITION_NAME: 'layers'})(keys)
 
