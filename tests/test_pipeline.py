@@ -1,5 +1,8 @@
 """The Grain loader: determinism, exact resume, per-process sharding, prompt sampling."""
 
+import os
+import time
+
 import jax
 import ml_collections
 import numpy as np
@@ -180,6 +183,23 @@ def test_workers_give_the_same_batches(data_dir):
   a = take(iter(make_loader(config(data_dir), 'train', None)), 2)
   b = take(iter(make_loader(config(data_dir, num_workers=2), 'train', None)), 2)
   assert_batches_equal(a, b)
+
+
+def test_the_loader_reads_a_few_batches_ahead(data_dir, monkeypatch):
+  """While the trainer works on its batch (or waits on a checkpoint), at most the read-ahead
+  buffer (two batches a thread) and one batch a thread in flight are prepared: Grain's
+  default read 500 batches ahead."""
+  from layerjax.data import pipeline
+  made = []
+  build = pipeline.make_example
+  monkeypatch.setattr(pipeline, 'make_example', lambda *a: made.append(1) or build(*a))
+  c = config(data_dir)
+  it = iter(make_loader(c, 'train', None))
+  next(it)
+  time.sleep(1.0)  # the threads fill the buffer in ~0.1 s
+  ahead = len(made) / c.global_batch_size - 1
+  threads = min(16, os.cpu_count())
+  assert 2 * threads <= ahead <= 3 * threads, (ahead, threads)
 
 
 @pytest.mark.parametrize('change,message', [
