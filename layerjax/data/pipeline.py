@@ -234,10 +234,10 @@ class _Rows(grain.MapDataset):
     return f'_Rows({self._rows} of {self._batch_size})'
 
 
-# Batches are read ahead by a thread each, a few per thread. Grain's default (16 threads, 500
-# elements, each of ours a whole batch) kept decoding up to 500 batches ahead of the step:
-# 1.4 of the 2 cores busy while the trainer waited on a checkpoint (a tiny model's save
-# 1.2 -> 7-8 s), and hundreds of batches computed for a test's 2-step run.
+# Batches are read ahead by a thread per core (16 at most), two per thread. Grain's default
+# (16 threads, 500 elements, each of ours a whole batch) kept decoding up to 500 batches ahead
+# of the step: 1.4 of the 2 cores busy while the trainer waited on a checkpoint (a tiny
+# model's save took 7-8 s instead of 1.2), and hundreds of batches made for a 2-step run.
 _THREADS = min(16, os.cpu_count() or 1)
 _READ = grain.ReadOptions(num_threads=_THREADS, prefetch_buffer_size=2 * _THREADS)
 
