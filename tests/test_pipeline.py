@@ -1,4 +1,5 @@
-"""The Grain loader: determinism, exact resume, per-process sharding, prompt sampling."""
+"""The Grain loader: determinism, exact resume, per-process sharding, prompt sampling,
+read-ahead."""
 
 import os
 import time

@@ -147,8 +147,7 @@ class PatchEmbed(nnx.Module):
                      param_dtype=cfg.param_dtype, rngs=rngs)
     table = sincos_pos_embed(cfg.width, self.max_size, cfg.sample_size // cfg.patch_size,
                              cfg.param_dtype)
-    self.pos_embed = Buffer(table[None],
-                            out_sharding=(None, None, 'embed'), eager_sharding=False)
+    self.pos_embed = Buffer(table[None], out_sharding=(None, None, 'embed'), eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, _ = x.shape
