@@ -162,7 +162,7 @@ def test_key_rngs_draw_the_keys_of_nnx_rngs():
 def test_the_differentiated_attention_fills_no_array_of_scores_with_a_constant():
   """Scaling the scores made XLA:CPU write the scale into a [B*N, T, S] array (a fusion of
   constants alone) and read it back in two fusions: 8 of 40 ms of a block's forward+backward
-  at SD3's shapes. The scale belongs in the exponent's pass and in dQ, dK."""
+  at `make bench`'s shapes. The scale belongs in the exponent's pass and in dQ, dK."""
   q, k, v, cotangent, _ = _inputs(t=33, s=41, h=16)
   vjp = lambda q, k, v, g: jax.vjp(attention, q, k, v)[1](g)
   text = jax.jit(vjp).lower(q, k, v, cotangent).compile().as_text()
